@@ -1,0 +1,47 @@
+# autoglm front door. Every target does its own set-up (virtual environment, binaries).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: help venv venv-operator bins test test-fast cluster-up cluster-down demo \
+        bench-runtime bench-runtime-gpu bench-operator golden clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+venv:  ## Create .venv with the runtime and test extras (torch included)
+	@bash scripts/venv.sh runtime,test
+
+bins:  ## Build the local control plane's binaries from Go modules (cached)
+	@bash tests/cluster/gobuild/build.sh >/dev/null
+
+test: venv bins  ## The test command: both tiers (unit + runtime + real control plane)
+	$(PYTEST)
+
+test-fast: venv  ## Tests that need no cluster
+	$(PYTEST) -m "not cluster"
+
+cluster-up: bins  ## Start the local cluster in the background; prints `export KUBECONFIG=...` last
+	@python3 -m tests.cluster up
+
+cluster-down:  ## Stop the local cluster
+	@python3 -m tests.cluster down
+
+demo: venv bins  ## Local demo: cluster + CRD + operator + example resource + runtime on the tiny model
+	@bash scripts/demo.sh
+
+bench-runtime: venv  ## Runtime throughput vs generate and transformers serve (CPU, small model)
+	$(PY) bench/bench_runtime.py
+
+bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
+	$(PY) bench/bench_runtime_gpu.py
+
+bench-operator: venv bins  ## Operator latency and idle writes on the local cluster
+	$(PY) bench/bench_operator.py
+
+golden: venv  ## Regenerate the builders' golden YAML
+	UPDATE_GOLDEN=1 $(PYTEST) tests/operator/test_builders.py -q
+
+clean:  ## Remove the virtual environment and caches (keeps the Go module cache)
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""autoglm operator: reconciles AutoGLMDeployment resources."""

@@ -1,0 +1,1 @@
+"""autoglm runtime: continuous-batching OpenAI-compatible inference server."""

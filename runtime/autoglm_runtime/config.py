@@ -1,0 +1,94 @@
+"""One configuration object for the runtime server, read from ``AUTOGLM_RUNTIME_*`` variables.
+
+CLI flags override the environment (``cli.py`` passes them as init arguments). Everything is
+validated once, at start, and a bad value fails fast with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class RuntimeSettings(BaseSettings):
+    """Settings of ``autoglm-runtime serve``; environment variable names are ``AUTOGLM_RUNTIME_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTOGLM_RUNTIME_", extra="ignore", validate_default=True)
+
+    model: Path = Field(description="Directory of a Hugging Face causal LM (config, weights, tokenizer).")
+    served_model_name: str | None = Field(default=None, description="Name clients use; default: the model dir's name.")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    max_batch_size: int = Field(default=32, ge=1, description="Most sequences decoded together in one step.")
+    max_queue: int = Field(default=256, ge=0, description="Most requests waiting; more get 429.")
+    max_batch_tokens: int | None = Field(default=None, ge=1, description="Token budget per step (chunked prefill).")
+    max_model_len: int | None = Field(default=None, ge=1, description="Prompt + completion limit; default: the model's.")
+    dtype: Dtype = "auto"
+    device: str = "cpu"
+
+    api_key: str | None = Field(default=None, repr=False)
+    api_key_file: Path | None = None
+
+    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    request_timeout_seconds: float | None = Field(default=None, gt=0, description="Abort a request running longer.")
+    revision: str = Field(default="unknown", description="Label of the deployed revision in metrics.")
+    log_level: LogLevel = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps"):
+            raise ValueError(f"unknown device {v!r} (expected cpu, cuda, cuda:N or mps)")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "RuntimeSettings":
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("set api_key or api_key_file, not both")
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc.strerror}") from None
+            if not key:
+                raise ValueError(f"api_key_file {self.api_key_file} is empty")
+            self.api_key = key
+        if self.served_model_name is None:
+            self.served_model_name = self.model.resolve().name or str(self.model)
+        return self
+
+    @property
+    def model_name(self) -> str:
+        assert self.served_model_name is not None
+        return self.served_model_name
+
+
+def format_validation_error(exc: Exception) -> str:
+    """One line per bad setting, naming the environment variable or flag."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    lines = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        where = f"{loc} (--{loc.replace('_', '-')} / AUTOGLM_RUNTIME_{loc.upper()})" if loc else "settings"
+        msg = err.get("msg", "invalid")
+        lines.append(f"invalid setting {where}: {msg}")
+    return "; ".join(lines)

@@ -1,0 +1,140 @@
+"""Prometheus metrics of one server, in a per-app ``CollectorRegistry`` (no global state).
+
+Names follow vLLM's (``vllm:num_requests_running`` → ``autoglm_requests_running`` ...). Every series
+carries ``model`` and ``revision`` labels. Gauges are read from the engine at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LABELS = ("model", "revision")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                50.0, 60.0, 120.0, 240.0, 480.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+REQUEST_STATUSES = ("success", "error", "aborted", "rejected", "invalid")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class RuntimeMetrics:
+    """All metrics of one server. ``model``/``revision`` are label values and may change on reload."""
+
+    def __init__(self, model: str, revision: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.model = model
+        self.revision = revision
+        r = self.registry
+        self.requests_running = Gauge("autoglm_requests_running", "Requests in the running batch.", LABELS, registry=r)
+        self.requests_waiting = Gauge("autoglm_requests_waiting", "Requests waiting to be scheduled.", LABELS, registry=r)
+        self.kv_cache_usage = Gauge("autoglm_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1).",
+                                    LABELS, registry=r)
+        self.ttft = Histogram("autoglm_time_to_first_token_seconds", "Arrival to first generated token.",
+                              LABELS, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("autoglm_inter_token_latency_seconds", "Time between generated tokens of a request.",
+                             LABELS, buckets=_ITL_BUCKETS, registry=r)
+        self.duration = Histogram("autoglm_request_duration_seconds", "Arrival to last token (end to end).",
+                                  LABELS, buckets=_E2E_BUCKETS, registry=r)
+        self.batch_size = Histogram("autoglm_batch_size", "Sequences per engine step.", LABELS,
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.step_prefill_tokens = Histogram("autoglm_step_prefill_tokens", "Prompt tokens processed per engine step.",
+                                             LABELS, buckets=(0, 1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+                                             registry=r)
+        self.step_seconds = Histogram("autoglm_step_duration_seconds", "Duration of one engine step.", LABELS,
+                                      buckets=_ITL_BUCKETS, registry=r)
+        self.requests_total = Counter("autoglm_requests", "Finished requests by outcome.", (*LABELS, "status"),
+                                      registry=r)
+        self.prompt_tokens = Counter("autoglm_prompt_tokens", "Prompt tokens of admitted requests.", LABELS, registry=r)
+        self.generation_tokens = Counter("autoglm_generation_tokens", "Generated tokens.", LABELS, registry=r)
+        self.reloads_total = Counter("autoglm_reloads", "Model hot reloads by outcome.", (*LABELS, "status"),
+                                     registry=r)
+        self._stats: Callable[[], tuple[int, int, float]] | None = None
+        self._init_series()
+
+    def _init_series(self) -> None:
+        """Create the labelled series so they exist (at 0) from the first scrape."""
+        lv = self.labels
+        for status in REQUEST_STATUSES:
+            self.requests_total.labels(*lv, status)
+        for m in (self.requests_running, self.requests_waiting, self.kv_cache_usage, self.ttft, self.itl,
+                  self.duration, self.batch_size, self.prompt_tokens, self.generation_tokens):
+            m.labels(*lv)
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return (self.model, self.revision)
+
+    def set_labels(self, model: str | None = None, revision: str | None = None) -> None:
+        self.model = model or self.model
+        self.revision = revision or self.revision
+        self._init_series()
+
+    def bind_stats(self, stats: Callable[[], tuple[int, int, float]]) -> None:
+        """``stats() -> (num_running, num_waiting, kv_cache_usage)``, read at every scrape."""
+        self._stats = stats
+
+    # ---- hooks -----------------------------------------------------------------
+    def on_step(self, batch_size: int, num_prefill_tokens: int, step_seconds: float) -> None:
+        """The engine's per-step callback."""
+        lv = self.labels
+        self.batch_size.labels(*lv).observe(batch_size)
+        self.step_prefill_tokens.labels(*lv).observe(num_prefill_tokens)
+        self.step_seconds.labels(*lv).observe(step_seconds)
+
+    def request_finished(self, status: str) -> None:
+        self.requests_total.labels(*self.labels, status).inc()
+
+    def render(self) -> bytes:
+        if self._stats is not None:
+            try:
+                running, waiting, kv = self._stats()
+            except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
+                running, waiting, kv = 0, 0, 0.0
+            lv = self.labels
+            self.requests_running.labels(*lv).set(running)
+            self.requests_waiting.labels(*lv).set(waiting)
+            self.kv_cache_usage.labels(*lv).set(kv)
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Per-request latency bookkeeping: TTFT, inter-token latency, end to end."""
+
+    __slots__ = ("metrics", "labels", "arrival", "first", "last")
+
+    def __init__(self, metrics: RuntimeMetrics, arrival: float) -> None:
+        self.metrics = metrics
+        self.labels = metrics.labels
+        self.arrival = arrival
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def tokens(self, now: float, count: int) -> None:
+        if count <= 0:
+            return
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.labels(*self.labels).observe(now - self.arrival)
+            count -= 1
+        elif self.last is not None and count > 0:
+            gap = (now - self.last) / count
+            for _ in range(count):
+                self.metrics.itl.labels(*self.labels).observe(gap)
+        self.last = now
+
+    def done(self, now: float, prompt_tokens: int, completion_tokens: int, status: str) -> None:
+        lv = self.labels
+        if status == "success":
+            self.metrics.duration.labels(*lv).observe(now - self.arrival)
+        self.metrics.prompt_tokens.labels(*lv).inc(prompt_tokens)
+        self.metrics.generation_tokens.labels(*lv).inc(completion_tokens)
+        self.metrics.requests_total.labels(*lv, status).inc()

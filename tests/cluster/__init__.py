@@ -1,0 +1,1 @@
+"""The local Kubernetes control plane used by tests and the demo (see harness.py)."""

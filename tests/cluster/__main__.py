@@ -1,0 +1,3 @@
+from tests.cluster.harness import main
+
+raise SystemExit(main())

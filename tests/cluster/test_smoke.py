@@ -1,0 +1,76 @@
+"""Proves the local control plane is real: scheduling, controllers, GC, helm, describe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.cluster
+
+GPU_DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: gpu-smoke}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: gpu-smoke}}
+  template:
+    metadata: {labels: {app: gpu-smoke}}
+    spec:
+      nodeSelector: {nvidia.com/gpu.product: NVIDIA-A10G}
+      containers:
+      - name: c
+        image: example.invalid/never-pulled:1
+        resources: {limits: {nvidia.com/gpu: 1}}
+"""
+
+
+def _get(kube, *args):
+    return json.loads(kube.kubectl("get", *args, "-o", "json").stdout)
+
+
+def test_version_is_stamped(kube):
+    v = json.loads(kube.kubectl("version", "-o", "json").stdout)
+    assert v["serverVersion"]["gitVersion"].startswith("v1.36.")
+    assert v["clientVersion"]["gitVersion"].startswith("v1.36.")
+
+
+def test_nodes_advertise_gpus(kube):
+    nodes = {n["metadata"]["name"]: n for n in _get(kube, "nodes")["items"]}
+    assert nodes["kwok-gpu-0"]["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert "nvidia.com/gpu" not in nodes["kwok-cpu-0"]["status"]["allocatable"]
+
+
+def test_gpu_deployment_becomes_available_and_is_garbage_collected(kube, namespace):
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=GPU_DEPLOYMENT)
+    wait_for(lambda: _get(kube, "-n", namespace, "deployment/gpu-smoke")["status"].get("availableReplicas") == 1,
+             timeout=60, message="gpu-smoke available")
+    pods = _get(kube, "-n", namespace, "pods", "-l", "app=gpu-smoke")["items"]
+    assert [p["spec"]["nodeName"] for p in pods] == ["kwok-gpu-0"]
+    assert pods[0]["status"]["phase"] == "Running"
+
+    describe = kube.kubectl("describe", "-n", namespace, "deployment/gpu-smoke").stdout
+    assert "nvidia.com/gpu" in describe and "ScalingReplicaSet" in describe
+
+    rs = _get(kube, "-n", namespace, "replicasets", "-l", "app=gpu-smoke")["items"]
+    assert len(rs) == 1
+    kube.kubectl("delete", "-n", namespace, "deployment/gpu-smoke", "--wait=false")
+    wait_for(lambda: not _get(kube, "-n", namespace, "replicasets", "-l", "app=gpu-smoke")["items"],
+             timeout=60, message="ReplicaSet garbage-collected")
+    wait_for(lambda: not _get(kube, "-n", namespace, "pods", "-l", "app=gpu-smoke")["items"],
+             timeout=60, message="pods deleted")
+
+
+def test_helm_install_and_uninstall(kube, namespace):
+    from tests.conftest import REPO
+
+    chart = REPO / "tests" / "cluster" / "testdata" / "hello-chart"
+    kube.helm("install", "smoke", str(chart), "-n", namespace, "--set", "greeting=hi", "--wait")
+    cm = _get(kube, "-n", namespace, "configmap/smoke-hello")
+    assert cm["data"]["greeting"] == "hi"
+    assert "smoke" in kube.helm("list", "-n", namespace).stdout
+    kube.helm("uninstall", "smoke", "-n", namespace, "--wait")
+    assert kube.kubectl("get", "-n", namespace, "configmap/smoke-hello", check=False).returncode != 0

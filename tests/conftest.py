@@ -1,0 +1,55 @@
+"""Fixtures shared by every test tier.
+
+`kube` starts one real control plane per test session (tests/cluster/harness.py). When it cannot
+start, tests that need it fail with the reason; they are never skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.harness import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that use the `kube` fixture are cluster tests even if a module forgot the marker,
+    # so `-m "not cluster"` never starts a control plane.
+    for item in items:
+        if "kube" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory) -> Cluster:
+    """A running local control plane for the whole session.
+
+    Set AUTOGLM_TEST_KUBECONFIG to reuse one started by `make cluster-up` (faster local loops).
+    """
+    external = os.environ.get("AUTOGLM_TEST_KUBECONFIG")
+    if external:
+        from tests.cluster.harness import build_binaries
+
+        kc = Path(external)
+        yield Cluster(dir=kc.parent, bin_dir=build_binaries(), kubeconfig=kc, api_port=0)
+        return
+    c = Cluster.start(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def namespace(kube: Cluster, request) -> str:
+    """A fresh namespace, deleted (without waiting) after the test."""
+    name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    name = "".join(ch for ch in name if ch.isalnum() or ch == "-")
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
