@@ -31,7 +31,7 @@ class RuntimeSettings(BaseSettings):
     max_batch_tokens: int | None = Field(default=None, ge=1, description="Token budget per step (chunked prefill).")
     max_model_len: int | None = Field(default=None, ge=1, description="Prompt + completion limit; default: the model's.")
     dtype: Dtype = "auto"
-    device: str = "cpu"
+    device: str = "auto"
 
     api_key: str | None = Field(default=None, repr=False)
     api_key_file: Path | None = None
@@ -54,8 +54,8 @@ class RuntimeSettings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not (v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps"):
-            raise ValueError(f"unknown device {v!r} (expected cpu, cuda, cuda:N or mps)")
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {v!r} (expected auto, cpu or cuda)")
         return v
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ carries ``model`` and ``revision`` labels. Gauges are read from the engine at sc
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -78,17 +78,22 @@ class RuntimeMetrics:
         self.revision = revision or self.revision
         self._init_series()
 
-    def bind_stats(self, stats: Callable[[], tuple[int, int, float]]) -> None:
-        """``stats() -> (num_running, num_waiting, kv_cache_usage)``, read at every scrape."""
+    def bind_stats(self, stats: Callable[[], Any]) -> None:
+        """``stats()`` is read at every scrape: an object with ``num_running``, ``num_waiting`` and
+        ``kv_cache_usage`` (the engine's ``EngineStats``) or a tuple in that order."""
         self._stats = stats
 
     # ---- hooks -----------------------------------------------------------------
-    def on_step(self, batch_size: int, num_prefill_tokens: int, step_seconds: float) -> None:
-        """The engine's per-step callback."""
+    def on_step(self, step: Any, num_prefill_tokens: int | None = None, step_seconds: float | None = None) -> None:
+        """The engine's per-step callback: a ``StepStats`` object, or ``(batch_size, prefill, seconds)``."""
+        if num_prefill_tokens is None:
+            batch_size, num_prefill_tokens, step_seconds = step.batch_size, step.num_prefill_tokens, step.step_seconds
+        else:
+            batch_size = step
         lv = self.labels
         self.batch_size.labels(*lv).observe(batch_size)
         self.step_prefill_tokens.labels(*lv).observe(num_prefill_tokens)
-        self.step_seconds.labels(*lv).observe(step_seconds)
+        self.step_seconds.labels(*lv).observe(step_seconds or 0.0)
 
     def request_finished(self, status: str) -> None:
         self.requests_total.labels(*self.labels, status).inc()
@@ -96,7 +101,11 @@ class RuntimeMetrics:
     def render(self) -> bytes:
         if self._stats is not None:
             try:
-                running, waiting, kv = self._stats()
+                st = self._stats()
+                if isinstance(st, tuple):
+                    running, waiting, kv = st
+                else:
+                    running, waiting, kv = st.num_running, st.num_waiting, st.kv_cache_usage
             except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
                 running, waiting, kv = 0, 0, 0.0
             lv = self.labels

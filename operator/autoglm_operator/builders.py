@@ -1,0 +1,380 @@
+"""Pure builders: a typed spec in, Kubernetes manifests (plain dicts) out. No API calls here.
+
+Names: Deployment ``{cr}-{revision-hash}`` (the *revision name*), Service/HPA/PDB ``{cr}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .models import API_VERSION, KIND, ResolvedSpec
+
+PORT = 8000
+MODEL_DIR = "/models/model"
+MANAGER = "autoglm-operator"
+APP_NAME = "autoglm-runtime"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_VERSION = "app.kubernetes.io/version"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_DEPLOYMENT = "autoglm.io/deployment"
+LABEL_REVISION = "autoglm.io/revision"
+ANNOTATION_SPEC_HASH = "autoglm.io/spec-hash"
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER}"
+
+# Bump to roll every revision when the pod template's shape changes in a way old pods must not keep.
+POD_TEMPLATE_SCHEMA = 1
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def stable_hash(value: Any, length: int = 10) -> str:
+    """Hex digest of the canonical JSON of ``value`` (dict key order never matters)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def revision_inputs(r: ResolvedSpec) -> dict[str, Any]:
+    """Everything the pods run, and nothing else (no replicas, autoscaling, rollout policy)."""
+    s = r.spec
+    return {
+        "schema": POD_TEMPLATE_SCHEMA,
+        "image": r.image,
+        "version": r.version,
+        "model": {
+            "name": r.model_name,
+            "uri": s.model.uri,
+            "dtype": s.model.dtype,
+            "maxModelLen": s.model.max_model_len,
+        },
+        "runtime": {"maxBatchSize": s.runtime.max_batch_size, "maxQueue": s.runtime.max_queue, "env": s.runtime.env},
+        "resources": {
+            "gpus": s.resources.gpus,
+            "gpuResourceName": s.resources.gpu_resource_name,
+            "gpuProduct": s.resources.gpu_product,
+            "cpu": s.resources.cpu_request,
+            "memory": s.resources.memory_request,
+        },
+        "nodeSelector": s.node_selector,
+        "tolerations": s.tolerations,
+        "auth": s.auth.api_key_secret_ref.model_dump() if s.auth.api_key_secret_ref else None,
+    }
+
+
+def revision_hash(r: ResolvedSpec) -> str:
+    """Short deterministic hash of what the pods run."""
+    return stable_hash(revision_inputs(r))
+
+
+def revision_name(cr_name: str, rev_hash: str) -> str:
+    """The revision's name, also its Deployment's name (CR names are at most 52 characters)."""
+    return f"{cr_name}-{rev_hash}"
+
+
+# ---------------------------------------------------------------- metadata helpers
+
+
+def selector_labels(cr_name: str, rev_hash: str | None = None) -> dict[str, str]:
+    labels = {LABEL_DEPLOYMENT: cr_name}
+    if rev_hash:
+        labels[LABEL_REVISION] = rev_hash
+    return labels
+
+
+def common_labels(cr_name: str, version: str | None = None) -> dict[str, str]:
+    labels = {
+        LABEL_NAME: APP_NAME,
+        LABEL_INSTANCE: cr_name,
+        LABEL_COMPONENT: "runtime",
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_DEPLOYMENT: cr_name,
+    }
+    if version:
+        labels[LABEL_VERSION] = version
+    return labels
+
+
+def revision_labels(r: ResolvedSpec, rev_hash: str) -> dict[str, str]:
+    return {**common_labels(r.name, r.version), LABEL_REVISION: rev_hash}
+
+
+def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": cr["metadata"]["name"],
+        "uid": cr["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(cr: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": cr["metadata"]["namespace"],
+        "labels": labels,
+        "ownerReferences": [owner_reference(cr)],
+    }
+
+
+def selector_string(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def endpoint(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc.cluster.local:{PORT}/v1"
+
+
+# ---------------------------------------------------------------- Deployment
+
+
+def _model_volume(r: ResolvedSpec) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, runtime container mounts, init containers) for the model source."""
+    src = r.source
+    if src.scheme == "pvc":
+        mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+        if src.path:
+            mount["subPath"] = src.path
+        vol = {"name": "model", "persistentVolumeClaim": {"claimName": src.claim, "readOnly": True}}
+        return [vol], [mount], []
+    if src.scheme == "file":
+        vol = {"name": "model", "hostPath": {"path": src.path, "type": "Directory"}}
+        return [vol], [{"name": "model", "mountPath": MODEL_DIR, "readOnly": True}], []
+    # hf://ORG/NAME: an init container downloads into an emptyDir the runtime mounts read-only.
+    download = (
+        "import sys; from huggingface_hub import snapshot_download; "
+        "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2] or None, local_dir=sys.argv[3])"
+    )
+    init = {
+        "name": "model-download",
+        "image": r.image_ref,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-c", download, src.repo, src.revision, MODEL_DIR],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": "/models/.hf-home"},
+            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        ],
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "model", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    vol = {"name": "model", "emptyDir": {}}
+    return [vol], [{"name": "model", "mountPath": "/models", "readOnly": True}], [init]
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _runtime_args(r: ResolvedSpec, rev_hash: str) -> list[str]:
+    s = r.spec
+    args = [
+        "serve",
+        "--model", MODEL_DIR,
+        "--host", "0.0.0.0",
+        "--port", str(PORT),
+        "--served-model-name", r.model_name,
+        "--max-batch-size", str(s.runtime.max_batch_size),
+        "--max-queue", str(s.runtime.max_queue),
+        "--dtype", s.model.dtype,
+        "--device", "cuda" if s.resources.gpus > 0 else "cpu",
+        "--revision", rev_hash,
+    ]
+    if s.model.max_model_len:
+        args += ["--max-model-len", str(s.model.max_model_len)]
+    return args
+
+
+def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
+    s = r.spec
+    gpus = s.resources.gpus
+    volumes, model_mounts, init_containers = _model_volume(r)
+    volumes = volumes + [{"name": "tmp", "emptyDir": {}}]
+    mounts = model_mounts + [{"name": "tmp", "mountPath": "/tmp"}]
+    if gpus > 0:
+        # PyTorch worker processes share tensors through /dev/shm.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+
+    requests: dict[str, str] = {"cpu": s.resources.cpu_request, "memory": s.resources.memory_request}
+    limits: dict[str, str] = {"memory": s.resources.memory_request}
+    if gpus > 0:
+        requests[s.resources.gpu_resource_name] = str(gpus)
+        limits[s.resources.gpu_resource_name] = str(gpus)
+
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "AUTOGLM_RUNTIME_REVISION", "value": rev_hash},
+    ]
+    ref = s.auth.api_key_secret_ref
+    if ref is not None:
+        env.append({
+            "name": "AUTOGLM_RUNTIME_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+        })
+    env += [dict(e) for e in s.runtime.env]  # user env last: it wins over ours
+
+    container = {
+        "name": "runtime",
+        "image": r.image_ref,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["autoglm-runtime"],
+        "args": _runtime_args(r, rev_hash),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"requests": requests, "limits": limits},
+        "volumeMounts": mounts,
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6,
+        },
+        # Model load can take many minutes: up to 10 s x 180 = 30 min before liveness takes over.
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 180,
+        },
+        # Keep serving while the endpoints controller removes the pod, then SIGTERM drains.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "securityContext": _container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+    node_selector = dict(s.node_selector)
+    if s.resources.gpu_product:
+        node_selector["nvidia.com/gpu.product"] = s.resources.gpu_product
+    tolerations = [dict(t) for t in s.tolerations]
+    if gpus > 0 and not any(t.get("key") == s.resources.gpu_resource_name for t in tolerations):
+        tolerations.append({"key": s.resources.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if init_containers:
+        pod["initContainers"] = init_containers
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations:
+        pod["tolerations"] = tolerations
+    return pod
+
+
+def build_deployment(cr: dict[str, Any], r: ResolvedSpec, rev_hash: str, replicas: int) -> dict[str, Any]:
+    """The Deployment of one revision. ``replicas`` is the initial/fixed count (see reconcile)."""
+    labels = revision_labels(r, rev_hash)
+    name = revision_name(r.name, rev_hash)
+    spec: dict[str, Any] = {
+        "replicas": replicas,
+        "revisionHistoryLimit": 2,
+        "progressDeadlineSeconds": r.spec.rollout.progress_deadline_seconds,
+        "selector": {"matchLabels": selector_labels(r.name, rev_hash)},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {
+            "metadata": {
+                "labels": dict(labels),
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(PORT),
+                    "prometheus.io/path": "/metrics",
+                },
+            },
+            "spec": build_pod_spec(r, rev_hash),
+        },
+    }
+    meta = _metadata(cr, name, labels)
+    body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+    meta["annotations"] = {ANNOTATION_SPEC_HASH: deployment_spec_hash(body)}
+    return body
+
+
+def deployment_spec_hash(body: dict[str, Any]) -> str:
+    """Hash of a built Deployment minus replicas: tells whether an existing one must be replaced."""
+    spec = {k: v for k, v in body["spec"].items() if k != "replicas"}
+    return stable_hash({"labels": body["metadata"]["labels"], "spec": spec}, length=16)
+
+
+# ---------------------------------------------------------------- Service, HPA, PDB
+
+
+def build_service(cr: dict[str, Any], r: ResolvedSpec, serving_hashes: list[str]) -> dict[str, Any]:
+    """ClusterIP Service selecting the serving revision (one now; several when canaries share traffic)."""
+    selector = selector_labels(r.name, serving_hashes[0] if len(serving_hashes) == 1 else None)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_hpa(cr: dict[str, Any], r: ResolvedSpec, target_deployment: str) -> dict[str, Any]:
+    a = r.spec.autoscaling
+    lo, hi = a.bounds
+    metrics: list[dict[str, Any]] = [{
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": "autoglm_requests_waiting"},
+            "target": {"type": "AverageValue", "averageValue": str(a.target_queue_depth)},
+        },
+    }]
+    if a.target_cpu_utilization > 0:
+        metrics.append({
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": a.target_cpu_utilization}},
+        })
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_deployment},
+            "minReplicas": lo,
+            "maxReplicas": hi,
+            "metrics": metrics,
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}},
+        },
+    }
+
+
+def build_pdb(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(r.name)}},
+    }

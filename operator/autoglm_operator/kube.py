@@ -1,0 +1,223 @@
+"""The one module that talks to the Kubernetes API.
+
+Raw JSON over the official ``kubernetes`` client's transport (config loading, TLS, auth), run in a
+small thread pool so the event loop never blocks. Objects are plain camelCase dicts, as the API
+returns them. Repeatable creates: 409 on create and 404 on delete/get are expected outcomes.
+Every write is counted by verb and kind in ``Kube.writes`` (tests and the idle-writes figure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import functools
+import json
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from .builders import MANAGER
+from .models import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+# kind → (API prefix, plural)
+RESOURCES: dict[str, tuple[str, str]] = {
+    "AutoGLMDeployment": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "Pod": ("/api/v1", "pods"),
+    "Service": ("/api/v1", "services"),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Secret": ("/api/v1", "secrets"),
+    "Event": ("/api/v1", "events"),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str = "") -> None:
+        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class KubeAPI(Protocol):
+    """What reconcile needs; ``Kube`` talks to a cluster, tests may pass an in-memory fake."""
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]: ...
+    async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None: ...
+    async def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
+    async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool: ...
+    async def patch_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any] | None: ...
+    async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
+
+
+def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+    prefix, plural = RESOURCES[kind]
+    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+def _load_api_client() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return client.ApiClient()
+
+
+class Kube:
+    """Async facade over the blocking client. One instance per operator process."""
+
+    def __init__(self, api_client: Any | None = None, *, threads: int = 16, timeout: float = 30.0) -> None:
+        self._api = api_client or _load_api_client()
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
+        self._timeout = timeout
+        self.writes: collections.Counter[str] = collections.Counter()
+        self.reads: collections.Counter[str] = collections.Counter()
+        self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._api.close()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+    # ------------------------------------------------------------ transport
+
+    def _call(self, method: str, path: str, *, query: dict[str, str] | None = None,
+              body: Any = None, content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        method, url, headers, body, _ = self._api.param_serialize(
+            method=method, resource_path=path, query_params=list((query or {}).items()) or None,
+            header_params=headers, body=body, auth_settings=["BearerToken"],
+        )
+        resp = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=self._timeout)
+        data = resp.read()
+        if 200 <= resp.status < 300:
+            return json.loads(data) if data else None
+        message = ""
+        try:
+            message = json.loads(data).get("message", "")
+        except Exception:  # noqa: BLE001 - non-JSON error body
+            message = (data or b"")[:500].decode(errors="replace")
+        raise ApiError(resp.status, str(resp.reason), message)
+
+    async def _request(self, method: str, path: str, kind: str, **kw: Any) -> Any:
+        (self.reads if method == "GET" else self.writes)[f"{method} {kind}"] += 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(self._call, method, path, **kw))
+
+    # ------------------------------------------------------------ verbs
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._request("GET", _path(kind, namespace, name), kind)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        result = await self._request("GET", _path(kind, namespace), kind, query=query)
+        return list(result.get("items") or [])
+
+    async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Create; ``None`` when it already exists (409 is an expected outcome)."""
+        try:
+            return await self._request("POST", _path(kind, namespace), kind, body=body,
+                                       query={"fieldManager": MANAGER})
+        except ApiError as exc:
+            if exc.status == 409:
+                return None
+            raise
+
+    async def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._request("PUT", _path(kind, namespace, name), kind, body=body,
+                                   query={"fieldManager": MANAGER})
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """JSON merge patch; ``None`` when the object is gone."""
+        try:
+            return await self._request("PATCH", _path(kind, namespace, name), kind, body=patch,
+                                       content_type="application/merge-patch+json",
+                                       query={"fieldManager": MANAGER})
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply (creates or updates; fields we stop sending are removed)."""
+        name = body["metadata"]["name"]
+        return await self._request("PATCH", _path(kind, namespace, name), kind, body=body,
+                                   content_type="application/apply-patch+yaml",
+                                   query={"fieldManager": MANAGER, "force": "true"})
+
+    async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete in the background; ``False`` when it was already gone."""
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            await self._request("DELETE", _path(kind, namespace, name), kind, body=body)
+            return True
+        except ApiError as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+
+    async def patch_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return await self._request(
+                "PATCH", _path("AutoGLMDeployment", namespace, name, "status"), "AutoGLMDeployment/status",
+                body={"status": status_patch}, content_type="application/merge-patch+json",
+                query={"fieldManager": MANAGER},
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.timezone.utc)
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": MANAGER},
+            "reportingComponent": MANAGER,
+            "reportingInstance": self._instance[:128],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            await self._request("POST", _path("Event", meta["namespace"]), "Event", body=body)
+        except ApiError as exc:  # events are best effort
+            log.warning("Failed to post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)

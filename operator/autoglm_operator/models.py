@@ -1,0 +1,200 @@
+"""Typed views of an AutoGLMDeployment: the spec (with the CRD's defaults) and the model source.
+
+The apiserver enforces the CRD schema; these models repeat its defaults so the operator works on a
+typed value even for objects stored before a default existed, and reject the few things the
+operator cannot act on (``InvalidSpec``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "autoglm.io"
+VERSION = "v1alpha1"
+PLURAL = "autoglmdeployments"
+KIND = "AutoGLMDeployment"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
+class ModelSpec(_Model):
+    name: str | None = None
+    uri: str
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=1)
+
+
+class RuntimeSpec(_Model):
+    image: str | None = None
+    version: str | None = None
+    max_batch_size: int = Field(default=32, ge=1)
+    max_queue: int = Field(default=256, ge=1)
+    env: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ResourcesSpec(_Model):
+    gpus: int = Field(default=1, ge=0)
+    gpu_resource_name: str = "nvidia.com/gpu"
+    gpu_product: str | None = None
+    cpu: str | None = None
+    memory: str | None = None
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _quantity(cls, v: object) -> object:
+        # int-or-string in the CRD; the pod spec wants strings.
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @property
+    def cpu_request(self) -> str:
+        return self.cpu or ("4" if self.gpus > 0 else "1")
+
+    @property
+    def memory_request(self) -> str:
+        return self.memory or ("32Gi" if self.gpus > 0 else "2Gi")
+
+
+class AutoscalingSpec(_Model):
+    enabled: bool = False
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int | None = Field(default=None, ge=1)
+    target_queue_depth: int = Field(default=8, ge=1)
+    target_cpu_utilization: int = Field(default=0, ge=0, le=100, alias="targetCPUUtilization")
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0)
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min, max) clamped so that min <= max (never trust a stored object blindly)."""
+        lo = self.min_replicas
+        hi = max(lo, self.max_replicas if self.max_replicas is not None else lo)
+        return lo, hi
+
+
+class SecretKeyRef(_Model):
+    name: str
+    key: str = "token"
+
+
+class AuthSpec(_Model):
+    api_key_secret_ref: SecretKeyRef | None = None
+
+
+class RolloutStep(_Model):
+    weight: int
+    pause: str | None = None
+
+
+class RolloutSpec(_Model):
+    """Schema only for now; the canary behaviour reads it in a later issue."""
+
+    steps: list[RolloutStep] = Field(default_factory=list)
+    traffic_routing: Literal["Replicas", "GatewayAPI"] = "Replicas"
+    gateway: dict[str, Any] | None = None
+    canary_header: str = "x-autoglm-canary"
+    analysis: dict[str, Any] | None = None
+    progress_deadline_seconds: int = Field(default=900, ge=1)
+
+
+class AutoGLMDeploymentSpec(_Model):
+    model: ModelSpec
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    replicas: int | None = Field(default=None, ge=0)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+
+    @model_validator(mode="after")
+    def _source(self) -> "AutoGLMDeploymentSpec":
+        parse_model_uri(self.model.uri)  # raises ValueError with a readable message
+        return self
+
+    @property
+    def fixed_replicas(self) -> int:
+        """Replicas when autoscaling is off (default 1)."""
+        return 1 if self.replicas is None else self.replicas
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from. ``scheme`` is pvc, file or hf."""
+
+    scheme: Literal["pvc", "file", "hf"]
+    claim: str = ""      # pvc: the PersistentVolumeClaim
+    path: str = ""       # pvc: sub-path inside the claim; file: host path
+    repo: str = ""       # hf: ORG/NAME
+    revision: str = ""   # hf: optional @revision
+
+
+_PVC = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(/(?P<path>.*))?$")
+_HF = re.compile(r"^hf://(?P<repo>[^/@\s]+/[^/@\s]+)(@(?P<rev>[^\s]+))?$")
+
+
+def parse_model_uri(uri: str) -> ModelSource:
+    """pvc://CLAIM/PATH | file:///PATH | hf://ORG/NAME[@REVISION]."""
+    if m := _PVC.match(uri):
+        return ModelSource("pvc", claim=m["claim"], path=(m["path"] or "").strip("/"))
+    if uri.startswith("file:///"):
+        return ModelSource("file", path="/" + uri[len("file:///"):].strip("/"))
+    if m := _HF.match(uri):
+        return ModelSource("hf", repo=m["repo"], revision=m["rev"] or "")
+    raise ValueError(f"model.uri {uri!r} is not pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME")
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """The spec plus what the operator fills in (names, image, version) — the builders' input."""
+
+    name: str
+    namespace: str
+    spec: AutoGLMDeploymentSpec
+    image: str
+    version: str
+    model_name: str
+    source: ModelSource
+
+    @property
+    def image_ref(self) -> str:
+        return f"{self.image}:{self.version}"
+
+
+def resolve_spec(
+    name: str, namespace: str, raw_spec: dict[str, Any] | None, *, default_image: str, default_version: str
+) -> ResolvedSpec:
+    """Parse the CR's spec with defaults. Raises ``InvalidSpec`` naming the bad fields."""
+    try:
+        spec = AutoGLMDeploymentSpec.model_validate(raw_spec or {})
+    except ValidationError as exc:
+        raise InvalidSpec(_format(exc)) from None
+    return ResolvedSpec(
+        name=name,
+        namespace=namespace,
+        spec=spec,
+        image=spec.runtime.image or default_image,
+        version=spec.runtime.version or default_version,
+        model_name=spec.model.name or name,
+        source=parse_model_uri(spec.model.uri),
+    )
+
+
+class InvalidSpec(ValueError):
+    """The spec cannot be acted on; the message names the fields."""
+
+
+def _format(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"spec.{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

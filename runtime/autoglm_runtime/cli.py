@@ -1,0 +1,218 @@
+"""``autoglm-runtime``: ``serve`` an OpenAI-compatible server, or ``make-model`` a small test model.
+
+Lifecycle of ``serve``: settings are validated, the model is loaded (a failure prints one line and
+exits 1), then uvicorn serves the app with OUR signal handlers:
+
+- SIGTERM / SIGINT: readiness turns false at once and new requests get 503; in-flight requests
+  finish (bounded by ``--drain-timeout``); then the server stops and the process exits 0.
+  A second signal exits at once.
+- SIGHUP: hot reload of the model directory (``engine.reload``), same as ``POST /admin/reload``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from pydantic import ValidationError
+
+from autoglm_runtime.config import RuntimeSettings, format_validation_error
+
+log = logging.getLogger("autoglm_runtime")
+
+PROG = "autoglm-runtime"
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Continuous-batching OpenAI-compatible LLM server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="Serve a model over the OpenAI API (flags override AUTOGLM_RUNTIME_* env).")
+    s.add_argument("model_pos", nargs="?", metavar="MODEL_DIR", help="model directory (same as --model)")
+    s.add_argument("--model", help="model directory [env AUTOGLM_RUNTIME_MODEL]")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--served-model-name")
+    s.add_argument("--max-batch-size", type=int)
+    s.add_argument("--max-queue", type=int)
+    s.add_argument("--max-batch-tokens", type=int)
+    s.add_argument("--max-model-len", type=int)
+    s.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    s.add_argument("--device")
+    s.add_argument("--api-key-file")
+    s.add_argument("--revision", help="revision label on metrics")
+    s.add_argument("--drain-timeout", dest="drain_timeout_seconds", type=float, metavar="SECONDS")
+    s.add_argument("--request-timeout", dest="request_timeout_seconds", type=float, metavar="SECONDS")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+
+    m = sub.add_parser("make-model", help="Write a randomly initialised GLM model and tokenizer to a directory.")
+    m.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
+    """Environment first, then every flag that was given on top."""
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "served_model_name", "max_batch_size", "max_queue", "max_batch_tokens",
+                 "max_model_len", "dtype", "device", "api_key_file", "revision", "drain_timeout_seconds",
+                 "request_timeout_seconds", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    model = args.model or args.model_pos
+    if model is not None:
+        overrides["model"] = model
+    if "api_key_file" in overrides:
+        overrides["api_key"] = None  # a flag beats a key from the environment
+    return RuntimeSettings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make-model":
+        return _make_model(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        return _fail(format_validation_error(exc), 2)
+    return serve(settings)
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from autoglm_runtime.modelmaker import make_model
+
+    try:
+        out = make_model(args.size, args.out, seed=args.seed)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot make the model: {exc}")
+    print(out if out is not None else args.out)
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def serve(settings: RuntimeSettings) -> int:
+    _configure_logging(settings.log_level)
+    from autoglm_runtime.loader import ModelLoadError, load_model
+
+    if not settings.model.is_dir():
+        return _fail(f"cannot load model: {settings.model} is not a directory")
+    try:
+        loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    except ModelLoadError as exc:
+        return _fail(f"cannot load model from {settings.model}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's model/dir; one line, no traceback
+        log.debug("Failed to load model", exc_info=True)
+        return _fail(f"cannot load model from {settings.model}: {type(exc).__name__}: {exc}")
+    try:
+        return asyncio.run(_serve(settings, loaded))
+    except KeyboardInterrupt:
+        return 130
+
+
+class _Server:
+    """uvicorn.Server without its own signal handling (the lifecycle below owns the signals)."""
+
+    @staticmethod
+    def make(config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextmanager
+            def capture_signals(self) -> Iterator[None]:  # type: ignore[override]
+                yield
+
+            def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+                return None
+
+        return Server(config)
+
+
+async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
+    import uvicorn
+
+    from autoglm_runtime.engine import Engine
+    from autoglm_runtime.metrics import RuntimeMetrics
+    from autoglm_runtime.server.api import create_app
+    from autoglm_runtime.server.serving import ServerState
+
+    if settings.max_model_len and settings.max_model_len > int(loaded.max_model_len):
+        log.warning("Capped max_model_len at the model's, model_max=%s max_model_len=%s",
+                    loaded.max_model_len, settings.max_model_len)
+    max_batch_tokens = settings.max_batch_tokens or max(2048, settings.max_batch_size)
+    metrics = RuntimeMetrics(settings.model_name, settings.revision)
+    try:
+        engine = Engine(loaded, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                        max_batch_tokens=max_batch_tokens, max_model_len=settings.max_model_len,
+                        revision=settings.revision, on_step=metrics.on_step)
+    except ValueError as exc:
+        return _fail(f"invalid engine settings: {exc}", 2)
+    state = ServerState(settings, engine, metrics, max_model_len=int(engine.max_model_len))
+    app = create_app(state)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.log_level == "debug", lifespan="on",
+                            timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    server = _Server.make(config)
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(coro: Any) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def shutdown(signame: str) -> None:
+        log.info("Received %s, draining, timeout_s=%.1f", signame, settings.drain_timeout_seconds)
+        await state.drain(settings.drain_timeout_seconds)
+        server.should_exit = True
+
+    def on_stop_signal(signame: str) -> None:
+        if state.draining:
+            log.warning("Received %s again, exiting now", signame)
+            server.should_exit = True
+            server.force_exit = True
+            return
+        state.draining = True  # readiness false and new requests 503 from this instant
+        spawn(shutdown(signame))
+
+    async def reload_on_hup() -> None:
+        try:
+            await state.reload()
+        except Exception as exc:  # noqa: BLE001 - a failed reload keeps the old model serving
+            log.error("Failed SIGHUP reload: %s", getattr(exc, "message", exc))
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop_signal, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop_signal, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload_on_hup()))
+    try:
+        await server.serve()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    if not server.started:
+        return _fail(f"the server did not start on {settings.host}:{settings.port} (see the log above)")
+    log.info("Exited, pid=%d", os.getpid())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

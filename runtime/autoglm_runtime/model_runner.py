@@ -1,0 +1,243 @@
+"""Runs one engine step on a Hugging Face causal LM with an engine-managed slot KV cache.
+
+Design (measured on CPU; the same code runs on CUDA):
+
+* KV cache: per layer, K and V tensors `[max_batch_size, kv_heads, max_model_len, head_dim]`,
+  preallocated once. A sequence owns one *slot* (row) for its life; the scheduler keeps slots
+  dense (`0..n-1`) and tells us which slot moved where (`SlotMove`) when one leaves.
+* One forward per step over a *packed* batch `[1, T]`: the decode token of every running sequence
+  (in slot order) followed by the prefill chunks of this step. No padding, so the linear layers
+  (the bulk of the compute) run on exactly T rows. Explicit `position_ids` drive the model's own
+  rotary embedding; `logits_to_keep` limits the LM head to the rows we sample from.
+* Attention: the model's own layers call `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`;
+  we register `autoglm_slots` there. It writes the step's new K/V into the slot cache and runs
+  SDPA: all decode rows in one call against a contiguous view `cache[:n, :, :max_len]` with a
+  length mask (grouped-query heads folded into the query axis, so no K/V repeat), and each
+  prefill chunk causally (first chunk: on the fresh K/V with `is_causal`; later chunks: against
+  its slot's cached prefix). Called outside an engine step (e.g. `model.generate`), the function
+  falls back to the stock sdpa implementation, so the model object stays usable.
+* Sampling happens on device; the engine does the one host sync of the step (`.tolist()`).
+
+Works for any model whose attention goes through the attention interface (GLM, Llama, Qwen2,
+Mistral, ...). Not supported: sliding-window layers, attention sinks, soft-capping, encoder-decoder.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .loader import LoadedModel
+from .sampling import SamplingState, sample
+from .scheduler import SchedulerOutput, SlotMove
+
+__all__ = ["ModelRunner", "ATTN_IMPL"]
+
+ATTN_IMPL = "autoglm_slots"
+_ctx = threading.local()  # .step: the _Step running on this thread (None outside a step)
+
+
+@dataclass
+class _Step:
+    runner: "ModelRunner"
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    w_slots: torch.Tensor  # [T] slot of each token
+    w_pos: torch.Tensor  # [T] position of each token
+    n_dec: int
+    dec_range: int  # decode attention runs on slots [0, dec_range)
+    dec_len: int  # ... and positions [0, dec_len)
+    dec_mask: torch.Tensor | None  # [dec_range, 1, 1, dec_len] additive
+    dec_rows: torch.Tensor | None  # slot of each decode row when the range has holes
+    chunks: list[tuple[int, int, int, int, torch.Tensor | None]]  # (offset, length, slot, start, mask)
+    keep: torch.Tensor  # rows whose logits are sampled
+    states: list[SamplingState]
+
+
+def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    step: _Step | None = getattr(_ctx, "step", None)
+    if step is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return step.runner.attend(step, module.layer_idx, query, key, value, scaling)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPL, _slot_attention)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, max_model_len: int, seed: int | None = None) -> None:
+        _register()
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+        cfg = loaded.config.get_text_config() if hasattr(loaded.config, "get_text_config") else loaded.config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.groups = self.num_heads // self.kv_heads
+        shape = (max_batch_size, self.kv_heads, max_model_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self._set_attn_impl()
+
+    def _set_attn_impl(self) -> None:
+        try:
+            self.model.set_attn_implementation(ATTN_IMPL)
+        except Exception:  # noqa: BLE001 - older/odd models: set the config field directly
+            for c in {id(self.model.config): self.model.config, **{id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}}.values():
+                c._attn_implementation = ATTN_IMPL
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    # ------------------------------------------------------------------ per step
+    def apply_moves(self, moves: list[SlotMove]) -> None:
+        for m in moves:
+            n = min(self.max_model_len, m.seq.num_computed_tokens + 1)
+            for kc, vc in zip(self.k_cache, self.v_cache):
+                kc[m.dst, :, :n].copy_(kc[m.src, :, :n])
+                vc[m.dst, :, :n].copy_(vc[m.src, :, :n])
+
+    def prepare(self, out: SchedulerOutput, states: list[SamplingState]) -> _Step:
+        """Build the step's tensors from scheduler state. Call with the scheduler lock held."""
+        self.apply_moves(out.moves)
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        dec_lens: list[int] = []
+        dec_slots: list[int] = []
+        for seq in out.decodes:
+            p = seq.num_computed_tokens
+            ids.append(seq.last_token_id)
+            pos.append(p)
+            slots.append(seq.slot)  # type: ignore[arg-type]
+            dec_slots.append(seq.slot)  # type: ignore[arg-type]
+            dec_lens.append(p + 1)
+        n_dec = len(ids)
+        keep = list(range(n_dec))
+        chunk_specs: list[tuple[int, int, int, int]] = []
+        for ch in out.prefills:
+            off = len(ids)
+            ids.extend(ch.seq.prompt_token_ids[ch.start : ch.start + ch.num_tokens])
+            pos.extend(range(ch.start, ch.start + ch.num_tokens))
+            slots.extend([ch.seq.slot] * ch.num_tokens)  # type: ignore[list-item]
+            chunk_specs.append((off, ch.num_tokens, ch.seq.slot, ch.start))  # type: ignore[arg-type]
+            if ch.samples:
+                keep.append(off + ch.num_tokens - 1)
+
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        pos_t = torch.tensor(pos, dtype=torch.long)
+        slots_t = torch.tensor(slots, dtype=torch.long)
+        dec_mask = dec_rows = None
+        dec_range = dec_len = 0
+        if n_dec:
+            dec_range = max(dec_slots) + 1
+            dec_len = max(dec_lens)
+            lens = [1] * dec_range  # hole rows attend to one (ignored) position
+            for s, n in zip(dec_slots, dec_lens):
+                lens[s] = n
+            lens_t = torch.tensor(lens, dtype=torch.long)
+            valid = torch.arange(dec_len).unsqueeze(0) < lens_t.unsqueeze(1)
+            dec_mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
+            dec_mask = dec_mask.view(dec_range, 1, 1, dec_len).to(dev, non_blocking=True)
+            if dec_range != n_dec:
+                dec_rows = torch.tensor(dec_slots, dtype=torch.long, device=dev)
+        chunks = []
+        for off, n, slot, start in chunk_specs:
+            mask = None
+            if start > 0:
+                q_pos = torch.arange(start, start + n).unsqueeze(1)
+                mask = (torch.arange(start + n).unsqueeze(0) <= q_pos).to(dev, non_blocking=True)
+            chunks.append((off, n, slot, start, mask))
+        return _Step(
+            runner=self,
+            input_ids=ids_t.to(dev, non_blocking=True).unsqueeze(0),
+            position_ids=pos_t.to(dev, non_blocking=True).unsqueeze(0),
+            w_slots=slots_t.to(dev, non_blocking=True),
+            w_pos=pos_t.to(dev, non_blocking=True),
+            n_dec=n_dec,
+            dec_range=dec_range,
+            dec_len=dec_len,
+            dec_mask=dec_mask,
+            dec_rows=dec_rows,
+            chunks=chunks,
+            keep=torch.tensor(keep, dtype=torch.long).to(dev, non_blocking=True),
+            states=states,
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: _Step) -> torch.Tensor:
+        """Forward + sample. Returns the sampled token ids [n] on the device (no host sync)."""
+        _ctx.step = step
+        try:
+            out = self.model(
+                input_ids=step.input_ids,
+                position_ids=step.position_ids,
+                use_cache=False,
+                logits_to_keep=step.keep,
+            )
+        finally:
+            _ctx.step = None
+        logits = out.logits[0]
+        return sample(logits, step.states, self.generator)
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, step: _Step, layer: int, query, key, value, scaling) -> torch.Tensor:
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        k_new = key[0].transpose(0, 1)  # [T, KV, D]
+        v_new = value[0].transpose(0, 1)
+        kc[step.w_slots, :, step.w_pos] = k_new
+        vc[step.w_slots, :, step.w_pos] = v_new
+
+        q = query[0]  # [H, T, D]
+        H, T, D = q.shape
+        KV, G = self.kv_heads, self.groups
+        out = q.new_empty(T, H, D)
+        n = step.n_dec
+        if n:
+            qd = q[:, :n].transpose(0, 1).reshape(n, KV, G, D)
+            if step.dec_rows is not None:
+                qf = qd.new_zeros(step.dec_range, KV, G, D)
+                qf.index_copy_(0, step.dec_rows, qd)
+                qd = qf
+            o = F.scaled_dot_product_attention(
+                qd,
+                kc[: step.dec_range, :, : step.dec_len],
+                vc[: step.dec_range, :, : step.dec_len],
+                attn_mask=step.dec_mask,
+                scale=scaling,
+            )
+            if step.dec_rows is not None:
+                o = o.index_select(0, step.dec_rows)
+            out[:n] = o.reshape(n, H, D)
+        for off, c, slot, start, mask in step.chunks:
+            qc = q[:, off : off + c].unsqueeze(0)  # [1, H, c, D]
+            if start == 0:
+                kk = key[:, :, off : off + c]
+                vv = value[:, :, off : off + c]
+                o = F.scaled_dot_product_attention(qc, kk, vv, is_causal=True, scale=scaling, enable_gqa=G > 1)
+            else:
+                kk = kc[slot : slot + 1, :, : start + c]
+                vv = vc[slot : slot + 1, :, : start + c]
+                o = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask, scale=scaling, enable_gqa=G > 1)
+            out[off : off + c] = o[0].transpose(0, 1)
+        return out.unsqueeze(0), None

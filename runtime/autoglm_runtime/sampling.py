@@ -1,0 +1,159 @@
+"""Sampling parameters and batched sampling where every row has its own parameters.
+
+`sample(logits, rows)` takes the last-position logits of one engine step ([n, vocab], any dtype,
+on the model's device) and returns an int64 tensor [n] of token ids *on the device*; the engine
+does the single host sync of the step (`.tolist()`). Greedy rows (temperature == 0) are argmax.
+Other rows: temperature, then top-k, then top-p, then a draw. A row with a `seed` draws from its
+own `torch.Generator`, so its output does not depend on what else is in the batch.
+
+Stop strings are not handled here: they are matched on detokenized text by the engine
+(`IncrementalDetokenizer`), and the text returned never includes the stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SamplingParams", "SamplingState", "sample", "IncrementalDetokenizer"]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.max_tokens is None or self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k is None or self.top_k < 0:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+
+class SamplingState:
+    """Per-request sampling state: its params and (when seeded) its own generator."""
+
+    __slots__ = ("params", "generator")
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if params.seed is not None and not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(params.seed))
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `logits` ([n, V]); `states[i]` holds row i's params."""
+    if all(s.params.greedy for s in states):
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    greedy_tokens = logits.argmax(dim=-1)
+    rows = [i for i, s in enumerate(states) if not s.params.greedy]
+    device = logits.device
+    idx = torch.tensor(rows, device=device)
+    sub = logits.index_select(0, idx)
+    temps = torch.tensor([states[i].params.temperature for i in rows], device=device, dtype=torch.float32)
+    sub = sub / temps.unsqueeze(1)
+
+    top_ks = [states[i].params.top_k for i in rows]
+    top_ps = [states[i].params.top_p for i in rows]
+    if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+        sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
+        vocab = sub.shape[-1]
+        ks = torch.tensor([k if k > 0 else vocab for k in top_ks], device=device)
+        ranks = torch.arange(vocab, device=device).unsqueeze(0)
+        remove = ranks >= ks.unsqueeze(1)
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        ps = torch.tensor(top_ps, device=device, dtype=torch.float32).unsqueeze(1)
+        remove = remove | ((cum - probs) >= ps)  # keep the smallest prefix whose mass reaches top_p
+        remove[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        sub = torch.full_like(sub, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+
+    probs = sub.softmax(dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p; seeded rows draw their
+    # noise from their own generator so their tokens do not depend on the batch.
+    noise = torch.empty_like(probs)
+    unseeded = [j for j, i in enumerate(rows) if states[i].generator is None]
+    if unseeded:
+        if len(unseeded) == len(rows):
+            noise.exponential_(generator=generator)
+        else:
+            for j in unseeded:
+                noise[j].exponential_(generator=generator)
+    for j, i in enumerate(rows):
+        gen = states[i].generator
+        if gen is not None:
+            noise[j].exponential_(generator=gen)
+    drawn = (probs / noise).argmax(dim=-1)
+    return greedy_tokens.index_copy(0, idx, drawn)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, and matches stop strings.
+
+    Uses the prefix/read offset scheme of TGI and vLLM so multi-byte characters split across
+    tokens are never emitted half-way. When stop strings are set, the last `len(longest)-1`
+    characters are held back until it is known they do not start a stop string.
+    """
+
+    __slots__ = ("_decode", "stop", "_hold", "text", "_emitted", "_prefix_offset", "_read_offset", "stopped")
+
+    def __init__(self, decode, stop: list[str]) -> None:
+        self._decode = decode  # ids -> str
+        self.stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self._emitted = 0
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.stopped = False
+
+    def step(self, token_ids: list[int], final: bool) -> str:
+        """`token_ids` is the full output so far. Returns the new text to emit; sets `stopped`
+        when a stop string matched (the text is cut before it)."""
+        if not self.stopped:
+            prefix = self._decode(token_ids[self._prefix_offset : self._read_offset])
+            full = self._decode(token_ids[self._prefix_offset :])
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                new = full[len(prefix) :]
+                start = max(0, len(self.text) - self._hold)
+                self.text += new
+                self._prefix_offset = self._read_offset
+                self._read_offset = len(token_ids)
+                if self.stop:
+                    cut = -1
+                    for s in self.stop:
+                        i = self.text.find(s, start)
+                        if i != -1 and (cut == -1 or i < cut):
+                            cut = i
+                    if cut != -1:
+                        self.text = self.text[:cut]
+                        self.stopped = True
+            elif final:
+                self.text += full[len(prefix) :].rstrip("\ufffd")
+        end = len(self.text) if (final or self.stopped) else max(self._emitted, len(self.text) - self._hold)
+        delta = self.text[self._emitted : end]
+        self._emitted = end
+        return delta

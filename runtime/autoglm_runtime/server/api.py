@@ -1,0 +1,185 @@
+"""FastAPI app factory and router. Thin: parse, authenticate, call ``serving``, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from autoglm_runtime.metrics import CONTENT_TYPE
+from autoglm_runtime.server import errors
+from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, ReloadRequest
+from autoglm_runtime.server.serving import OpenAIServing, ServerState
+
+log = logging.getLogger("autoglm_runtime.server")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class RequestIdMiddleware:
+    """Accepts or generates ``x-request-id`` and echoes it on the response (pure ASGI: streaming-safe)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")[:256]
+                break
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.runtime
+
+
+def _serving(request: Request) -> OpenAIServing:
+    return request.app.state.serving
+
+
+async def require_api_key(request: Request) -> None:
+    key = _state(request).settings.api_key
+    if key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise errors.AuthenticationError()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work``; if the client disconnects first, cancel it (which aborts the engine request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone; nobody reads it
+        pass
+    log.info("Aborted request after client disconnect, request_id=%s", request.scope["state"].get("request_id"))
+    return Response(status_code=499)
+
+
+def _respond(result: Any) -> Response:
+    if isinstance(result, Response):
+        return result
+    if hasattr(result, "__aiter__"):
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+def _json(model: Any) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"))
+
+
+router = APIRouter()
+authed = [Depends(require_api_key)]
+
+
+@router.post("/v1/completions", dependencies=authed)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return _respond(await _cancel_on_disconnect(request, _serving(request).create_completion(body)))
+
+
+@router.post("/v1/chat/completions", dependencies=authed)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return _respond(await _cancel_on_disconnect(request, _serving(request).create_chat_completion(body)))
+
+
+@router.get("/v1/models", dependencies=authed)
+async def models(request: Request) -> Response:
+    return _json(_serving(request).models())
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    if _state(request).healthy():
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "engine dead"}, status_code=503)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    if state.ready():
+        return JSONResponse({"status": "ready"})
+    reason = "draining" if state.draining else ("loading" if not state.started else "engine dead")
+    return JSONResponse({"status": reason}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.post("/admin/reload", dependencies=authed)
+async def reload(request: Request) -> Response:
+    raw = await request.body()
+    try:
+        body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
+    except ValueError as exc:
+        raise errors.BadRequestError(f"Invalid reload request: {exc}") from None
+    return JSONResponse(await _state(request).reload(body.model, body.revision))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The ASGI app of one server. The lifespan starts and stops the engine; readiness follows it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await state.engine.start()
+        state.started = True
+        log.info("Started engine, model=%s max_model_len=%d", state.settings.model_name, state.max_model_len)
+        try:
+            yield
+        finally:
+            state.started = False
+            await state.engine.stop()
+            log.info("Stopped engine")
+
+    app = FastAPI(title="autoglm-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = state
+    app.state.serving = OpenAIServing(state)
+    errors.install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,189 @@
+"""Pure builders against golden YAML, and the revision hash.
+
+Regenerate the golden files after an intended change:
+
+    UPDATE_GOLDEN=1 .venv/bin/pytest tests/operator/test_builders.py
+
+then review `git diff tests/operator/golden/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoglm_operator import builders as b
+from autoglm_operator.models import InvalidSpec, resolve_spec
+
+GOLDEN = Path(__file__).parent / "golden"
+UID = "00000000-0000-4000-8000-000000000001"
+
+SPECS = {
+    "tiny-cpu": {
+        "model": {"name": "tiny-glm", "uri": "file:///models/tiny-glm", "maxModelLen": 512},
+        "runtime": {"version": "0.1.0", "maxBatchSize": 8, "maxQueue": 64},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        "replicas": 1,
+    },
+    "gpu-autoscaling-pvc-auth": {
+        "model": {"name": "glm-4-9b-chat", "uri": "pvc://model-store/glm-4-9b-chat", "dtype": "bfloat16",
+                  "maxModelLen": 8192},
+        "runtime": {"image": "registry.example.com/autoglm/runtime", "version": "0.1.0",
+                    "env": [{"name": "AUTOGLM_RUNTIME_LOG_LEVEL", "value": "debug"}]},
+        "resources": {"gpus": 1, "gpuProduct": "NVIDIA-A10G", "cpu": 4, "memory": "32Gi"},
+        "nodeSelector": {"pool": "inference"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
+        "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8, "targetQueueDepth": 8,
+                        "targetCPUUtilization": 80, "scaleDownStabilizationSeconds": 300},
+        "auth": {"apiKeySecretRef": {"name": "chat-api-key", "key": "token"}},
+    },
+    "hf-mig": {
+        "model": {"uri": "hf://THUDM/glm-4-9b-chat"},
+        "runtime": {"version": "0.2.0"},
+        "resources": {"gpus": 2, "gpuResourceName": "nvidia.com/mig-3g.40gb"},
+        "replicas": 3,
+    },
+}
+
+
+def cr_for(name: str, spec: dict, namespace: str = "demo") -> dict:
+    return {"apiVersion": "autoglm.io/v1alpha1", "kind": "AutoGLMDeployment",
+            "metadata": {"name": name, "namespace": namespace, "uid": UID, "generation": 1}, "spec": spec}
+
+
+def resolved(name: str, spec: dict):
+    return resolve_spec(name, "demo", spec, default_image="ghcr.io/autoglm/runtime", default_version="0.1.0")
+
+
+def children(name: str, spec: dict) -> list[dict]:
+    cr, r = cr_for(name, spec), resolved(name, spec)
+    rev = b.revision_hash(r)
+    docs = [b.build_deployment(cr, r, rev, replicas=r.spec.autoscaling.bounds[0] if r.spec.autoscaling.enabled
+                               else r.spec.fixed_replicas),
+            b.build_service(cr, r, [rev])]
+    if r.spec.autoscaling.enabled:
+        docs.append(b.build_hpa(cr, r, b.revision_name(name, rev)))
+    if (r.spec.autoscaling.bounds[0] if r.spec.autoscaling.enabled else r.spec.fixed_replicas) > 1:
+        docs.append(b.build_pdb(cr, r))
+    return docs
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_golden(case: str) -> None:
+    text = yaml.safe_dump_all(children(case, SPECS[case]), sort_keys=True, default_flow_style=False)
+    path = GOLDEN / f"{case}.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"missing {path}; run UPDATE_GOLDEN=1 .venv/bin/pytest {__file__}"
+    assert text == path.read_text(), f"{case} differs from {path} (UPDATE_GOLDEN=1 to accept)"
+
+
+def test_revision_hash_is_stable_and_ignores_key_order() -> None:
+    spec = SPECS["gpu-autoscaling-pvc-auth"]
+    shuffled = {k: spec[k] for k in reversed(list(spec))}
+    shuffled["model"] = {k: spec["model"][k] for k in reversed(list(spec["model"]))}
+    h = b.revision_hash(resolved("chat", spec))
+    assert h == b.revision_hash(resolved("chat", shuffled))
+    assert len(h) == 10 and all(c in "0123456789abcdef" for c in h)
+    # A fixed value: the hash must not change between runs or Python processes (hash seeds).
+    assert b.revision_hash(resolved("chat", SPECS["tiny-cpu"])) == b.stable_hash(
+        b.revision_inputs(resolved("chat", SPECS["tiny-cpu"])))
+
+
+def test_revision_hash_ignores_scaling_and_rollout_policy() -> None:
+    spec = copy.deepcopy(SPECS["gpu-autoscaling-pvc-auth"])
+    h = b.revision_hash(resolved("chat", spec))
+    spec["autoscaling"] |= {"minReplicas": 3, "maxReplicas": 12, "targetQueueDepth": 4, "targetCPUUtilization": 0,
+                            "scaleDownStabilizationSeconds": 60}
+    spec["rollout"] = {"steps": [{"weight": 10, "pause": "60s"}], "progressDeadlineSeconds": 300}
+    assert b.revision_hash(resolved("chat", spec)) == h
+    tiny = copy.deepcopy(SPECS["tiny-cpu"])
+    h2 = b.revision_hash(resolved("tiny", tiny))
+    tiny["replicas"] = 5
+    assert b.revision_hash(resolved("tiny", tiny)) == h2
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: s["runtime"].__setitem__("version", "0.2.0"),
+    lambda s: s["model"].__setitem__("uri", "pvc://model-store/glm-4-9b-chat-v2"),
+    lambda s: s["model"].__setitem__("dtype", "float16"),
+    lambda s: s["runtime"].__setitem__("maxBatchSize", 64),
+    lambda s: s["resources"].__setitem__("gpus", 2),
+    lambda s: s["resources"].__setitem__("gpuProduct", "NVIDIA-H100-80GB-HBM3"),
+    lambda s: s["runtime"]["env"].append({"name": "X", "value": "1"}),
+    lambda s: s["auth"]["apiKeySecretRef"].__setitem__("name", "other"),
+])
+def test_revision_hash_changes_with_what_pods_run(change) -> None:
+    spec = copy.deepcopy(SPECS["gpu-autoscaling-pvc-auth"])
+    h = b.revision_hash(resolved("chat", spec))
+    change(spec)
+    assert b.revision_hash(resolved("chat", spec)) != h
+
+
+def test_default_image_is_part_of_the_revision() -> None:
+    spec = SPECS["tiny-cpu"]
+    a = resolve_spec("t", "demo", spec, default_image="ghcr.io/autoglm/runtime", default_version="0.1.0")
+    c = resolve_spec("t", "demo", spec, default_image="registry.local/runtime", default_version="0.1.0")
+    assert b.revision_hash(a) != b.revision_hash(c)
+
+
+def test_deployment_essentials() -> None:
+    docs = children("chat", SPECS["gpu-autoscaling-pvc-auth"])
+    dep, svc, hpa, pdb = docs
+    rev = dep["metadata"]["labels"][b.LABEL_REVISION]
+    assert dep["metadata"]["name"] == f"chat-{rev}"
+    assert dep["metadata"]["ownerReferences"][0] | {} == {
+        "apiVersion": "autoglm.io/v1alpha1", "kind": "AutoGLMDeployment", "name": "chat", "uid": UID,
+        "controller": True, "blockOwnerDeletion": True}
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "registry.example.com/autoglm/runtime:0.1.0"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"pool": "inference", "nvidia.com/gpu.product": "NVIDIA-A10G"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"name": "AUTOGLM_RUNTIME_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "chat-api-key", "key": "token"}}} in c["env"]
+    assert c["env"][-1] == {"name": "AUTOGLM_RUNTIME_LOG_LEVEL", "value": "debug"}
+    assert pod["volumes"][0] == {"name": "model",
+                                 "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True}}
+    assert c["volumeMounts"][0]["subPath"] == "glm-4-9b-chat"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["args"][c["args"].index("--revision") + 1] == rev
+    assert svc["spec"]["selector"] == {b.LABEL_DEPLOYMENT: "chat", b.LABEL_REVISION: rev}
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"chat-{rev}"
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods", "Resource"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_hf_source_downloads_in_an_init_container() -> None:
+    dep = children("hf", SPECS["hf-mig"])[0]
+    pod = dep["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert "THUDM/glm-4-9b-chat" in init["command"]
+    assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+    assert pod["containers"][0]["resources"]["requests"]["nvidia.com/mig-3g.40gb"] == "2"
+
+
+def test_no_cpu_limit_no_gpu_for_cpu_pods() -> None:
+    dep = children("tiny", SPECS["tiny-cpu"])[0]
+    pod = dep["spec"]["template"]["spec"]
+    assert "tolerations" not in pod and "nodeSelector" not in pod
+    assert pod["volumes"][0]["hostPath"]["path"] == "/models/tiny-glm"
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+
+
+def test_hpa_clamps_min_and_max() -> None:
+    spec = {"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}
+    hpa = b.build_hpa(cr_for("x", spec), resolved("x", spec), "x-abc")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (5, 5)
+
+
+def test_invalid_spec_names_the_field() -> None:
+    with pytest.raises(InvalidSpec, match="model.uri"):
+        resolved("x", {"model": {"uri": "s3://bucket/model"}})
+    with pytest.raises(InvalidSpec, match="spec.resources.gpus"):
+        resolved("x", {"model": {"uri": "hf://a/b"}, "resources": {"gpus": -1}})

@@ -1,0 +1,306 @@
+"""The operator against the real local control plane (kwok nodes; pods go Ready without containers).
+
+Each test gets its own namespace and an operator scoped to it: in-process with
+``kopf.testing.KopfRunner``, or as the real ``autoglm-operator`` process where it must be killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+LABEL_DEPLOYMENT = "autoglm.io/deployment"
+LABEL_REVISION = "autoglm.io/revision"
+
+
+def agd(name: str, **spec_overrides) -> dict:
+    spec = {
+        "model": {"name": "glm-tiny", "uri": "file:///models/glm-tiny"},
+        "runtime": {"image": "registry.example.com/autoglm/runtime", "version": "0.1.0"},
+        "resources": {"gpus": 1, "gpuProduct": "NVIDIA-A10G", "cpu": "2", "memory": "8Gi"},
+    }
+    for key, value in spec_overrides.items():
+        spec[key] = value
+    return {"apiVersion": "autoglm.io/v1alpha1", "kind": "AutoGLMDeployment", "metadata": {"name": name},
+            "spec": spec}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def get(kube, namespace: str, *what: str) -> dict:
+    return json.loads(kube.kubectl("get", "-n", namespace, *what, "-o", "json").stdout)
+
+
+def try_get(kube, namespace: str, *what: str) -> dict | None:
+    proc = kube.kubectl("get", "-n", namespace, *what, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def apply(kube, namespace: str, body: dict) -> None:
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
+
+
+def merge(kube, namespace: str, what: str, patch: dict) -> None:
+    kube.kubectl("patch", "-n", namespace, what, "--type=merge", "-p", json.dumps(patch))
+
+
+def status(kube, namespace: str, name: str) -> dict:
+    return (get(kube, namespace, f"autoglmdeployment/{name}").get("status") or {})
+
+
+def condition(st: dict, type_: str) -> dict:
+    return next((c for c in st.get("conditions") or [] if c["type"] == type_), {})
+
+
+def deployments(kube, namespace: str, name: str) -> list[dict]:
+    return get(kube, namespace, "deployments", "-l", f"{LABEL_DEPLOYMENT}={name}")["items"]
+
+
+def wait_phase(kube, namespace: str, name: str, phase: str, timeout: float = 60, **cond) -> dict:
+    def check():
+        st = status(kube, namespace, name)
+        if st.get("phase") != phase:
+            return None
+        for type_, reason in cond.items():
+            if condition(st, type_).get("reason") != reason:
+                return None
+        return st
+    return wait_for(check, timeout=timeout, message=f"{name} phase {phase} {cond}")
+
+
+def resource_versions(kube, namespace: str) -> dict[str, str]:
+    kinds = "autoglmdeployments,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
+    items = get(kube, namespace, kinds)["items"]
+    return {f"{i['kind']}/{i['metadata']['name']}": i["metadata"]["resourceVersion"] for i in items}
+
+
+def event_reasons(kube, namespace: str, name: str) -> list[str]:
+    items = get(kube, namespace, "events", "--field-selector", f"involvedObject.name={name}")["items"]
+    return [e["reason"] for e in items]
+
+
+def stays(predicate, seconds: float, message: str = "") -> None:
+    """Fail if ``predicate()`` is ever falsy during ``seconds`` (the negative of wait_for)."""
+    deadline = time.monotonic() + seconds
+    violations: list = []
+
+    def over() -> bool:
+        value = predicate()
+        if not value:
+            violations.append(value)
+        return bool(violations) or time.monotonic() >= deadline
+
+    wait_for(over, timeout=seconds + 60, interval=1.0, message=message)
+    assert not violations, message
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def crd(kube):
+    kube.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    kube.kubectl("wait", "--for=condition=Established", "crd/autoglmdeployments.autoglm.io", "--timeout=60s")
+
+
+@pytest.fixture
+def op_env(kube, monkeypatch) -> dict[str, str]:
+    env = {"KUBECONFIG": str(kube.kubeconfig), "AUTOGLM_OPERATOR_RESYNC_SECONDS": "5"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return {**kube.env, **env}
+
+
+@pytest.fixture
+def operator(crd, op_env, namespace):
+    from kopf.testing import KopfRunner
+
+    args = ["run", "-m", "autoglm_operator.handlers", "--standalone", "--namespace", namespace, "--verbose"]
+    with KopfRunner(args, timeout=30) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+
+
+@contextmanager
+def operator_process(env: dict[str, str], namespace: str, log: Path):
+    """The real console script, killable with SIGKILL."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "autoglm-operator"), "--namespace", namespace],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator):
+    apply(kube, namespace, agd("chat", replicas=1))
+    st = wait_phase(kube, namespace, "chat", "Healthy")
+    [dep] = deployments(kube, namespace, "chat")
+    rev = dep["metadata"]["labels"][LABEL_REVISION]
+    assert dep["metadata"]["name"] == f"chat-{rev}" == st["stableRevision"]
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "AutoGLMDeployment" and owner["controller"] and owner["blockOwnerDeletion"]
+    assert dep["status"]["availableReplicas"] == 1
+    pods = get(kube, namespace, "pods", "-l", f"{LABEL_DEPLOYMENT}=chat")["items"]
+    assert [p["spec"]["nodeName"] for p in pods] == ["kwok-gpu-0"]
+    svc = get(kube, namespace, "service/chat")
+    assert svc["spec"]["selector"] == {LABEL_DEPLOYMENT: "chat", LABEL_REVISION: rev}
+    assert svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == 8000
+    assert st["ready"] == "1/1" and st["endpoint"] == f"http://chat.{namespace}.svc.cluster.local:8000/v1"
+    assert condition(st, "Ready")["status"] == "True" and condition(st, "Degraded")["status"] == "False"
+    assert try_get(kube, namespace, "pdb/chat") is None and try_get(kube, namespace, "hpa/chat") is None
+
+    table = kube.kubectl("get", "-n", namespace, "agd").stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "AGE"]
+    assert table[1].split()[:6] == ["chat", "1/1", "Healthy", "0.1.0", "<none>", "0"]
+    describe = kube.kubectl("describe", "-n", namespace, "agd/chat").stdout
+    for text in ("Stable Revision:", f"chat-{rev}", "ReplicasReady", "RevisionCreated", "Ready"):
+        assert text in describe, f"{text!r} missing from kubectl describe:\n{describe}"
+
+    # Scale subresource.
+    kube.kubectl("scale", "-n", namespace, "agd/chat", "--replicas=3")
+    st = wait_phase(kube, namespace, "chat", "Healthy", timeout=60)
+    assert st["ready"] == "3/3" and st["replicas"] == 3 and st["selector"] == f"{LABEL_DEPLOYMENT}=chat"
+    assert deployments(kube, namespace, "chat")[0]["spec"]["replicas"] == 3
+    assert get(kube, namespace, "pdb/chat")["spec"]["maxUnavailable"] == 1
+    assert "ScaledUp" in event_reasons(kube, namespace, "chat")
+
+    # Idle: several resyncs (every 5 s) and nothing is written.
+    before = resource_versions(kube, namespace)
+    events_before = len(event_reasons(kube, namespace, "chat"))
+    stays(lambda: resource_versions(kube, namespace) == before, seconds=20,
+          message="a resourceVersion changed while idle")
+    assert len(event_reasons(kube, namespace, "chat")) == events_before
+
+
+def test_autoscaling_in_place_then_version_rollout(kube, namespace, operator):
+    apply(kube, namespace, agd("auto", autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3}))
+    wait_phase(kube, namespace, "auto", "Healthy")
+    [dep] = deployments(kube, namespace, "auto")
+    hpa = get(kube, namespace, "hpa/auto")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "autoglm_requests_waiting"
+
+    merge(kube, namespace, "agd/auto", {"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 5,
+                                                                  "targetCPUUtilization": 70}}})
+    wait_for(lambda: get(kube, namespace, "hpa/auto")["spec"]["maxReplicas"] == 5, timeout=30,
+             message="HPA patched in place")
+    hpa = get(kube, namespace, "hpa/auto")
+    assert hpa["spec"]["minReplicas"] == 2 and len(hpa["spec"]["metrics"]) == 2
+    assert [d["metadata"]["name"] for d in deployments(kube, namespace, "auto")] == [dep["metadata"]["name"]]
+
+    # New version: a new revision, the Service switches once it is Ready, the old one goes.
+    old_name = dep["metadata"]["name"]
+    merge(kube, namespace, "agd/auto", {"spec": {"runtime": {"version": "0.2.0"}}})
+
+    def switched():
+        deps = deployments(kube, namespace, "auto")
+        st = status(kube, namespace, "auto")
+        return (len(deps) == 1 and deps[0]["metadata"]["name"] != old_name and st.get("phase") == "Healthy"
+                and st.get("stableVersion") == "0.2.0" and deps[0])
+    new = wait_for(switched, timeout=90, message="rollout to 0.2.0")
+    new_rev = new["metadata"]["labels"][LABEL_REVISION]
+    assert get(kube, namespace, "service/auto")["spec"]["selector"][LABEL_REVISION] == new_rev
+    assert get(kube, namespace, "hpa/auto")["spec"]["scaleTargetRef"]["name"] == new["metadata"]["name"]
+    reasons = event_reasons(kube, namespace, "auto")
+    assert {"RevisionCreated", "RevisionPromoted", "RevisionDeleted"} <= set(reasons)
+    assert "canaryRevision" not in status(kube, namespace, "auto")
+
+
+def test_unschedulable_gpu_product_degrades_then_recovers(kube, namespace, operator):
+    body = agd("b200")
+    body["spec"]["resources"]["gpuProduct"] = "NVIDIA-B200"
+    apply(kube, namespace, body)
+    st = wait_phase(kube, namespace, "b200", "Degraded", Degraded="Unschedulable")
+    assert "nodes are available" in condition(st, "Degraded")["message"]
+    assert condition(st, "Ready")["status"] == "False"
+    assert "Degraded" in event_reasons(kube, namespace, "b200")
+
+    merge(kube, namespace, "agd/b200", {"spec": {"resources": {"gpuProduct": "NVIDIA-H100-80GB-HBM3"}}})
+    st = wait_phase(kube, namespace, "b200", "Healthy", timeout=90)
+    assert condition(st, "Degraded")["status"] == "False"
+    pods = get(kube, namespace, "pods", "-l", f"{LABEL_DEPLOYMENT}=b200")["items"]
+    wait_for(lambda: {p["spec"].get("nodeName") for p in
+                      get(kube, namespace, "pods", "-l", f"{LABEL_DEPLOYMENT}=b200")["items"]} == {"kwok-gpu-1"},
+             timeout=60, message="only H100 pods remain")
+    assert len(deployments(kube, namespace, "b200")) == 1, pods
+
+
+def test_missing_secret_and_pvc_degrade_then_recover(kube, namespace, operator):
+    apply(kube, namespace, agd("keyed", auth={"apiKeySecretRef": {"name": "chat-api-key", "key": "token"}}))
+    st = wait_phase(kube, namespace, "keyed", "Degraded", Degraded="SecretNotFound")
+    assert "chat-api-key" in condition(st, "Degraded")["message"]
+    kube.kubectl("create", "secret", "generic", "chat-api-key", "-n", namespace, "--from-literal=token=s3cret")
+    wait_phase(kube, namespace, "keyed", "Healthy", timeout=60)
+    [dep] = deployments(kube, namespace, "keyed")
+    env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "AUTOGLM_RUNTIME_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "chat-api-key", "key": "token"}}} in env
+
+    apply(kube, namespace, agd("stored", model={"uri": "pvc://model-store/glm-tiny"}))
+    st = wait_phase(kube, namespace, "stored", "Degraded", Degraded="PersistentVolumeClaimNotFound")
+    assert "model-store" in condition(st, "Degraded")["message"]
+    apply(kube, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "model-store"},
+                            "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    wait_for(lambda: deployments(kube, namespace, "stored"), timeout=30, message="deployment once the PVC exists")
+    st = status(kube, namespace, "stored")
+    assert condition(st, "Degraded").get("reason") != "PersistentVolumeClaimNotFound"
+
+
+def test_delete_garbage_collects_children(kube, namespace, operator):
+    apply(kube, namespace, agd("gone", replicas=2))
+    wait_phase(kube, namespace, "gone", "Healthy")
+    assert try_get(kube, namespace, "pdb/gone") is not None
+    kube.kubectl("delete", "-n", namespace, "agd/gone", "--wait=true", "--timeout=30s")
+
+    def all_gone():
+        left = get(kube, namespace, "deployments,services,poddisruptionbudgets", "-l", f"{LABEL_DEPLOYMENT}=gone")
+        return not left["items"]
+    wait_for(all_gone, timeout=60, message="children garbage-collected")
+
+
+def test_operator_killed_and_restarted_converges(kube, namespace, crd, op_env, tmp_path):
+    log = tmp_path / "operator.log"
+    apply(kube, namespace, agd("phoenix", replicas=2))
+    with operator_process(op_env, namespace, log) as proc:
+        wait_for(lambda: deployments(kube, namespace, "phoenix"), timeout=60, message="first deployment")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    old = {d["metadata"]["name"] for d in deployments(kube, namespace, "phoenix")}
+    merge(kube, namespace, "agd/phoenix", {"spec": {"runtime": {"version": "0.3.0"}, "replicas": 1}})
+    with operator_process(op_env, namespace, log):
+        def converged():
+            st = status(kube, namespace, "phoenix")
+            deps = deployments(kube, namespace, "phoenix")
+            return (st.get("phase") == "Healthy" and st.get("stableVersion") == "0.3.0" and len(deps) == 1
+                    and deps[0]["metadata"]["name"] not in old and st.get("ready") == "1/1")
+        wait_for(converged, timeout=90, message=f"converged after restart (log: {log})")
+        st = status(kube, namespace, "phoenix")
+        assert st["observedGeneration"] == get(kube, namespace, "agd/phoenix")["metadata"]["generation"]
+        assert try_get(kube, namespace, "pdb/phoenix") is None

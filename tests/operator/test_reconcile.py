@@ -1,0 +1,250 @@
+"""reconcile() against an in-memory API: what it writes, and that a second pass writes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from autoglm_operator import builders as b
+from autoglm_operator.reconcile import Reconciler, reconcile
+from autoglm_operator.settings import OperatorSettings
+from tests.operator.fakes import FakeKube
+
+NS = "demo"
+SETTINGS = OperatorSettings()
+SPEC = {"model": {"name": "tiny", "uri": "file:///models/tiny"}, "runtime": {"version": "0.1.0"},
+        "resources": {"gpus": 1, "gpuProduct": "NVIDIA-A10G"}, "replicas": 1}
+
+
+def make(kube: FakeKube, spec: dict, name: str = "chat") -> None:
+    kube.put("AutoGLMDeployment", {"apiVersion": "autoglm.io/v1alpha1", "kind": "AutoGLMDeployment",
+                                   "metadata": {"name": name, "namespace": NS}, "spec": copy.deepcopy(spec)})
+
+
+def edit(kube: FakeKube, fn, name: str = "chat") -> None:
+    cr = kube.obj("AutoGLMDeployment", NS, name)
+    fn(cr["spec"])
+    cr["metadata"]["generation"] += 1
+
+
+def cr(kube: FakeKube, name: str = "chat") -> dict:
+    return kube.obj("AutoGLMDeployment", NS, name)
+
+
+def deployments(kube: FakeKube) -> list[str]:
+    return kube.names("Deployment", NS)
+
+
+async def run(kube: FakeKube, name: str = "chat"):
+    return await reconcile(kube, SETTINGS, NS, name)
+
+
+async def assert_idle(kube: FakeKube) -> None:
+    before = kube.total_writes()
+    out = await run(kube)
+    assert out.writes == 0 and kube.total_writes() == before, kube.writes
+
+
+async def test_first_rollout_then_ready_then_idle() -> None:
+    kube = FakeKube()
+    make(kube, SPEC)
+    await run(kube)
+    [dep] = deployments(kube)
+    assert dep.startswith("chat-")
+    assert kube.names("Service", NS) == ["chat"]
+    assert kube.names("HorizontalPodAutoscaler", NS) == [] and kube.names("PodDisruptionBudget", NS) == []
+    st = cr(kube)["status"]
+    assert st["phase"] == "Pending" and st["stableRevision"] == dep and st["ready"] == "0/1"
+    assert [e[1] for e in kube.events] == ["RevisionCreated"]
+    await assert_idle(kube)
+
+    kube.settle(NS, dep)
+    await run(kube)
+    st = cr(kube)["status"]
+    assert st["phase"] == "Healthy" and st["ready"] == "1/1" and st["readyReplicas"] == 1
+    assert [e[1] for e in kube.events] == ["RevisionCreated", "Ready"]
+    await assert_idle(kube)
+
+
+async def test_new_version_switches_only_when_ready() -> None:
+    kube = FakeKube()
+    make(kube, SPEC)
+    await run(kube)
+    [old] = deployments(kube)
+    kube.settle(NS, old)
+    await run(kube)
+
+    edit(kube, lambda s: s["runtime"].update(version="0.2.0"))
+    await run(kube)
+    assert len(deployments(kube)) == 2
+    [new] = [d for d in deployments(kube) if d != old]
+    svc = kube.obj("Service", NS, "chat")
+    assert svc["spec"]["selector"][b.LABEL_REVISION] == old.rsplit("-", 1)[1]
+    st = cr(kube)["status"]
+    assert st["phase"] == "Progressing" and st["canaryRevision"] == new and st["stableVersion"] == "0.1.0"
+    assert st["canaryVersion"] == "0.2.0"
+    await assert_idle(kube)
+
+    kube.settle(NS, new, ready=0)  # pods exist, none ready: status counts them, nothing switches
+    await run(kube)
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"][b.LABEL_REVISION] == old.rsplit("-", 1)[1]
+    await assert_idle(kube)
+    kube.settle(NS, new)
+    await run(kube)
+    assert deployments(kube) == [new]
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"][b.LABEL_REVISION] == new.rsplit("-", 1)[1]
+    st = cr(kube)["status"]
+    assert st["phase"] == "Healthy" and st["stableRevision"] == new and st["stableVersion"] == "0.2.0"
+    assert "canaryRevision" not in st
+    assert {"RevisionPromoted", "RevisionDeleted"} <= {e[1] for e in kube.events}
+    await assert_idle(kube)
+
+
+async def test_autoscaling_edits_patch_the_hpa_in_place_and_never_fight_it() -> None:
+    spec = {**SPEC, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}
+    spec.pop("replicas")
+    kube = FakeKube()
+    make(kube, spec)
+    await run(kube)
+    [dep] = deployments(kube)
+    assert kube.obj("Deployment", NS, dep)["spec"]["replicas"] == 2
+    hpa = kube.obj("HorizontalPodAutoscaler", NS, "chat")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep and hpa["spec"]["maxReplicas"] == 4
+    assert kube.names("PodDisruptionBudget", NS) == ["chat"]
+    kube.settle(NS, dep)
+    await run(kube)
+
+    # The HPA scales the Deployment: the operator follows, never resets it.
+    kube.obj("Deployment", NS, dep)["spec"]["replicas"] = 3
+    kube.settle(NS, dep)
+    await run(kube)
+    assert kube.obj("Deployment", NS, dep)["spec"]["replicas"] == 3
+    assert cr(kube)["status"]["desiredReplicas"] == 3
+    await assert_idle(kube)
+
+    edit(kube, lambda s: s["autoscaling"].update(maxReplicas=8, targetQueueDepth=4))
+    await run(kube)
+    assert deployments(kube) == [dep]
+    hpa = kube.obj("HorizontalPodAutoscaler", NS, "chat")
+    assert hpa["spec"]["maxReplicas"] == 8
+    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "4"
+    await assert_idle(kube)
+
+    edit(kube, lambda s: (s.pop("autoscaling"), s.update(replicas=1)))
+    await run(kube)
+    assert kube.names("HorizontalPodAutoscaler", NS) == [] and kube.names("PodDisruptionBudget", NS) == []
+    assert kube.obj("Deployment", NS, dep)["spec"]["replicas"] == 1
+    assert "ScaledDown" in {e[1] for e in kube.events}
+
+
+async def test_scale_creates_pdb_and_emits_scaled_up() -> None:
+    kube = FakeKube()
+    make(kube, SPEC)
+    await run(kube)
+    [dep] = deployments(kube)
+    kube.settle(NS, dep)
+    await run(kube)
+    edit(kube, lambda s: s.update(replicas=3))
+    await run(kube)
+    assert kube.obj("Deployment", NS, dep)["spec"]["replicas"] == 3
+    assert kube.names("PodDisruptionBudget", NS) == ["chat"]
+    assert "ScaledUp" in {e[1] for e in kube.events}
+    assert cr(kube)["status"]["phase"] == "Progressing"
+
+
+async def test_missing_secret_blocks_and_recovers() -> None:
+    kube = FakeKube()
+    make(kube, {**SPEC, "auth": {"apiKeySecretRef": {"name": "key", "key": "token"}}})
+    await run(kube)
+    assert deployments(kube) == []
+    st = cr(kube)["status"]
+    deg = next(c for c in st["conditions"] if c["type"] == "Degraded")
+    assert st["phase"] == "Degraded" and deg["reason"] == "SecretNotFound" and "key" in deg["message"]
+    await assert_idle(kube)
+
+    kube.put("Secret", {"metadata": {"name": "key", "namespace": NS}, "data": {"other": "eA=="}})
+    await run(kube)
+    assert "has no key token" in next(c for c in cr(kube)["status"]["conditions"] if c["type"] == "Degraded")["message"]
+
+    kube.put("Secret", {"metadata": {"name": "key", "namespace": NS}, "data": {"token": "eA=="}})
+    await run(kube)
+    [dep] = deployments(kube)
+    kube.settle(NS, dep)
+    await run(kube)
+    assert cr(kube)["status"]["phase"] == "Healthy"
+    assert "Recovered" in {e[1] for e in kube.events}
+
+
+async def test_missing_pvc_is_degraded() -> None:
+    kube = FakeKube()
+    make(kube, {**SPEC, "model": {"uri": "pvc://store/glm"}})
+    await run(kube)
+    deg = next(c for c in cr(kube)["status"]["conditions"] if c["type"] == "Degraded")
+    assert deg["reason"] == "PersistentVolumeClaimNotFound" and "store" in deg["message"]
+    kube.put("PersistentVolumeClaim", {"metadata": {"name": "store", "namespace": NS}})
+    await run(kube)
+    assert len(deployments(kube)) == 1
+
+
+async def test_unschedulable_pods_degrade_and_a_fixed_spec_recovers() -> None:
+    kube = FakeKube()
+    make(kube, {**SPEC, "resources": {"gpus": 1, "gpuProduct": "NVIDIA-B200"}})
+    await run(kube)
+    [bad] = deployments(kube)
+    rev = bad.rsplit("-", 1)[1]
+    kube.put("Pod", {"metadata": {"name": f"{bad}-abc", "namespace": NS, "labels": {
+        b.LABEL_DEPLOYMENT: "chat", b.LABEL_MANAGED_BY: b.MANAGER, b.LABEL_REVISION: rev}},
+        "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                       "reason": "Unschedulable", "message": "0/3 nodes are available"}]}})
+    await run(kube)
+    st = cr(kube)["status"]
+    assert st["phase"] == "Degraded"
+    assert next(c for c in st["conditions"] if c["type"] == "Degraded")["reason"] == "Unschedulable"
+    assert ("Warning", "Degraded") in {(e[0], e[1]) for e in kube.events}
+    await assert_idle(kube)
+
+    edit(kube, lambda s: s["resources"].update(gpuProduct="NVIDIA-A10G"))
+    await run(kube)
+    [good] = [d for d in deployments(kube) if d != bad]
+    kube.settle(NS, good)
+    await run(kube)
+    del kube.objects[("Pod", NS, f"{bad}-abc")]  # GC'd with its ReplicaSet
+    await run(kube)
+    st = cr(kube)["status"]
+    assert deployments(kube) == [good] and st["phase"] == "Healthy" and st["stableRevision"] == good
+
+
+async def test_invalid_spec_is_degraded_without_touching_children() -> None:
+    kube = FakeKube()
+    make(kube, {"model": {"uri": "s3://nope"}})
+    await run(kube)
+    assert deployments(kube) == []
+    st = cr(kube)["status"]
+    assert st["phase"] == "Degraded"
+    assert next(c for c in st["conditions"] if c["type"] == "Degraded")["reason"] == "InvalidSpec"
+    await assert_idle(kube)
+
+
+async def test_deleted_service_is_recreated_and_gone_cr_is_a_noop() -> None:
+    kube = FakeKube()
+    make(kube, SPEC)
+    await run(kube)
+    del kube.objects[("Service", NS, "chat")]
+    await run(kube)
+    assert kube.names("Service", NS) == ["chat"]
+    out = await run(kube, "missing")
+    assert out.gone and out.writes == 0
+
+
+async def test_reconciler_coalesces_triggers() -> None:
+    kube = FakeKube()
+    make(kube, SPEC)
+    rec = Reconciler(kube, SETTINGS)
+    rec.observe_event(NS, "chat")
+    for _ in range(20):
+        rec.trigger(NS, "chat")
+    await __import__("asyncio").gather(*list(rec._tasks))
+    assert rec.runs <= 2
+    assert len(deployments(kube)) == 1
+    await rec.close()

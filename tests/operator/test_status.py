@@ -1,0 +1,126 @@
+"""compute_status and friends: a pure function from observed state to status."""
+
+from __future__ import annotations
+
+from autoglm_operator import builders as b
+from autoglm_operator.reconcile import (
+    Decision, Problem, Revision, compute_status, decide_revisions, pod_problems, status_patch, transition_events,
+)
+from tests.operator.test_builders import cr_for, resolved
+
+SPEC = {"model": {"uri": "hf://a/b"}, "runtime": {"version": "0.1.0"}, "replicas": 2}
+
+
+def rev(h: str, *, desired: int = 2, ready: int = 0, version: str = "0.1.0", created: str = "2026-01-01T00:00:00Z") -> Revision:
+    return Revision(hash=h, name=f"chat-{h}", version=version, desired=desired, replicas=desired, ready=ready,
+                    updated=desired, current=True, created=created, uid=f"uid-{h}", spec_hash="x")
+
+
+def status(revisions, decision, problems=(), old=None, spec=SPEC, desired_hash="new"):
+    cr = cr_for("chat", spec)
+    if old:
+        cr["status"] = old
+    return compute_status(cr=cr, r=resolved("chat", spec), desired_hash=desired_hash, decision=decision,
+                          revisions=revisions, problems=list(problems), now="T0")
+
+
+def cond(st, t):
+    return next(c for c in st["conditions"] if c["type"] == t)
+
+
+def test_pending_before_anything_is_ready() -> None:
+    st = status({"new": rev("new")}, Decision("new", None, False, ()))
+    assert st["phase"] == "Pending"
+    assert st["ready"] == "0/2" and st["desiredReplicas"] == 2
+    assert cond(st, "Ready")["status"] == "False"
+    assert st["stableRevision"] == "chat-new" and st["stableVersion"] == "0.1.0"
+    assert st["endpoint"] == "http://chat.demo.svc.cluster.local:8000/v1"
+    assert st["selector"] == "autoglm.io/deployment=chat"
+    assert st["canaryWeight"] == 0 and "canaryRevision" not in st
+
+
+def test_healthy_when_all_ready() -> None:
+    st = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()))
+    assert st["phase"] == "Healthy"
+    assert cond(st, "Ready") | {} == {"type": "Ready", "status": "True", "reason": "ReplicasReady",
+                                      "message": "2/2 replicas of revision chat-new are ready",
+                                      "observedGeneration": 1, "lastTransitionTime": "T0"}
+    assert cond(st, "Progressing")["status"] == "False"
+    assert cond(st, "Degraded")["status"] == "False"
+    assert st["revisions"] == [{"name": "chat-new", "version": "0.1.0", "replicas": 2, "readyReplicas": 2}]
+
+
+def test_progressing_during_rollout_and_ready_stays_true() -> None:
+    revs = {"old": rev("old", ready=2), "new": rev("new", ready=1, version="0.2.0")}
+    spec = {**SPEC, "runtime": {"version": "0.2.0"}}
+    st = status(revs, Decision("old", "new", False, ()), spec=spec)
+    assert st["phase"] == "Progressing"
+    assert st["canaryRevision"] == "chat-new" and st["canaryVersion"] == "0.2.0"
+    assert st["stableVersion"] == "0.1.0"
+    assert cond(st, "Ready")["status"] == "True"
+    assert cond(st, "Progressing")["reason"] == "RolloutInProgress"
+    assert st["replicas"] == 4 and st["readyReplicas"] == 3
+
+
+def test_degraded_wins_and_names_the_reason() -> None:
+    st = status({"new": rev("new")}, Decision("new", None, False, ()),
+                problems=[Problem("SecretNotFound", "Secret k not found in namespace demo")])
+    assert st["phase"] == "Degraded"
+    assert cond(st, "Degraded")["reason"] == "SecretNotFound"
+
+
+def test_transition_time_survives_recompute() -> None:
+    first = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()))
+    cr_status = {**first}
+    cr_status["conditions"] = [dict(c, lastTransitionTime="EARLIER") for c in first["conditions"]]
+    again = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()), old=cr_status)
+    assert all(c["lastTransitionTime"] == "EARLIER" for c in again["conditions"])
+    assert status_patch(cr_status, again) is None
+
+
+def test_status_patch_nulls_removed_keys() -> None:
+    assert status_patch({"a": 1, "canaryRevision": "x"}, {"a": 1}) == {"canaryRevision": None}
+    assert status_patch({"a": 1}, {"a": 2}) == {"a": 2}
+
+
+def test_events_only_on_transitions() -> None:
+    pending = status({"new": rev("new")}, Decision("new", None, False, ()))
+    healthy = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()), old=pending)
+    kinds = [e[1] for e in transition_events(pending, healthy)]
+    assert kinds == ["Ready"]
+    assert transition_events(healthy, healthy) == []
+    degraded = status({"new": rev("new")}, Decision("new", None, False, ()), old=healthy,
+                      problems=[Problem("Unschedulable", "0/3 nodes are available")])
+    assert [e[1] for e in transition_events(healthy, degraded)] == ["Degraded"]
+    assert [e[1] for e in transition_events(degraded, healthy)] == ["Ready", "Recovered"]
+    scaled = status({"new": rev("new", desired=3, ready=2)}, Decision("new", None, False, ()), old=healthy,
+                    spec={**SPEC, "replicas": 3})
+    assert "ScaledUp" in [e[1] for e in transition_events(healthy, scaled)]
+
+
+def test_decide_keeps_old_until_new_ready_then_promotes() -> None:
+    old = rev("old", ready=2)
+    d = decide_revisions("new", {"old": old, "new": rev("new", ready=1)}, "chat-old")
+    assert d == Decision("old", "new", False, ())
+    d = decide_revisions("new", {"old": old, "new": rev("new", ready=2)}, "chat-old")
+    assert d == Decision("new", None, True, ("old",))
+    # new not created yet (e.g. missing Secret): old serves
+    assert decide_revisions("new", {"old": old}, "chat-old") == Decision("old", "new", False, ())
+
+
+def test_decide_drops_intermediate_revisions_and_recovers_without_status() -> None:
+    revs = {"a": rev("a", ready=2, created="1"), "b": rev("b", ready=0, created="2"), "c": rev("c")}
+    assert decide_revisions("c", revs, "chat-a") == Decision("a", "c", False, ("b",))
+    assert decide_revisions("c", revs, None) == Decision("a", "c", False, ("b",))
+
+
+def test_pod_problems_reports_unschedulable_with_the_schedulers_message() -> None:
+    msg = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+    pods = [{"metadata": {"name": f"chat-new-{i}", "labels": {b.LABEL_REVISION: "new"}},
+             "status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                        "message": msg}]}} for i in range(2)]
+    pods.append({"metadata": {"name": "chat-new-x", "labels": {b.LABEL_REVISION: "new"}},
+                 "status": {"containerStatuses": [{"state": {"waiting": {"reason": "ErrImagePull", "message": "nope"}}}]}})
+    problems = pod_problems(pods, {"new": rev("new")})
+    assert problems[0] == Problem("Unschedulable", f"2 pod(s) of revision chat-new: {msg}")
+    assert problems[1].reason == "ImagePullBackOff"

@@ -1,0 +1,309 @@
+"""Engine tests on a real (tiny, random-weight) GLM model: batching correctness against
+`model.generate`, sampling, stop strings, abort, reload, health and loader errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from autoglm_runtime.engine import (  # noqa: E402
+    Engine,
+    EngineDeadError,
+    EngineDrainingError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from autoglm_runtime.loader import ModelLoadError, load_model  # noqa: E402
+from autoglm_runtime.sampling import SamplingParams  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.runtime, pytest.mark.timeout(120)]
+
+WORDS = "the quick brown fox jumps over a lazy dog while the server streams tokens to every client".split()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(tiny_model_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """A separate copy of the model for `generate` (the engine's copy uses its own attention)."""
+    return load_model(tiny_model_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture
+async def engine(loaded):
+    eng = Engine(loaded, max_batch_size=4, max_queue=64, max_batch_tokens=48, max_model_len=512, seed=0)
+    await eng.start()
+    yield eng
+    await eng.stop()
+
+
+def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [1, 3, 9, 17, 33, 47, 70, 120, 5, 60, 25, 90][:n]
+    out = []
+    for length in lengths:
+        text = " ".join(rng.choice(WORDS) for _ in range(length))
+        out.append(tokenizer.encode(text, add_special_tokens=False)[: max(1, length)])
+    return out
+
+
+async def collect(engine, rid, prompt, params, priority=0):
+    ids, text, last = [], "", None
+    async for out in engine.generate(rid, prompt, params, priority):
+        ids += out.new_token_ids
+        text += out.new_text
+        last = out
+    return ids, text, last
+
+
+async def test_greedy_matches_generate_under_batching(engine, reference):
+    tok = reference.tokenizer
+    ps = prompts(tok, 8)
+    n_new = 12
+    params = SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True)
+    # 8 concurrent requests, 4 slots and a 48-token budget: requests join and leave the batch,
+    # long prompts are prefilled in chunks, slots get compacted.
+    results = await asyncio.gather(*(collect(engine, f"r{i}", p, params) for i, p in enumerate(ps)))
+    for p, (ids, text, last) in zip(ps, results):
+        ref = reference.model.generate(
+            torch.tensor([p]), max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(p) :].tolist()
+        assert ids == ref, f"prompt of {len(p)} tokens diverged"
+        assert last.finished and last.finish_reason == "length"
+        assert last.completion_tokens == n_new and last.prompt_tokens == len(p)
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        assert last.first_token_time >= last.first_scheduled_time >= last.arrival_time
+
+
+async def test_eos_stops_with_reason_stop(loaded, reference):
+    # Find a prompt whose greedy continuation hits eos, by forcing it with stop_token_ids on the
+    # first greedy token: generation stops right there with reason "stop".
+    eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=64, max_model_len=256)
+    await eng.start()
+    try:
+        p = prompts(reference.tokenizer, 1)[0]
+        first, _, _ = await collect(eng, "a", p, SamplingParams(max_tokens=1, temperature=0))
+        ids, _, last = await collect(eng, "b", p, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=first))
+        assert ids == first and last.finish_reason == "stop"
+    finally:
+        await eng.stop()
+
+
+async def test_stop_string_is_cut_and_not_returned(engine, reference):
+    p = prompts(reference.tokenizer, 3)[2]
+    _, full, _ = await collect(engine, "full", p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert len(full) > 6
+    stop = full[3:6]
+    expected = full[: full.find(stop)]
+    ids, text, last = await collect(engine, "s", p, SamplingParams(max_tokens=24, temperature=0, stop=[stop], ignore_eos=True))
+    assert text == expected
+    assert stop not in text
+    assert last.finish_reason == "stop"
+
+
+async def test_seed_reproducible_and_temperature_samples(engine, reference):
+    p = prompts(reference.tokenizer, 4)[3]
+    params = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    # Same seed -> same tokens, even with other requests in the batch.
+    a, b, *_ = await asyncio.gather(
+        collect(engine, "a", p, params),
+        collect(engine, "b", p, params),
+        collect(engine, "c", p, SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)),
+    )
+    c, _, _ = await collect(engine, "d", p, params)
+    assert a[0] == b[0] == c
+    greedy, _, _ = await collect(engine, "g", p, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    other, _, _ = await collect(engine, "e", p, SamplingParams(max_tokens=16, temperature=1.5, seed=99, ignore_eos=True))
+    assert a[0] != greedy
+    assert other != a[0]
+
+
+async def test_abort_frees_slot_and_disconnect_aborts(engine, reference):
+    p = prompts(reference.tokenizer, 2)[1]
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    agen = engine.generate("long", p, params)
+    first = await agen.__anext__()
+    assert not first.finished
+    assert engine.stats().num_running == 1
+    engine.abort("long")
+    outs = [o async for o in agen]
+    assert outs[-1].finished and outs[-1].finish_reason == "abort"
+    assert engine.stats().num_running == 0
+
+    # A consumer that goes away (client disconnect) aborts its request and frees the slot.
+    agen = engine.generate("gone", p, params)
+    async with contextlib.aclosing(agen):
+        await agen.__anext__()
+        assert engine.stats().num_running == 1
+    assert engine.stats().num_running == 0
+
+    # Task cancellation (what a disconnect looks like to a streaming handler) does the same.
+    task = asyncio.create_task(collect(engine, "cancelled", p, params))
+    await asyncio.sleep(0.05)
+    wait_for(lambda: engine.stats().num_running == 1, timeout=10, message="request running")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.stats().num_running == 0
+
+
+async def test_queue_full_and_invalid_requests(loaded):
+    eng = Engine(loaded, max_batch_size=1, max_queue=1, max_batch_tokens=16, max_model_len=64)
+    await eng.start()
+    try:
+        params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        running = eng.generate("run", [5, 6, 7], params)
+        await running.__anext__()  # holds the only slot
+        waiting = eng.generate("wait", [5, 6], params)
+        wait_task = asyncio.create_task(waiting.__anext__())
+        await asyncio.sleep(0)
+        wait_for(lambda: eng.stats().num_waiting == 1, timeout=5)
+        with pytest.raises(QueueFullError):
+            await eng.generate("full", [5], params).__anext__()
+        with pytest.raises(InvalidRequestError):
+            await eng.generate("long", list(range(10, 80)), params).__anext__()
+        with pytest.raises(InvalidRequestError):
+            await eng.generate("empty", [], params).__anext__()
+        eng.abort("wait")
+        assert (await wait_task).finish_reason == "abort"
+        await running.aclose()
+    finally:
+        await eng.stop()
+
+
+async def test_priority_runs_first(loaded):
+    eng = Engine(loaded, max_batch_size=1, max_queue=8, max_batch_tokens=16, max_model_len=128)
+    await eng.start()
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        order: list[str] = []
+
+        async def run(rid, prio):
+            _, _, last = await collect(eng, rid, [5, 6, 7], params, prio)
+            order.append(rid)
+            return last
+
+        blocker = asyncio.create_task(run("blocker", 0))
+        await asyncio.sleep(0)
+        low = asyncio.create_task(run("low", 5))
+        await asyncio.sleep(0)
+        high = asyncio.create_task(run("high", -1))
+        await asyncio.gather(blocker, low, high)
+        assert order.index("high") < order.index("low")
+    finally:
+        await eng.stop()
+
+
+async def test_reload_swaps_without_failures(tiny_model_dir, tmp_path, loaded, reference):
+    from autoglm_runtime.modelmaker import make_model
+
+    other = make_model("tiny", tmp_path / "other", seed=1)
+    eng = Engine(loaded, max_batch_size=4, max_queue=64, max_batch_tokens=64, max_model_len=256)
+    await eng.start()
+    try:
+        p = prompts(reference.tokenizer, 3)[2]
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        before, _, _ = await collect(eng, "before", p, params)
+        in_flight = [asyncio.create_task(collect(eng, f"old{i}", p, params)) for i in range(6)]
+        await asyncio.sleep(0.01)
+        await eng.reload(other, revision="v2")
+        assert eng.revision == "v2" and eng.model_dir == other
+        new = [asyncio.create_task(collect(eng, f"new{i}", p, params)) for i in range(4)]
+        results = await asyncio.gather(*in_flight, *new)
+        assert all(r[2].finish_reason == "length" and len(r[0]) == 20 for r in results)
+        # Requests admitted before the swap finished on the old weights.
+        assert all(r[0] == before for r in results[:6])
+        after, _, _ = await collect(eng, "after", p, params)
+        assert after != before
+        assert all(r[0] == after for r in results[6:])
+        wait_for(lambda: eng.stats().num_models == 1, timeout=10, message="old model released")
+        with pytest.raises(ModelLoadError):
+            await eng.reload(tmp_path / "missing")
+        assert eng.revision == "v2"
+    finally:
+        await eng.stop()
+
+
+async def test_health_false_when_loop_dies(tiny_model_dir):
+    loaded = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
+    await eng.start()
+    assert eng.check_health()
+    runner = eng._current.runner
+
+    def boom(step):
+        raise RuntimeError("injected failure")
+
+    runner.execute = boom
+    with pytest.raises(EngineDeadError):
+        await collect(eng, "x", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+    assert not eng.check_health()
+    with pytest.raises(EngineDeadError):
+        await eng.generate("y", [5], SamplingParams(max_tokens=1)).__anext__()
+    await eng.stop()
+
+
+async def test_drain_stops_admission(loaded):
+    eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
+    await eng.start()
+    try:
+        task = asyncio.create_task(collect(eng, "a", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+        await asyncio.sleep(0)
+        wait_for(lambda: eng.stats().num_running + eng.stats().num_waiting == 1, timeout=5)
+        assert await eng.drain(timeout=30)
+        assert (await task)[2].finish_reason == "length"
+        with pytest.raises(EngineDrainingError):
+            await eng.generate("b", [5], SamplingParams(max_tokens=1)).__anext__()
+    finally:
+        await eng.stop()
+
+
+def test_loader_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(empty)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        load_model(bad)
+    (bad / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(ModelLoadError):
+        load_model(bad)
+    noweights = tmp_path / "noweights"
+    shutil.copytree(tiny_model_dir, noweights)
+    for f in noweights.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(noweights)
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_model(tiny_model_dir, dtype="float8")
+    with pytest.raises(ModelLoadError, match="not supported on CPU"):
+        load_model(tiny_model_dir, dtype="float16", device="cpu")
+    lm = load_model(tiny_model_dir, dtype="bfloat16", device="cpu")
+    assert lm.dtype == torch.bfloat16 and lm.max_model_len == 1024 and lm.eos_token_ids == [2]
+
+
+async def test_bfloat16_runs(tiny_model_dir):
+    lm = load_model(tiny_model_dir, dtype="bfloat16", device="cpu")
+    eng = Engine(lm, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
+    await eng.start()
+    try:
+        ids, _, last = await collect(eng, "a", [5, 6, 7, 8], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        assert len(ids) == 5 and last.finish_reason == "length"
+    finally:
+        await eng.stop()
