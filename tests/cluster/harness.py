@@ -52,6 +52,15 @@ def build_binaries() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the process that started us dies (even by SIGKILL),
+    so an interrupted test run never leaves a control plane behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -217,7 +226,8 @@ class Cluster:
     def _spawn(self, name: str, binary: str, *args: str) -> None:
         log = open(self.dir / f"{name}.log", "wb")
         self.procs[name] = subprocess.Popen([str(self.bin_dir / binary), *args], stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
+                                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir,
+                                            preexec_fn=_die_with_parent)
         (self.dir / "pids").mkdir(exist_ok=True)
         (self.dir / "pids" / name).write_text(str(self.procs[name].pid))
 

@@ -138,7 +138,7 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("step-no-weight", spec(rollout={"steps": [{"pause": "1m"}]}), ("spec.rollout.steps[0].weight", "Required")),
     ("steps-decreasing", spec(rollout={"steps": [{"weight": 50}, {"weight": 10}]}), ("spec.rollout.steps", "strictly increasing")),
     ("steps-equal", spec(rollout={"steps": [{"weight": 10}, {"weight": 20}, {"weight": 20}]}),
-     ("spec.rollout.steps", "strictly increasing")),
+     ("spec.rollout.steps", "strictly increasing", "got [10, 20, 20]")),
     ("steps-too-many", spec(rollout={"steps": [{"weight": w} for w in range(1, 23)]}), ("spec.rollout.steps", "must have at most 20")),
     ("pause-words", spec(rollout={"steps": [{"weight": 10, "pause": "1 minute"}]}), ("spec.rollout.steps[0].pause",)),
     ("traffic-routing", spec(rollout={"trafficRouting": "Istio"}), ("spec.rollout.trafficRouting", "Unsupported value")),
