@@ -402,6 +402,11 @@ def main() -> int:
     if ours and seq:
         mismatched = [i for i, ids in seq.token_ids.items() if ours.token_ids.get(i) != ids]
         equal = not mismatched and ours.failures == 0
+        for i in mismatched[:3]:
+            a, b = seq.token_ids[i], ours.token_ids.get(i, [])
+            pos = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            print(f"  request {i}: first difference at generated token {pos} of {len(a)} (generate {a[pos:pos + 3]}, "
+                  f"autoglm {b[pos:pos + 3]})")
         print(f"greedy equality (autoglm vs sequential generate, fp32, {len(seq.token_ids)} prompts): "
               f"{'PASS' if equal else 'FAIL'}" + (f" ({len(mismatched)} differ, e.g. request {mismatched[0]})"
                                                    if mismatched else ""))

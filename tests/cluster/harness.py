@@ -37,6 +37,16 @@ NODES = [
     ("kwok-gpu-1", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"}, {"nvidia.com/gpu": "8"}),
     ("kwok-cpu-0", {}, {}),
 ]
+# The apiserver audits every write (metadata only), so tests can count the writes a component makes.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  verbs: ["create", "update", "patch", "delete", "deletecollection"]
+- level: None
+"""
 KWOK_STAGES = ["node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"]
 
 
@@ -171,6 +181,30 @@ class Cluster:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
+    def audit_writes(self, since: float = 0.0, user_agent: str = "", namespace: str = "") -> list[dict]:
+        """Write requests (create/update/patch/delete) the apiserver audited after the Unix time
+        ``since``, optionally only from clients whose User-Agent starts with ``user_agent`` and in
+        ``namespace``. Each entry is the audit event (verb, objectRef, userAgent, responseStatus...)."""
+        import json
+        from datetime import datetime
+
+        out = []
+        path = self.dir / "audit.log"
+        if not path.exists():
+            return out
+        for line in path.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue  # a line being written right now
+            ts = datetime.fromisoformat(ev["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+            if ts < since or not ev.get("userAgent", "").startswith(user_agent):
+                continue
+            if namespace and ev.get("objectRef", {}).get("namespace") != namespace:
+                continue
+            out.append(ev)
+        return out
+
     # ----- lifecycle ---------------------------------------------------------------------------
     @classmethod
     def start(cls, workdir: Path | None = None, bin_dir: Path | None = None, timeout: float = 90) -> "Cluster":
@@ -192,7 +226,10 @@ class Cluster:
                      f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
                      f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
                      "--listen-metrics-urls=", "--quota-backend-bytes=4294967296")
+            (d / "audit-policy.yaml").write_text(AUDIT_POLICY)
             c._spawn("kube-apiserver", "kube-apiserver",
+                     f"--audit-policy-file={d / 'audit-policy.yaml'}", f"--audit-log-path={d / 'audit.log'}",
+                     "--audit-log-format=json", "--audit-log-mode=blocking",
                      f"--etcd-servers=http://127.0.0.1:{etcd_port}", "--bind-address=127.0.0.1",
                      "--advertise-address=127.0.0.1", f"--secure-port={api_port}", f"--cert-dir={pki}",
                      f"--tls-cert-file={pki / 'server.crt'}", f"--tls-private-key-file={pki / 'server.key'}",

@@ -74,3 +74,14 @@ def test_helm_install_and_uninstall(kube, namespace):
     assert "smoke" in kube.helm("list", "-n", namespace).stdout
     kube.helm("uninstall", "smoke", "-n", namespace, "--wait")
     assert kube.kubectl("get", "-n", namespace, "configmap/smoke-hello", check=False).returncode != 0
+
+
+def test_writes_are_audited(kube, namespace):
+    import time
+
+    t0 = time.time()
+    kube.kubectl("create", "configmap", "audited", "-n", namespace, "--from-literal=a=b")
+    writes = wait_for(lambda: kube.audit_writes(since=t0, user_agent="kubectl", namespace=namespace),
+                      timeout=10, message="the create to appear in the audit log")
+    assert [(w["verb"], w["objectRef"]["resource"], w["objectRef"]["name"]) for w in writes] == [
+        ("create", "configmaps", "audited")]

@@ -178,7 +178,7 @@ def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator):
 
     table = kube.kubectl("get", "-n", namespace, "agd").stdout.splitlines()
     assert table[0].split() == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "AGE"]
-    assert table[1].split()[:6] == ["chat", "1/1", "Healthy", "0.1.0", "<none>", "0"]
+    assert table[1].split()[:5] == ["chat", "1/1", "Healthy", "0.1.0", "0"]  # CANARY is blank
     describe = kube.kubectl("describe", "-n", namespace, "agd/chat").stdout
     for text in ("Stable Revision:", f"chat-{rev}", "ReplicasReady", "RevisionCreated", "Ready"):
         assert text in describe, f"{text!r} missing from kubectl describe:\n{describe}"
