@@ -34,7 +34,11 @@ def workload(tokenizer, n: int, min_words: int, max_words: int, min_new: int, ma
 
 
 async def run_engine(loaded, work, concurrency: int, max_batch_tokens: int) -> tuple[float, list[list[int]]]:
-    eng = Engine(loaded, max_batch_size=concurrency, max_queue=len(work) + 1, max_batch_tokens=max_batch_tokens, max_model_len=1024)
+    steps: list = []
+    eng = Engine(
+        loaded, max_batch_size=concurrency, max_queue=len(work) + 1, max_batch_tokens=max_batch_tokens,
+        max_model_len=1024, on_step=steps.append,
+    )
     await eng.start()
     sem = asyncio.Semaphore(concurrency)
     results: list[list[int]] = [[] for _ in work]
@@ -47,9 +51,12 @@ async def run_engine(loaded, work, concurrency: int, max_batch_tokens: int) -> t
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i, ids, n) for i, (ids, n) in enumerate(work)))
     dt = time.perf_counter() - t0
-    steps = eng.num_steps
     await eng.stop()
-    print(f"  engine steps: {steps}")
+    busy = sum(s.step_seconds for s in steps)
+    pre = sum(s.num_prefill_tokens for s in steps)
+    dec = sum(s.num_decode_tokens for s in steps)
+    print(f"  engine: {len(steps)} steps, forward+sample {busy:.2f}s of {dt:.2f}s wall, prefill tokens {pre}, decode tokens {dec}, "
+          f"mean decode batch {dec / max(1, sum(1 for s in steps if s.num_decode_tokens)):.1f}")
     return dt, results
 
 

@@ -27,6 +27,7 @@ from .settings import OperatorSettings
 log = logging.getLogger(__name__)
 
 CR_KIND = "AutoGLMDeployment"
+PRECONDITION_POLL_SECONDS = 5.0
 BAD_WAITING = {
     "CrashLoopBackOff": "CrashLoopBackOff",
     "ImagePullBackOff": "ImagePullBackOff",
@@ -412,6 +413,7 @@ class Outcome:
     writes: int = 0
     status_written: bool = False
     gone: bool = False
+    requeue_after: float | None = None  # poll again (for state we do not watch: PVCs, Secrets)
 
 
 async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, name: str,
@@ -514,6 +516,9 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
     problems = obs.preconditions + pod_problems(obs.pods, obs.revisions) + deployment_problems(obs.revisions.values())
     new_status = compute_status(cr=cr, r=r, desired_hash=desired_hash, decision=decision,
                                 revisions=obs.revisions, problems=problems)
+    if obs.preconditions:
+        # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): poll.
+        out.requeue_after = PRECONDITION_POLL_SECONDS
     await _write_status(kube, cr, old_status, new_status, out, logger, events)
     return out
 
@@ -607,6 +612,8 @@ class Reconciler:
                 self._failures.pop(key, None)
                 if outcome.gone:
                     self.forget(*key)
+                elif outcome.requeue_after:
+                    self._schedule(key, outcome.requeue_after)
         finally:
             if key not in self._pending and not lock.locked():
                 self._locks.pop(key, None)
@@ -618,6 +625,9 @@ class Reconciler:
         level = logging.INFO if isinstance(exc, ApiError) and exc.status == 409 else logging.WARNING
         self.log.log(level, "Failed to reconcile %s/%s (attempt %d), retrying in %.1fs: %s", *key, n, delay, exc,
                      exc_info=not isinstance(exc, ApiError))
+        self._schedule(key, delay)
+
+    def _schedule(self, key: tuple[str, str], delay: float) -> None:
         old = self._retry_handles.pop(key, None)
         if old:
             old.cancel()

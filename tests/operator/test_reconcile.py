@@ -156,7 +156,8 @@ async def test_scale_creates_pdb_and_emits_scaled_up() -> None:
 async def test_missing_secret_blocks_and_recovers() -> None:
     kube = FakeKube()
     make(kube, {**SPEC, "auth": {"apiKeySecretRef": {"name": "key", "key": "token"}}})
-    await run(kube)
+    out = await run(kube)
+    assert out.requeue_after  # Secrets are not watched: polled while missing
     assert deployments(kube) == []
     st = cr(kube)["status"]
     deg = next(c for c in st["conditions"] if c["type"] == "Degraded")

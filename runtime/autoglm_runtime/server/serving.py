@@ -523,11 +523,14 @@ class OpenAIServing:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         try:
+            pending: list[int] = []  # ids of deltas without text yet (e.g. half a UTF-8 character)
             async for d in gen.deltas():
+                pending.extend(d.token_ids)
                 if not d.text and d.finish_reason is None:
                     continue
                 choice = CompletionChoice(text=d.text, finish_reason=d.finish_reason,
-                                          token_ids=d.token_ids if req.return_token_ids else None)
+                                          token_ids=pending if req.return_token_ids else None)
+                pending = []
                 yield _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
                                                     choices=[choice]))
             if include_usage:
@@ -568,12 +571,15 @@ class OpenAIServing:
 
         try:
             yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+            pending: list[int] = []
             async for d in gen.deltas():
+                pending.extend(d.token_ids)
                 if not d.text and d.finish_reason is None:
                     continue
                 yield chunk([ChatStreamChoice(delta=DeltaMessage(content=d.text or None),
                                               finish_reason=d.finish_reason,
-                                              token_ids=d.token_ids if req.return_token_ids else None)])
+                                              token_ids=pending if req.return_token_ids else None)])
+                pending = []
             if include_usage:
                 yield chunk([], gen.usage)
         except errors.APIError as exc:
