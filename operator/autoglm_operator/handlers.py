@@ -50,7 +50,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         op = load_settings()
     except SettingsError as exc:
         raise kopf.PermanentError(f"Invalid operator settings:\n{exc}") from None
-    settings.peering.standalone = True
+    # Peering is left to the CLI: `autoglm-operator` passes --standalone unless --peering is given
+    # (a peering object is PATCHed every ~50 s, which the zero-idle-writes figure excludes).
     settings.posting.enabled = False  # our own events go through kube.py, on transitions only
     for child in CHILDREN:
         settings.watching.label_selectors[_selector(*child)] = (

@@ -70,21 +70,24 @@ def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | 
     return path
 
 
-def _load_api_client() -> Any:
+def _load_api_client(pool_size: int) -> Any:
+    """In-cluster config, else $KUBECONFIG / ~/.kube/config; one pooled connection per thread."""
     from kubernetes import client, config
 
+    cfg = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg)
+    cfg.connection_pool_maxsize = pool_size
+    return client.ApiClient(cfg)
 
 
 class Kube:
     """Async facade over the blocking client. One instance per operator process."""
 
     def __init__(self, api_client: Any | None = None, *, threads: int = 16, timeout: float = 30.0) -> None:
-        self._api = api_client or _load_api_client()
+        self._api = api_client or _load_api_client(threads)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
         self._timeout = timeout
         self.writes: collections.Counter[str] = collections.Counter()

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", help="revision label on metrics")
     s.add_argument("--drain-timeout", dest="drain_timeout_seconds", type=float, metavar="SECONDS")
     s.add_argument("--request-timeout", dest="request_timeout_seconds", type=float, metavar="SECONDS")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    s.add_argument("--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"])
 
     m = sub.add_parser("make-model", help="Write a randomly initialised GLM model and tokenizer to a directory.")
     m.add_argument("--size", choices=["tiny", "small"], default="tiny")

@@ -4,10 +4,14 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
 
     engine = Engine(load_model(dir), max_batch_size=32, max_queue=256, max_batch_tokens=2048,
                     max_model_len=None, revision="", on_step=None, num_threads=None, seed=None)
+    # max_model_len: None = min(model's max_position_embeddings, 8192). The KV cache is
+    # preallocated as max_batch_size x max_model_len slots; KVCacheTooLargeError (a ValueError and
+    # a ModelLoadError) when that does not fit in memory. num_threads: torch intra-op threads (CPU).
     await engine.start()
 
     async for out in engine.generate(request_id, prompt, params, priority=0):
-        # prompt: list[int] token ids (or a str, tokenized with the model that serves it)
+        # prompt: list[int] token ids, or a str (tokenized as `tokenizer.encode(prompt)` with the
+        #         tokenizer of the model that will serve it, which matters only around reload())
         # out: RequestOutput(request_id, new_token_ids, new_text, finished, finish_reason,
         #                    prompt_tokens, completion_tokens, arrival_time, first_scheduled_time,
         #                    first_token_time, finish_time)   # times: time.monotonic()
@@ -73,6 +77,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Every slot holds max_model_len positions, so without an explicit max_model_len the engine caps
+# it here instead of sizing the cache for a 128k-context config.
+DEFAULT_MAX_MODEL_LEN = 8192
 
 
 class EngineDeadError(RuntimeError):
@@ -156,6 +164,7 @@ class _Instance:
         else:
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
 
 
 class _Request:
@@ -203,13 +212,12 @@ class Engine:
         self._accepting = True
         self._dead: BaseException | None = None
         self._reload_lock: asyncio.Lock | None = None
-        self._idle = threading.Event()
         self.num_steps = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
     def _make_instance(self, loaded: LoadedModel, revision: str) -> _Instance:
-        max_len = min(loaded.max_model_len, self._max_model_len_arg or loaded.max_model_len)
+        max_len = min(loaded.max_model_len, self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN)
         runner = ModelRunner(loaded, self.max_batch_size, max_len, seed=self._seed)
         scheduler = Scheduler(
             max_batch_size=self.max_batch_size,
@@ -312,12 +320,14 @@ class Engine:
         if request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         inst = self._current
-        ids = list(inst.loaded.tokenizer.encode(prompt, add_special_tokens=False)) if isinstance(prompt, str) else list(prompt)
+        ids = list(inst.loaded.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
         max_len = inst.scheduler.max_model_len
         if not ids:
             raise InvalidRequestError("prompt is empty")
         if len(ids) >= max_len:
             raise InvalidRequestError(f"prompt has {len(ids)} tokens; this model accepts at most {max_len - 1}")
+        if min(ids) < 0 or max(ids) >= inst.vocab_size:
+            raise InvalidRequestError(f"prompt has token ids outside the vocabulary [0, {inst.vocab_size})")
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -433,9 +443,7 @@ class Engine:
                         # An old model with no work left after a reload is released here.
                         if len(self._instances) > 1:
                             self._instances = [i for i in self._instances[:-1] if i.scheduler.has_work()] + [self._current]
-                        self._idle.set()
                         self._lock.wait()
-                    self._idle.clear()
                     if self._stopping:
                         return
                     if len(self._instances) > 1:

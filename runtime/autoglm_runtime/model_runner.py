@@ -30,11 +30,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .loader import LoadedModel
+from .loader import LoadedModel, ModelLoadError
 from .sampling import SamplingState, sample
 from .scheduler import SchedulerOutput, SlotMove
 
-__all__ = ["ModelRunner", "ATTN_IMPL"]
+__all__ = ["ModelRunner", "ATTN_IMPL", "KVCacheTooLargeError"]
+
+
+class KVCacheTooLargeError(ModelLoadError, ValueError):
+    """max_batch_size x max_model_len slots do not fit in the memory available for the KV cache."""
 
 ATTN_IMPL = "autoglm_slots"
 _ctx = threading.local()  # .step: the _Step running on this thread (None outside a step)
@@ -72,6 +76,17 @@ def _register() -> None:
     AttentionInterface.register(ATTN_IMPL, _slot_attention)
 
 
+def _available_memory(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        import psutil
+
+        return psutil.virtual_memory().available
+    except Exception:  # noqa: BLE001 - unknown: do not block
+        return None
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, max_batch_size: int, max_model_len: int, seed: int | None = None) -> None:
         _register()
@@ -87,7 +102,20 @@ class ModelRunner:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.groups = self.num_heads // self.kv_heads
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ModelLoadError(f"unsupported model: layer types {sorted(set(layer_types))} (only full attention)")
+        attn_layers = [m for m in self.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+        if len(attn_layers) != self.num_layers:
+            raise ModelLoadError(f"unsupported model: found {len(attn_layers)} attention modules for {self.num_layers} layers")
         shape = (max_batch_size, self.kv_heads, max_model_len, self.head_dim)
+        need = 2 * self.num_layers * max_batch_size * self.kv_heads * max_model_len * self.head_dim * self.dtype.itemsize
+        avail = _available_memory(self.device)
+        if avail is not None and need > 0.9 * avail:
+            raise KVCacheTooLargeError(
+                f"the KV cache for {max_batch_size} sequences x {max_model_len} tokens needs {need / 2**30:.1f} GiB "
+                f"but {avail / 2**30:.1f} GiB is available; lower max_model_len or max_batch_size"
+            )
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.generator = torch.Generator(device=self.device)
@@ -103,6 +131,8 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - older/odd models: set the config field directly
             for c in {id(self.model.config): self.model.config, **{id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}}.values():
                 c._attn_implementation = ATTN_IMPL
+        if self.model.config._attn_implementation != ATTN_IMPL:
+            raise ModelLoadError(f"unsupported model: cannot route its attention through {ATTN_IMPL}")
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -71,10 +71,15 @@ def deployments(kube, namespace: str, name: str) -> list[dict]:
     return get(kube, namespace, "deployments", "-l", f"{LABEL_DEPLOYMENT}={name}")["items"]
 
 
-def wait_phase(kube, namespace: str, name: str, phase: str, timeout: float = 60, **cond) -> dict:
+def wait_phase(kube, namespace: str, name: str, phase: str, timeout: float = 60, ready: str | None = None,
+               **cond) -> dict:
+    """Wait until the status, computed for the current generation, shows ``phase`` (and more)."""
     def check():
-        st = status(kube, namespace, name)
-        if st.get("phase") != phase:
+        obj = get(kube, namespace, f"autoglmdeployment/{name}")
+        st = obj.get("status") or {}
+        if st.get("phase") != phase or st.get("observedGeneration") != obj["metadata"]["generation"]:
+            return None
+        if ready is not None and st.get("ready") != ready:
             return None
         for type_, reason in cond.items():
             if condition(st, type_).get("reason") != reason:
@@ -185,8 +190,8 @@ def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator):
 
     # Scale subresource.
     kube.kubectl("scale", "-n", namespace, "agd/chat", "--replicas=3")
-    st = wait_phase(kube, namespace, "chat", "Healthy", timeout=60)
-    assert st["ready"] == "3/3" and st["replicas"] == 3 and st["selector"] == f"{LABEL_DEPLOYMENT}=chat"
+    st = wait_phase(kube, namespace, "chat", "Healthy", timeout=60, ready="3/3")
+    assert st["replicas"] == 3 and st["selector"] == f"{LABEL_DEPLOYMENT}=chat"
     assert deployments(kube, namespace, "chat")[0]["spec"]["replicas"] == 3
     assert get(kube, namespace, "pdb/chat")["spec"]["maxUnavailable"] == 1
     assert "ScaledUp" in event_reasons(kube, namespace, "chat")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-
 from autoglm_operator import builders as b
 from autoglm_operator.reconcile import Reconciler, reconcile
 from autoglm_operator.settings import OperatorSettings

@@ -22,7 +22,6 @@ from autoglm_runtime.engine import (  # noqa: E402
 )
 from autoglm_runtime.loader import ModelLoadError, load_model  # noqa: E402
 from autoglm_runtime.sampling import SamplingParams  # noqa: E402
-from tests.helpers import wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(120)]
 
@@ -58,6 +57,15 @@ def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
+async def until(predicate, timeout: float = 10.0, message: str = ""):
+    """Async polling (the event loop keeps running while we wait)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {message or predicate!r}")
+        await asyncio.sleep(0.01)
+
+
 async def collect(engine, rid, prompt, params, priority=0):
     ids, text, last = [], "", None
     async for out in engine.generate(rid, prompt, params, priority):
@@ -84,6 +92,32 @@ async def test_greedy_matches_generate_under_batching(engine, reference):
         assert last.completion_tokens == n_new and last.prompt_tokens == len(p)
         assert text == tok.decode(ids, skip_special_tokens=True)
         assert last.first_token_time >= last.first_scheduled_time >= last.arrival_time
+
+
+async def test_greedy_matches_generate_with_chunking_and_compaction(loaded, reference):
+    """Random prompt lengths and max_tokens with a 24-token budget: prompts are prefilled in
+    chunks next to running decodes, requests leave at different steps and the survivors are
+    compacted (including decode ranges with holes). Every output must still equal generate."""
+    eng = Engine(loaded, max_batch_size=4, max_queue=64, max_batch_tokens=24, max_model_len=512)
+    await eng.start()
+    try:
+        rng = random.Random(1)
+        ps = [[rng.randint(10, 1000) for _ in range(rng.randint(1, 90))] for _ in range(16)]
+        ns = [rng.randint(1, 20) for _ in ps]
+        results = await asyncio.gather(
+            *(collect(eng, str(i), p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for i, (p, n) in enumerate(zip(ps, ns)))
+        )
+    finally:
+        await eng.stop()
+    for p, n, (ids, _, _) in zip(ps, ns, results):
+        ref = reference.model.generate(
+            torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(p) :].tolist()
+        assert ids == ref
+    # The engine's model object still works with plain generate outside engine steps.
+    p, n = ps[0], ns[0]
+    own = loaded.model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert own[0, len(p) :].tolist() == results[0][0]
 
 
 async def test_eos_stops_with_reason_stop(loaded, reference):
@@ -150,8 +184,7 @@ async def test_abort_frees_slot_and_disconnect_aborts(engine, reference):
 
     # Task cancellation (what a disconnect looks like to a streaming handler) does the same.
     task = asyncio.create_task(collect(engine, "cancelled", p, params))
-    await asyncio.sleep(0.05)
-    wait_for(lambda: engine.stats().num_running == 1, timeout=10, message="request running")
+    await until(lambda: engine.stats().num_running == 1, message="request running")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -167,14 +200,15 @@ async def test_queue_full_and_invalid_requests(loaded):
         await running.__anext__()  # holds the only slot
         waiting = eng.generate("wait", [5, 6], params)
         wait_task = asyncio.create_task(waiting.__anext__())
-        await asyncio.sleep(0)
-        wait_for(lambda: eng.stats().num_waiting == 1, timeout=5)
+        await until(lambda: eng.stats().num_waiting == 1, message="one waiting")
         with pytest.raises(QueueFullError):
             await eng.generate("full", [5], params).__anext__()
         with pytest.raises(InvalidRequestError):
             await eng.generate("long", list(range(10, 80)), params).__anext__()
         with pytest.raises(InvalidRequestError):
             await eng.generate("empty", [], params).__anext__()
+        with pytest.raises(InvalidRequestError):
+            await eng.generate("oov", [5, 10**6], params).__anext__()
         eng.abort("wait")
         assert (await wait_task).finish_reason == "abort"
         await running.aclose()
@@ -227,7 +261,7 @@ async def test_reload_swaps_without_failures(tiny_model_dir, tmp_path, loaded, r
         after, _, _ = await collect(eng, "after", p, params)
         assert after != before
         assert all(r[0] == after for r in results[6:])
-        wait_for(lambda: eng.stats().num_models == 1, timeout=10, message="old model released")
+        await until(lambda: eng.stats().num_models == 1, message="old model released")
         with pytest.raises(ModelLoadError):
             await eng.reload(tmp_path / "missing")
         assert eng.revision == "v2"
@@ -259,8 +293,7 @@ async def test_drain_stops_admission(loaded):
     await eng.start()
     try:
         task = asyncio.create_task(collect(eng, "a", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
-        await asyncio.sleep(0)
-        wait_for(lambda: eng.stats().num_running + eng.stats().num_waiting == 1, timeout=5)
+        await until(lambda: eng.stats().num_running + eng.stats().num_waiting == 1, message="admitted")
         assert await eng.drain(timeout=30)
         assert (await task)[2].finish_reason == "length"
         with pytest.raises(EngineDrainingError):
@@ -305,5 +338,79 @@ async def test_bfloat16_runs(tiny_model_dir):
     try:
         ids, _, last = await collect(eng, "a", [5, 6, 7, 8], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
         assert len(ids) == 5 and last.finish_reason == "length"
+    finally:
+        await eng.stop()
+
+
+def test_sample_respects_per_row_params():
+    from autoglm_runtime.sampling import SamplingState, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    dev = torch.device("cpu")
+    rows = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=1e-6),
+        SamplingParams(temperature=2.0, top_k=3, seed=7),
+        SamplingParams(temperature=2.0, top_k=3, seed=7),
+        SamplingParams(temperature=1.0),
+    ]
+    top3 = set(logits[3].topk(3).indices.tolist())
+    seeded, unseeded = set(), set()
+    for _ in range(20):
+        out = sample(logits, [SamplingState(p, dev) for p in rows]).tolist()
+        assert out[:3] == logits[:3].argmax(-1).tolist()  # greedy, top_k=1, tiny top_p
+        assert out[3] in top3
+        seeded.add((out[3], out[4]))
+        unseeded.add(out[5])
+    assert len(seeded) == 1  # a fresh generator with the same seed draws the same tokens
+    assert len(unseeded) > 1
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+
+
+def test_incremental_detokenizer_holds_back_and_cuts_stop(reference):
+    from autoglm_runtime.sampling import IncrementalDetokenizer
+
+    tok = reference.tokenizer
+    text = "Hello world, the server streams tokens. Ünïcödé 你好 END of story"
+    ids = tok.encode(text, add_special_tokens=False)
+    dec = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
+    d = IncrementalDetokenizer(dec, [])
+    assert "".join(d.step(ids[: i + 1], final=i == len(ids) - 1) for i in range(len(ids))) == text
+    d = IncrementalDetokenizer(dec, [" END"])
+    pieces = []
+    for i in range(len(ids)):
+        pieces.append(d.step(ids[: i + 1], final=False))
+        if d.stopped:
+            break
+    assert d.stopped and "".join(pieces) == text[: text.index(" END")]
+    assert all("\ufffd" not in p for p in pieces)
+
+
+async def test_cancellation_storm_keeps_survivors_correct(loaded, reference):
+    """Cancel half the requests at random moments (mid-prefill, mid-decode, while waiting): the
+    slots are freed and the surviving requests, whose KV gets moved around, stay exact."""
+    eng = Engine(loaded, max_batch_size=4, max_queue=64, max_batch_tokens=32, max_model_len=512)
+    await eng.start()
+    try:
+        rng = random.Random(3)
+        ps = [[rng.randint(10, 1000) for _ in range(rng.randint(1, 60))] for _ in range(12)]
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        tasks = [asyncio.create_task(collect(eng, str(i), p, params)) for i, p in enumerate(ps)]
+        for i in range(0, 12, 2):
+            await asyncio.sleep(rng.random() * 0.02)
+            tasks[i].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await until(lambda: eng.stats().num_running == 0 and eng.stats().num_waiting == 0, message="all slots free")
+        for i in range(1, 12, 2):
+            ref = reference.model.generate(
+                torch.tensor([ps[i]]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(ps[i]) :].tolist()
+            assert results[i][0] == ref
+        assert eng.check_health()
     finally:
         await eng.stop()

@@ -255,6 +255,13 @@ def test_greedy_output_equals_model_generate(client, tiny_model_dir):
         got = resp.choices[0].model_extra["token_ids"]
         assert got == expected, prompt
         assert resp.choices[0].text == tok.decode(expected, skip_special_tokens=True)
+        # Streamed: the token ids of all chunks together are the same (none lost with text-less chunks).
+        streamed = []
+        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                           "priority": -1}):
+            streamed.extend(chunk.choices[0].model_extra.get("token_ids") or [])
+        assert streamed == expected, prompt
 
 
 # ------------------------------------------------------------------ errors
