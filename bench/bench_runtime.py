@@ -4,8 +4,10 @@
 
 Workload (deterministic for a seed): the `small` GLM (~28M parameters, random weights, fp32, CPU),
 192 requests (``--quick``: 32), prompts of 16-160 words, 32-64 new tokens each, greedy, exactly that
-many tokens generated in every system (EOS is ignored: ``min_new_tokens`` for ``generate``,
-``ignore_eos`` for our server; for ``transformers serve`` the count is checked from its usage).
+many tokens generated in every system (EOS is ignored: ``generation_config.eos_token_id = None`` for
+``generate``, ``ignore_eos`` for our server -- both may emit EOS and go on; for ``transformers serve``,
+``min_new_tokens``/``max_new_tokens`` in its per-request ``generation_config``, and the count is
+checked from its usage).
 
 Systems:
   1. sequential  -- ``model.generate`` once per request, one after the other.
@@ -31,7 +33,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +64,8 @@ class Result:
     e2e_p50: float | None = None
     e2e_p99: float | None = None
     failures: int = 0
+    steady_ttft_p50: float | None = None
+    steady_ttft_p99: float | None = None
     note: str = ""
     token_ids: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
@@ -122,7 +125,7 @@ def run_sequential(model, reqs: list[Req], pad_id: int) -> Result:
         for r in reqs:
             ids = torch.tensor([r.prompt_ids])
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_new,
-                                 min_new_tokens=r.max_new, do_sample=False, pad_token_id=pad_id)
+                                 do_sample=False, pad_token_id=pad_id)
             new = gen[0, ids.shape[1]:].tolist()
             out[r.idx] = new
             tokens += len(new)
@@ -142,8 +145,7 @@ def run_padded(model, tokenizer, reqs: list[Req], pad_id: int) -> Result:
         mask[row, longest - len(r.prompt_ids):] = 1
     t0 = time.perf_counter()
     with torch.inference_mode():
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                             do_sample=False, pad_token_id=pad_id)
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=pad_id)
     wall = time.perf_counter() - t0
     counted = sum(r.max_new for r in reqs)  # only each request's own target
     generated = gen.shape[0] * (gen.shape[1] - longest)
@@ -166,6 +168,7 @@ async def drive(base_url: str, reqs: list[Req], clients: int, body_extra, model_
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
 
         async def worker() -> None:
+            wave = 0  # 0: this client's first request (all clients start at once), then 1, 2, ...
             while True:
                 try:
                     r = queue.get_nowait()
@@ -174,7 +177,8 @@ async def drive(base_url: str, reqs: list[Req], clients: int, body_extra, model_
                 body = {"model": model_name, "prompt": r.prompt, "max_tokens": r.max_new, "temperature": 0.0,
                         "stream": True, "stream_options": {"include_usage": True}, **body_extra(r)}
                 rec = {"idx": r.idx, "ok": False, "ttft": None, "e2e": None, "tokens": 0, "token_ids": [],
-                       "error": None}
+                       "error": None, "wave": wave}
+                wave += 1
                 t0 = time.perf_counter()
                 try:
                     async with client.stream("POST", "/v1/completions", json=body) as resp:
@@ -224,7 +228,15 @@ def summarize(name: str, wall: float, records: list[dict], reqs: list[Req]) -> R
                  ttft_p99=_pct([r["ttft"] for r in ok if r["ttft"] is not None], 0.99),
                  e2e_p50=_pct([r["e2e"] for r in ok], 0.5), e2e_p99=_pct([r["e2e"] for r in ok], 0.99),
                  failures=len(records) - len(ok), note=note,
-                 token_ids={r["idx"]: r["token_ids"] for r in ok})
+                 token_ids={r["idx"]: r["token_ids"] for r in ok},
+                 steady_ttft_p50=res_steady[0], steady_ttft_p99=res_steady[1])
+    steady = [r["ttft"] for r in ok if r["ttft"] is not None and r.get("wave", 0) > 0]
+    if steady:
+        note += (f"{'; ' if note else ''}TTFT after the first wave of simultaneous arrivals: "
+                 f"p50 {_pct(steady, 0.5):.3f}s p99 {_pct(steady, 0.99):.3f}s")
+        res_steady = (_pct(steady, 0.5), _pct(steady, 0.99))
+    else:
+        res_steady = (None, None)
     errs = [r["error"] for r in records if not r["ok"]]
     if errs:
         res.note += f"; first error: {errs[0]}"
@@ -364,6 +376,9 @@ def main() -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if not {"1", "2"} <= skip:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+        # EOS ignored exactly like the server's `ignore_eos`: it may be generated, it does not stop
+        # (min_new_tokens would instead forbid it and change the greedy tokens).
+        model.generation_config.eos_token_id = None
         model.generate(torch.tensor([reqs[0].prompt_ids]), max_new_tokens=2, do_sample=False, pad_token_id=pad_id)
         if "1" not in skip:
             print("running 1 sequential generate ...", flush=True)

@@ -72,8 +72,13 @@ chmod -R u+w "$bin/stages"
 if [[ ! -x $bin/helm ]]; then
   log "helm v$HELM_VERSION"
   hv=helm.sh/helm/v3/internal/version
+  # As helm's Makefile: the default Kubernetes version (helm template, lint) follows its client-go.
+  hmod=$(go mod download -json "helm.sh/helm/v3@v$HELM_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["GoMod"])')
+  cg=$(awk '$1=="k8s.io/client-go"{print $2}' "$hmod"); cg=${cg#v0.}; cgminor=${cg%%.*}
+  hk="-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$cgminor"
+  hk+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$cgminor"
   GOBIN="$bin" go install -p 2 -trimpath \
-    -ldflags="-s -w -X $hv.version=v$HELM_VERSION -X $hv.gitTreeState=clean" \
+    -ldflags="-s -w -X $hv.version=v$HELM_VERSION -X $hv.gitTreeState=clean $hk" \
     "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" >&2
 fi
 
@@ -91,4 +96,6 @@ gateway-api v$GATEWAY_API_VERSION
 V
 log "done"
 touch "$stamp"
+# Older builds (other pinned versions) are not needed any more.
+find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
 echo "$bin"
