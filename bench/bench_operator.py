@@ -34,7 +34,7 @@ metadata: {{name: {name}}}
 spec:
   model: {{uri: "file:///models/tiny", dtype: float32, maxModelLen: 512}}
   runtime: {{image: registry.example.com/autoglm/runtime, version: "0.1.0"}}
-  resources: {{gpus: 1, cpu: "1", memory: 2Gi}}
+  resources: {{gpus: 0, cpu: "1", memory: 2Gi}}
   replicas: 1
 """
 
@@ -76,7 +76,9 @@ def main() -> int:
             deadline = time.time() + 300
             while healthy() < args.count:
                 if time.time() > deadline or op.poll() is not None:
-                    print("operator did not make every resource Healthy; log:", kube.dir / "operator.log")
+                    keep = REPO / ".cache" / "bench-operator.log"
+                    keep.write_bytes((kube.dir / "operator.log").read_bytes())
+                    print(f"operator did not make every resource Healthy ({healthy()}/{args.count}); log: {keep}")
                     return 1
                 time.sleep(0.2)
             all_healthy = time.time() - t0

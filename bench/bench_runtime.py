@@ -219,28 +219,25 @@ def summarize(name: str, wall: float, records: list[dict], reqs: list[Req]) -> R
     ok = [r for r in records if r["ok"]]
     tokens = sum(r["tokens"] for r in ok)
     target = {r.idx: r.max_new for r in reqs}
+    notes = []
     short = [r for r in ok if r["tokens"] != target[r["idx"]]]
-    note = ""
     if short:
-        note = f"{len(short)} requests generated a different token count than asked"
-    res = Result(name, wall, tokens, tokens / wall,
-                 ttft_p50=_pct([r["ttft"] for r in ok if r["ttft"] is not None], 0.5),
-                 ttft_p99=_pct([r["ttft"] for r in ok if r["ttft"] is not None], 0.99),
-                 e2e_p50=_pct([r["e2e"] for r in ok], 0.5), e2e_p99=_pct([r["e2e"] for r in ok], 0.99),
-                 failures=len(records) - len(ok), note=note,
-                 token_ids={r["idx"]: r["token_ids"] for r in ok},
-                 steady_ttft_p50=res_steady[0], steady_ttft_p99=res_steady[1])
-    steady = [r["ttft"] for r in ok if r["ttft"] is not None and r.get("wave", 0) > 0]
+        notes.append(f"{len(short)} requests generated a different token count than asked")
+    ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
+    # Every client sends its first request at t=0 (a burst of `clients` arrivals); the later ones
+    # arrive one by one as earlier requests finish: the steady state.
+    steady = [r["ttft"] for r in ok if r["ttft"] is not None and r["wave"] > 0]
     if steady:
-        note += (f"{'; ' if note else ''}TTFT after the first wave of simultaneous arrivals: "
-                 f"p50 {_pct(steady, 0.5):.3f}s p99 {_pct(steady, 0.99):.3f}s")
-        res_steady = (_pct(steady, 0.5), _pct(steady, 0.99))
-    else:
-        res_steady = (None, None)
+        notes.append(f"TTFT after the first burst: p50 {_pct(steady, 0.5):.3f}s p99 {_pct(steady, 0.99):.3f}s")
     errs = [r["error"] for r in records if not r["ok"]]
     if errs:
-        res.note += f"; first error: {errs[0]}"
-    return res
+        notes.append(f"first error: {errs[0]}")
+    return Result(name, wall, tokens, tokens / wall,
+                  ttft_p50=_pct(ttfts, 0.5), ttft_p99=_pct(ttfts, 0.99),
+                  e2e_p50=_pct([r["e2e"] for r in ok], 0.5), e2e_p99=_pct([r["e2e"] for r in ok], 0.99),
+                  failures=len(records) - len(ok),
+                  steady_ttft_p50=_pct(steady, 0.5), steady_ttft_p99=_pct(steady, 0.99),
+                  note="; ".join(notes), token_ids={r["idx"]: r["token_ids"] for r in ok})
 
 
 class ServerProcess:
