@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autoglm_runtime.metrics import CONTENT_TYPE
@@ -156,8 +157,10 @@ async def reload(request: Request) -> Response:
     raw = await request.body()
     try:
         body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
-    except ValueError as exc:
-        raise errors.BadRequestError(f"Invalid reload request: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise errors.BadRequestError(f"Invalid reload request: {where}: {first.get('msg')}", param=where) from None
     return JSONResponse(await _state(request).reload(body.model, body.revision))
 
 
