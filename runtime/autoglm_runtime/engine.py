@@ -60,7 +60,7 @@ import torch
 
 from .loader import LoadedModel, ModelLoadError, load_model
 from .model_runner import ModelRunner
-from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState
+from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState, byte_level_token_bytes
 from .scheduler import FinishReason, QueueFullError, Scheduler, Sequence
 
 __all__ = [
@@ -163,6 +163,8 @@ class _Instance:
             self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
         else:
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+        # Raw bytes per token id for exact incremental UTF-8 detokenization (None: decode via the tokenizer).
+        self.token_bytes = byte_level_token_bytes(tok)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
 
@@ -173,7 +175,7 @@ class _Request:
     def __init__(self, seq: Sequence, instance: _Instance, params: SamplingParams) -> None:
         self.seq = seq
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.detok = IncrementalDetokenizer(instance.decode, params.stop)
+        self.detok = IncrementalDetokenizer(instance.decode, params.stop, instance.token_bytes)
         self.sampling = SamplingState(params, instance.loaded.device)
         self.instance = instance
         self.first_token_time: float | None = None
