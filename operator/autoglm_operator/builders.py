@@ -160,6 +160,7 @@ def _model_volume(r: ResolvedSpec) -> tuple[list[dict], list[dict], list[dict]]:
             {"name": "HOME", "value": "/tmp"},
             {"name": "HF_HOME", "value": "/models/.hf-home"},
             {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+            {"name": "HF_HUB_OFFLINE", "value": "0"},  # the runtime image sets 1 for the server
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}},
         "securityContext": _container_security(),
