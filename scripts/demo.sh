@@ -5,11 +5,12 @@
 #  3. starts the runtime locally on the embedded `tiny` model and asks it one chat question
 # Pods in the cluster are simulated by kwok (no kubelet, no containers), so the answer comes from
 # the runtime process started here, the same server every pod would run.
-# AUTOGLM_DEMO_ONESHOT=1 stops everything after printing instead of waiting for Ctrl-C.
+# AUTOGLM_DEMO_ONESHOT=1 stops everything after printing instead of waiting for Ctrl-C;
+# AUTOGLM_DEMO_STATE=DIR keeps its cluster, model and logs there (default .cache/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-state="$root/.cache/demo"
+state=${AUTOGLM_DEMO_STATE:-$root/.cache/demo}
 mkdir -p "$state"
 export PATH="$root/.venv/bin:$PATH"
 pids=()

@@ -6,6 +6,7 @@ start, tests that need it fail with the reason; they are never skipped silently.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -15,6 +16,11 @@ import pytest
 from tests.cluster.harness import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
+
+# kopf's KopfRunner turns the root logger to DEBUG; keep HTTP clients' connection chatter (printed
+# at interpreter exit, after pytest's summary) out of the output.
+for _noisy in ("httpcore", "httpcore2", "httpx", "openai", "asyncio"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 def pytest_collection_modifyitems(config, items):
