@@ -480,7 +480,9 @@ class Engine:
             req: _Request = seq.data
             if req.first_token_time is None:
                 req.first_token_time = now
-            texts.append(req.detok.step(seq.output_token_ids, final=seq.is_finished))
+            # Stop strings count only after min_tokens tokens (vLLM's rule).
+            check_stop = len(seq.output_token_ids) > req.sampling.params.min_tokens
+            texts.append(req.detok.step(seq.output_token_ids, final=seq.is_finished, check_stop=check_stop))
             if req.detok.stopped and not seq.is_finished:
                 stop_hits.append(seq)
         if stop_hits:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .loader import LoadedModel, ModelLoadError
-from .sampling import SamplingState, sample
+from .sampling import SamplingState, min_tokens_suppression, sample
 from .scheduler import SchedulerOutput, SlotMove
 
 __all__ = ["ModelRunner", "ATTN_IMPL", "KVCacheTooLargeError"]
@@ -59,6 +59,7 @@ class _Step:
     chunks: list[tuple[int, int, int, int, torch.Tensor | None]]  # (offset, length, slot, start, mask)
     keep: torch.Tensor  # rows whose logits are sampled
     states: list[SamplingState]
+    suppress: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) -> -inf (min_tokens)
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -118,6 +119,8 @@ class ModelRunner:
             )
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        head = self.model.get_output_embeddings()
+        self.vocab_size = head.weight.shape[0] if head is not None else cfg.vocab_size  # logits' width
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -172,6 +175,11 @@ class ModelRunner:
             chunk_specs.append((off, ch.num_tokens, ch.seq.slot, ch.start))  # type: ignore[arg-type]
             if ch.samples:
                 keep.append(off + ch.num_tokens - 1)
+        suppress = None
+        if any(st.params.min_tokens for st in states):  # only then: the common step pays one scan
+            seqs = out.sampled_sequences
+            suppress = min_tokens_suppression(states, [len(s.output_token_ids) for s in seqs],
+                                              [s.eos_token_ids for s in seqs], self.vocab_size, self.device)
 
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long)
@@ -212,6 +220,7 @@ class ModelRunner:
             chunks=chunks,
             keep=torch.tensor(keep, dtype=torch.long).to(dev, non_blocking=True),
             states=states,
+            suppress=suppress,
         )
 
     @torch.inference_mode()
@@ -228,7 +237,7 @@ class ModelRunner:
         finally:
             _ctx.step = None
         logits = out.logits[0]
-        return sample(logits, step.states, self.generator)
+        return sample(logits, step.states, self.generator, step.suppress)
 
     # ------------------------------------------------------------------ attention
     def attend(self, step: _Step, layer: int, query, key, value, scaling) -> torch.Tensor:

@@ -6,6 +6,11 @@ does the single host sync of the step (`.tolist()`). Greedy rows (temperature ==
 Other rows: temperature, then top-k, then top-p, then a draw. A row with a `seed` draws from its
 own `torch.Generator`, so its output does not depend on what else is in the batch.
 
+`min_tokens` (vLLM's extension): until a request has generated `min_tokens` tokens, its EOS ids
+(unless `ignore_eos`) and `stop_token_ids` get logit -inf and its stop strings are not matched.
+The runner passes the (row, token id) pairs to suppress as `sample(..., suppress=...)`, built
+only in steps where some row still needs them, so other steps pay nothing.
+
 Stop strings are not handled here: they are matched on detokenized text by the engine
 (`IncrementalDetokenizer`), and the text returned never includes the stop string.
 """
@@ -17,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "SamplingState", "sample", "IncrementalDetokenizer", "byte_level_token_bytes"]
+__all__ = ["SamplingParams", "SamplingState", "sample", "min_tokens_suppression", "IncrementalDetokenizer",
+           "byte_level_token_bytes"]
 
 
 @dataclass
@@ -30,6 +36,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS / stop_token_ids / stop strings are suppressed until this many tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +45,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.max_tokens is None or self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if self.min_tokens is None or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}]")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -63,8 +72,37 @@ class SamplingState:
             self.generator.manual_seed(int(params.seed))
 
 
-def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `logits` ([n, V]); `states[i]` holds row i's params."""
+def min_tokens_suppression(
+    states: list[SamplingState], num_output_tokens: list[int], eos_token_ids: list[frozenset[int] | set[int]],
+    vocab_size: int, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, token ids) whose logits `sample` must set to -inf: for every row that has generated fewer
+    than its `min_tokens`, its stop token ids and (unless `ignore_eos`) its EOS ids. None when no row
+    needs any. Row i is `states[i]`, with `num_output_tokens[i]` tokens so far."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, st in enumerate(states):
+        p = st.params
+        if num_output_tokens[i] >= p.min_tokens:
+            continue
+        banned = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            banned.update(eos_token_ids[i])
+        banned = {t for t in banned if 0 <= t < vocab_size}
+        rows.extend([i] * len(banned))
+        cols.extend(sorted(banned))
+    if not rows:
+        return None
+    return (torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
+            torch.tensor(cols, dtype=torch.long).to(device, non_blocking=True))
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.Generator | None = None,
+           suppress: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One token per row of `logits` ([n, V]); `states[i]` holds row i's params. `suppress`:
+    (rows, token ids) set to -inf first (see `min_tokens_suppression`); `logits` is modified."""
+    if suppress is not None:
+        logits.index_put_(suppress, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
     if all(s.params.greedy for s in states):
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -160,15 +198,17 @@ class IncrementalDetokenizer:
             return full[len(prefix) :].rstrip("\ufffd")
         return ""
 
-    def step(self, token_ids: list[int], final: bool) -> str:
+    def step(self, token_ids: list[int], final: bool, check_stop: bool = True) -> str:
         """`token_ids` is the full output so far. Returns the new text to emit; sets `stopped`
-        when a stop string matched (the text is cut before it)."""
+        when a stop string matched (the text is cut before it). With `check_stop=False` (before
+        `min_tokens`) the new text is not searched; later steps search only their own new text and
+        the `len(longest stop) - 1` characters before it, as vLLM does."""
         if not self.stopped:
             new = self._new_text(token_ids, final)
             if new:
                 start = max(0, len(self.text) - self._hold)
                 self.text += new
-                if self.stop:
+                if self.stop and check_stop:
                     cut = -1
                     for s in self.stop:
                         i = self.text.find(s, start)

@@ -134,6 +134,63 @@ async def test_eos_stops_with_reason_stop(loaded, reference):
         await eng.stop()
 
 
+def _with_eos(loaded, eos: int):
+    """`loaded` whose EOS id is `eos` (the same model): lets a test pick where the model emits EOS."""
+    import dataclasses
+
+    class Forced(type(loaded)):
+        eos_token_ids = property(lambda self: [eos])
+
+    return Forced(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)})
+
+
+async def test_min_tokens_suppresses_eos_and_stop_token_ids(loaded, reference):
+    p = prompts(reference.tokenizer, 1)[0]
+    eng = Engine(loaded, max_batch_size=4, max_queue=8, max_batch_tokens=64, max_model_len=256)
+    await eng.start()
+    try:
+        greedy, _, _ = await collect(eng, "g", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    finally:
+        await eng.stop()
+    first = greedy[0]
+    # The greedy first token is made the EOS: without min_tokens the request stops right there.
+    eng = Engine(_with_eos(loaded, first), max_batch_size=4, max_queue=8, max_batch_tokens=64, max_model_len=256)
+    await eng.start()
+    try:
+        assert eng.eos_token_ids == [first]
+        # Concurrent (batched) requests: the mask is per row, the plain request still stops at once.
+        (plain, _, plain_last), (ids, _, last), (st_ids, _, st_last), (ign, _, _) = await asyncio.gather(
+            collect(eng, "plain", p, SamplingParams(max_tokens=12, temperature=0)),
+            collect(eng, "min", p, SamplingParams(max_tokens=12, temperature=0, min_tokens=6)),
+            collect(eng, "stop-id", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                      stop_token_ids=[first], min_tokens=4)),
+            collect(eng, "ignore", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, min_tokens=6)),
+        )
+        assert plain == [first] and plain_last.finish_reason == "stop"
+        assert len(ids) >= 6 and first not in ids[:6]
+        assert last.completion_tokens == len(ids)
+        assert last.finish_reason == ("stop" if ids[-1] == first else "length")
+        assert len(st_ids) >= 4 and first not in st_ids[:4]
+        assert st_last.finish_reason == ("stop" if st_ids[-1] == first else "length")
+        assert ign == greedy  # ignore_eos: EOS is no stop token, so min_tokens masks nothing
+    finally:
+        await eng.stop()
+
+
+async def test_min_tokens_defers_stop_strings(engine, reference):
+    p = prompts(reference.tokenizer, 3)[2]
+    ids_full, full, _ = await collect(engine, "full", p, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    stop = full[:2]
+    assert len(stop) == 2
+    _, text, last = await collect(engine, "s", p, SamplingParams(max_tokens=16, temperature=0, stop=[stop],
+                                                                  ignore_eos=True))
+    assert text == "" and last.finish_reason == "stop"
+    # Stop strings are not matched in the first min_tokens tokens (here: all of them).
+    ids, text, last = await collect(engine, "m", p, SamplingParams(max_tokens=16, temperature=0, stop=[stop],
+                                                                    ignore_eos=True, min_tokens=16))
+    assert (ids, text, last.finish_reason) == (ids_full, full, "length")
+
+
 async def test_stop_string_is_cut_and_not_returned(engine, reference):
     p = prompts(reference.tokenizer, 3)[2]
     _, full, _ = await collect(engine, "full", p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
@@ -370,6 +427,34 @@ def test_sample_respects_per_row_params():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    with pytest.raises(ValueError):
+        SamplingParams(min_tokens=-1)
+
+
+def test_sample_suppresses_per_row_until_min_tokens():
+    from autoglm_runtime.sampling import SamplingState, min_tokens_suppression, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    top = logits.argmax(-1).tolist()
+    dev = torch.device("cpu")
+    rows = [
+        SamplingParams(temperature=0, min_tokens=3),  # 1 token so far: EOS masked
+        SamplingParams(temperature=0, min_tokens=3),  # 3 tokens so far: nothing masked
+        SamplingParams(temperature=0, min_tokens=3, ignore_eos=True, stop_token_ids=[top[2], 999]),
+        SamplingParams(temperature=0),
+    ]
+    states = [SamplingState(p, dev) for p in rows]
+    eos = [frozenset({top[0]}), frozenset({top[1]}), frozenset({top[2] + 1}), frozenset({top[3]})]
+    suppress = min_tokens_suppression(states, [1, 3, 0, 0], eos, 50, dev)
+    assert suppress is not None
+    assert sorted(zip(*(t.tolist() for t in suppress))) == [(0, top[0]), (2, top[2])]  # 999: not in the vocab
+    out = sample(logits.clone(), states, suppress=suppress).tolist()
+    assert out[0] != top[0] and out[2] != top[2]
+    assert (out[1], out[3]) == (top[1], top[3])
+    assert min_tokens_suppression(states, [3, 3, 3, 3], eos, 50, dev) is None
 
 
 def test_incremental_detokenizer_holds_back_and_cuts_stop(reference):

@@ -230,6 +230,36 @@ def test_stop_strings_cut_the_text(client):
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_defers_stop_strings_and_is_validated(server, client):
+    prompt = "Once upon a time, in a small village by the sea,"
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[:2]
+    assert len(stop) == 2
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                    extra_body={"ignore_eos": True})
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == ("", "stop")
+    # Stop strings (like EOS and stop token ids) do not end a request before min_tokens tokens.
+    resp = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                     extra_body={"ignore_eos": True, "min_tokens": 12})
+    assert (resp.choices[0].text, resp.choices[0].finish_reason) == (full, "length")
+    assert resp.usage.completion_tokens == 12
+    streamed = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                              stream=True, extra_body={"ignore_eos": True, "min_tokens": 12}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == full
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0, extra_body={"min_tokens": 5})
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+
+    for body in ({"prompt": "hi", "max_tokens": 3, "min_tokens": 4}, {"prompt": "hi", "min_tokens": -1}):
+        r = server.post("/v1/completions", {"model": "tiny", **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "min_tokens"
+    r = server.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                             "max_completion_tokens": 2, "min_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
 def test_greedy_output_equals_model_generate(client, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

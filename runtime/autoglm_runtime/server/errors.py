@@ -81,8 +81,13 @@ class DrainingError(ServiceUnavailableError):
 
 
 class RequestTimeoutError(APIError):
+    """The request ran past ``--request-timeout``; it was aborted and its engine slot freed."""
+
     status_code = 504
     error_type = "timeout_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_timeout")
 
 
 class InternalError(APIError):

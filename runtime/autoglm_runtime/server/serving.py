@@ -293,6 +293,9 @@ class Generation:
         except _queue_full_types():
             await self.close("rejected")
             raise errors.QueueFullAPIError() from None
+        except errors.RequestTimeoutError:
+            await self.close("aborted")  # timed out before the first output (e.g. while queued)
+            raise
         except errors.APIError:
             await self.close("error")
             raise
@@ -495,8 +498,11 @@ class OpenAIServing:
     async def _start(self, prompt_ids: list[int], req: CompletionRequest | ChatCompletionRequest,
                      max_tokens: int, request_id: str) -> Generation:
         params = self._sampling_params(req, max_tokens)
+        # An engine that takes `stop` matches stop strings itself (and, as vLLM, not before min_tokens
+        # tokens); only for one that does not are they matched here.
+        stops = [] if "stop" in self._sampling_fields else req.stop_list
         slot = self.state.admit()
-        gen = Generation(self, request_id, prompt_ids, params, req.priority, req.stop_list, slot)
+        gen = Generation(self, request_id, prompt_ids, params, req.priority, stops, slot)
         await gen.start()
         return gen
 
