@@ -496,7 +496,12 @@ class OpenAIServing:
             raise errors.BadRequestError(f"Invalid sampling parameters: {exc}") from None
 
     async def _start(self, prompt_ids: list[int], req: CompletionRequest | ChatCompletionRequest,
-                     max_tokens: int, request_id: str) -> Generation:
+                     requested_max_tokens: int | None, id_prefix: str) -> Generation:
+        """Validate lengths, admit the request and start generating; shared by both endpoints."""
+        max_tokens = self._max_tokens(requested_max_tokens, len(prompt_ids))
+        if req.min_tokens > max_tokens:
+            raise errors.BadRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
+        request_id = random_id(id_prefix)
         params = self._sampling_params(req, max_tokens)
         # An engine that takes `stop` matches stop strings itself (and, as vLLM, not before min_tokens
         # tokens); only for one that does not are they matched here.
@@ -510,11 +515,7 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         self.check_model(req.model)
         prompt_ids = self._tokenize(req.prompt)
-        max_tokens = self._max_tokens(req.max_tokens, len(prompt_ids))
-        if req.min_tokens > max_tokens:
-            raise errors.BadRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
-        request_id = random_id("cmpl")
-        gen = await self._start(prompt_ids, req, max_tokens, request_id)
+        gen = await self._start(prompt_ids, req, req.max_tokens, "cmpl")
         if req.stream:
             return self._completion_stream(gen, req)
         texts: list[str] = []
@@ -523,7 +524,7 @@ class OpenAIServing:
         choice = CompletionChoice(text="".join(texts), finish_reason=gen.finish_reason,
                                   token_ids=gen.token_ids if req.return_token_ids else None,
                                   prompt_token_ids=prompt_ids if req.return_token_ids else None)
-        return CompletionResponse(id=request_id, model=self.model_name, choices=[choice], usage=gen.usage)
+        return CompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
 
     async def _completion_stream(self, gen: Generation, req: CompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
@@ -552,11 +553,7 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(req.model)
         prompt_ids = self._chat_prompt(req)
-        max_tokens = self._max_tokens(req.requested_max_tokens, len(prompt_ids))
-        if req.min_tokens > max_tokens:
-            raise errors.BadRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
-        request_id = random_id("chatcmpl")
-        gen = await self._start(prompt_ids, req, max_tokens, request_id)
+        gen = await self._start(prompt_ids, req, req.requested_max_tokens, "chatcmpl")
         if req.stream:
             return self._chat_stream(gen, req)
         texts: list[str] = []
@@ -565,7 +562,7 @@ class OpenAIServing:
         choice = ChatChoice(message=ChatMessageOut(content="".join(texts)), finish_reason=gen.finish_reason,
                             token_ids=gen.token_ids if req.return_token_ids else None,
                             prompt_token_ids=prompt_ids if req.return_token_ids else None)
-        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=[choice], usage=gen.usage)
+        return ChatCompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
 
     async def _chat_stream(self, gen: Generation, req: ChatCompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
