@@ -478,28 +478,12 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
         logger.info("Applied service %s selecting revision %s.", name, b.revision_name(name, decision.stable))
 
     # 3. HPA on the serving revision, only when autoscaling.
-    if r.spec.autoscaling.enabled:
-        hpa = b.build_hpa(cr, r, b.revision_name(name, decision.stable))
-        if _child_differs(hpa, obs.hpa):
-            out.writes += 1
-            await kube.apply("HorizontalPodAutoscaler", namespace, hpa)
-            logger.info("Applied autoscaler %s.", name)
-    elif obs.hpa is not None and _controlled_by(obs.hpa, cr["metadata"]["uid"]):
-        out.writes += 1
-        await kube.delete("HorizontalPodAutoscaler", namespace, name)
-        logger.info("Deleted autoscaler %s.", name)
+    hpa = b.build_hpa(cr, r, b.revision_name(name, decision.stable)) if r.spec.autoscaling.enabled else None
+    await _sync_optional_child(kube, cr, "HorizontalPodAutoscaler", "autoscaler", hpa, obs.hpa, out, logger)
 
     # 4. PDB when more than one replica is wanted.
-    if desired_replicas(r, decision, obs.revisions) > 1:
-        pdb = b.build_pdb(cr, r)
-        if _child_differs(pdb, obs.pdb):
-            out.writes += 1
-            await kube.apply("PodDisruptionBudget", namespace, pdb)
-            logger.info("Applied disruption budget %s.", name)
-    elif obs.pdb is not None and _controlled_by(obs.pdb, cr["metadata"]["uid"]):
-        out.writes += 1
-        await kube.delete("PodDisruptionBudget", namespace, name)
-        logger.info("Deleted disruption budget %s.", name)
+    pdb = b.build_pdb(cr, r) if desired_replicas(r, decision, obs.revisions) > 1 else None
+    await _sync_optional_child(kube, cr, "PodDisruptionBudget", "disruption budget", pdb, obs.pdb, out, logger)
 
     # 5. Old revisions go only after the Service points at the serving one.
     for rev_hash in decision.delete:
@@ -521,6 +505,22 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
         out.requeue_after = PRECONDITION_POLL_SECONDS
     await _write_status(kube, cr, old_status, new_status, out, logger, events)
     return out
+
+
+async def _sync_optional_child(kube: Any, cr: dict[str, Any], kind: str, what: str,
+                               desired: dict[str, Any] | None, observed: dict[str, Any] | None,
+                               out: Outcome, logger: Any) -> None:
+    """A child that exists only when wanted: apply it when it differs, delete it (if ours) when not wanted."""
+    namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+    if desired is not None:
+        if _child_differs(desired, observed):
+            out.writes += 1
+            await kube.apply(kind, namespace, desired)
+            logger.info("Applied %s %s.", what, name)
+    elif observed is not None and _controlled_by(observed, cr["metadata"]["uid"]):
+        out.writes += 1
+        await kube.delete(kind, namespace, name)
+        logger.info("Deleted %s %s.", what, name)
 
 
 async def _write_status(kube: KubeAPI, cr: dict[str, Any], old: dict[str, Any], new: dict[str, Any],
