@@ -24,7 +24,7 @@ export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 start=$(date +%s)
 log() { echo "[build $(( $(date +%s) - start ))s] $*" >&2; }
 
-# --- kube-apiserver, kube-controller-manager, kube-scheduler, kubectl: one binary ---
+# --- kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl: one binary ---
 if [[ ! -x $bin/k8s ]]; then
   log "k8s.io/kubernetes v$K8S_VERSION (wrapper module, staging replaces derived from its go.mod)"
   mkdir -p "$work/k8s"; cp "$here/k8s/main.go" "$work/k8s/"
@@ -47,7 +47,7 @@ if [[ ! -x $bin/k8s ]]; then
   done
   go build -p 2 -trimpath -tags=selinux,notest -ldflags="$ld" -o "$bin/k8s" . >&2
 fi
-for n in kube-apiserver kube-controller-manager kube-scheduler kubectl; do ln -sf k8s "$bin/$n"; done
+for n in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl; do ln -sf k8s "$bin/$n"; done
 
 # --- etcd: wrapper module (its go.mod replaces siblings with local paths) ---
 if [[ ! -x $bin/etcd ]]; then

@@ -1,5 +1,5 @@
 // Command k8s is one multi-call binary holding kube-apiserver,
-// kube-controller-manager, kube-scheduler and kubectl, built from the upstream
+// kube-controller-manager, kube-scheduler, kube-proxy and kubectl, built from the upstream
 // k8s.io/kubernetes module. One binary links once instead of four times.
 //
 // It dispatches on the name it was invoked as (symlinks) or on its first argument:
@@ -22,6 +22,7 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 )
 
@@ -29,6 +30,7 @@ var commands = map[string]func() *cobra.Command{
 	"kube-apiserver":          apiserver.NewAPIServerCommand,
 	"kube-controller-manager": controllermanager.NewControllerManagerCommand,
 	"kube-scheduler":          func() *cobra.Command { return scheduler.NewSchedulerCommand() },
+	"kube-proxy":              proxy.NewProxyCommand,
 	"kubectl":                 kubectlcmd.NewDefaultKubectlCommand,
 }
 
@@ -40,7 +42,7 @@ func main() {
 	}
 	newCommand, ok := commands[name]
 	if !ok {
-		fmt.Fprintln(os.Stderr, "usage: k8s {kube-apiserver|kube-controller-manager|kube-scheduler|kubectl} [flags]")
+		fmt.Fprintln(os.Stderr, "usage: k8s {kube-apiserver|kube-controller-manager|kube-scheduler|kube-proxy|kubectl} [flags]")
 		os.Exit(2)
 	}
 	if name == "kubectl" {
