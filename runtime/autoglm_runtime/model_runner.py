@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .loader import LoadedModel, ModelLoadError
+from .penalties import PenaltyBatch, penalty_batch_for
 from .sampling import SamplingState, min_tokens_suppression, sample
 from .scheduler import SchedulerOutput, SlotMove
 
@@ -60,6 +61,7 @@ class _Step:
     keep: torch.Tensor  # rows whose logits are sampled
     states: list[SamplingState]
     suppress: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) -> -inf (min_tokens)
+    penalties: PenaltyBatch | None = None  # repetition / frequency / presence penalties
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -180,6 +182,9 @@ class ModelRunner:
             seqs = out.sampled_sequences
             suppress = min_tokens_suppression(states, [len(s.output_token_ids) for s in seqs],
                                               [s.eos_token_ids for s in seqs], self.vocab_size, self.device)
+        penalties = None
+        if any(st.params.has_penalties for st in states):  # likewise: one scan when none has any
+            penalties = penalty_batch_for(out.sampled_sequences, states, self.vocab_size, self.device)
 
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long)
@@ -221,6 +226,7 @@ class ModelRunner:
             keep=torch.tensor(keep, dtype=torch.long).to(dev, non_blocking=True),
             states=states,
             suppress=suppress,
+            penalties=penalties,
         )
 
     @torch.inference_mode()
@@ -237,7 +243,7 @@ class ModelRunner:
         finally:
             _ctx.step = None
         logits = out.logits[0]
-        return sample(logits, step.states, self.generator, step.suppress)
+        return sample(logits, step.states, self.generator, step.suppress, step.penalties)
 
     # ------------------------------------------------------------------ attention
     def attend(self, step: _Step, layer: int, query, key, value, scaling) -> torch.Tensor:

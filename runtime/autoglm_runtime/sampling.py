@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .penalties import PenaltyBatch, PenaltyState, apply_penalties
+
 __all__ = ["SamplingParams", "SamplingState", "sample", "min_tokens_suppression", "IncrementalDetokenizer",
            "byte_level_token_bytes"]
 
@@ -37,6 +39,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS / stop_token_ids / stop strings are suppressed until this many tokens
+    presence_penalty: float = 0.0  # OpenAI: over generated tokens (see penalties.py)
+    frequency_penalty: float = 0.0  # OpenAI: over generated tokens
+    repetition_penalty: float = 1.0  # vLLM / HF: over prompt and generated tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +58,15 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k is None or self.top_k < 0:
             self.top_k = 0
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
@@ -62,10 +76,11 @@ class SamplingParams:
 class SamplingState:
     """Per-request sampling state: its params and (when seeded) its own generator."""
 
-    __slots__ = ("params", "generator")
+    __slots__ = ("params", "generator", "penalty")
 
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
         self.params = params
+        self.penalty: PenaltyState | None = None  # made by the runner at the first sampled step
         self.generator: torch.Generator | None = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -98,9 +113,13 @@ def min_tokens_suppression(
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.Generator | None = None,
-           suppress: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One token per row of `logits` ([n, V]); `states[i]` holds row i's params. `suppress`:
-    (rows, token ids) set to -inf first (see `min_tokens_suppression`); `logits` is modified."""
+           suppress: tuple[torch.Tensor, torch.Tensor] | None = None,
+           penalties: PenaltyBatch | None = None) -> torch.Tensor:
+    """One token per row of `logits` ([n, V]); `states[i]` holds row i's params. `penalties` are
+    applied first (see penalties.py), then `suppress`: (rows, token ids) set to -inf (see
+    `min_tokens_suppression`); `logits` is modified."""
+    if penalties is not None:
+        apply_penalties(logits, penalties)
     if suppress is not None:
         logits.index_put_(suppress, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
     if all(s.params.greedy for s in states):

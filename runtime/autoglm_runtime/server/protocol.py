@@ -39,6 +39,7 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="Extension (vLLM): 1.0 disables it.")
     # Extensions (vLLM-style):
     priority: int = Field(default=0, description="Lower values are scheduled first.")
     ignore_eos: bool = False
@@ -60,13 +61,6 @@ class _SamplingRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float | None) -> float | None:
-        if v not in (None, 0, 0.0):
-            raise ValueError("presence/frequency penalties are not supported")
         return v
 
     @property

@@ -483,6 +483,9 @@ class OpenAIServing:
             wanted["top_k"] = req.top_k
         if req.seed is not None:
             wanted["seed"] = req.seed
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if getattr(req, name) is not None:
+                wanted[name] = getattr(req, name)
         for name in ("ignore_eos", "min_tokens"):
             value = getattr(req, name)
             if value:
