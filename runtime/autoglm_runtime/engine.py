@@ -62,6 +62,7 @@ from .loader import LoadedModel, ModelLoadError, load_model
 from .model_runner import ModelRunner
 from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState, byte_level_token_bytes
 from .scheduler import FinishReason, QueueFullError, Scheduler, Sequence
+from .vision import MultiModalInputs, VisionLanguage
 
 __all__ = [
     "Engine",
@@ -259,6 +260,11 @@ class Engine:
         return sorted(self._current.eos_token_ids)
 
     @property
+    def vision(self) -> VisionLanguage | None:
+        """The current model's vision half (None for text-only models); see vision.py."""
+        return self._current.runner.vl
+
+    @property
     def device(self) -> torch.device:
         return self._current.loaded.device
 
@@ -312,7 +318,8 @@ class Engine:
             log.info("Loaded model for reload model_dir=%s revision=%s", model_dir, revision)
 
     # ------------------------------------------------------------------ requests
-    def _admit(self, request_id: str, prompt: list[int] | str, params: SamplingParams, priority: int) -> _Request:
+    def _admit(self, request_id: str, prompt: list[int] | str, params: SamplingParams, priority: int,
+               mm: MultiModalInputs | None = None) -> _Request:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
         if not self._accepting:
@@ -330,7 +337,10 @@ class Engine:
             raise InvalidRequestError(f"prompt has {len(ids)} tokens; this model accepts at most {max_len - 1}")
         if min(ids) < 0 or max(ids) >= inst.vocab_size:
             raise InvalidRequestError(f"prompt has token ids outside the vocabulary [0, {inst.vocab_size})")
+        if mm is not None and (inst.runner.vl is None or mm.positions.shape[1] != len(ids)):
+            raise InvalidRequestError("images were given for a model that does not take them (or for other prompt ids)")
         seq = Sequence(
+            mm=mm,
             request_id=request_id,
             prompt_token_ids=ids,
             max_tokens=min(params.max_tokens, max_len - len(ids)),
@@ -348,9 +358,10 @@ class Engine:
         return req
 
     async def generate(
-        self, request_id: str, prompt: list[int] | str, params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt: list[int] | str, params: SamplingParams, priority: int = 0,
+        mm: MultiModalInputs | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        req = self._admit(request_id, prompt, params, priority)
+        req = self._admit(request_id, prompt, params, priority, mm)
         try:
             while True:
                 item = await req.queue.get()

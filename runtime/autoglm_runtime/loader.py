@@ -32,6 +32,11 @@ class LoadedModel:
     dtype: Any  # torch.dtype
     model_dir: Path
     max_model_len: int
+    image_processor: Any = None  # vision-language models only (preprocessor_config.json)
+
+    @property
+    def is_vision_language(self) -> bool:
+        return self.image_processor is not None
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -121,8 +126,21 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {_one_line(exc)}") from None
+    from .vision import is_vision_language
+
+    vl = is_vision_language(config)
+    image_processor = None
+    if vl:  # GLM-4.1V family (AutoGLM-Phone-9B): the image processor comes with the folder
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+        if not (model_dir / "preprocessor_config.json").is_file():
+            raise ModelLoadError(f"{model_dir} is a vision-language model but has no preprocessor_config.json")
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load the image processor in {model_dir}: {_one_line(exc)}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = (AutoModelForImageTextToText if vl else AutoModelForCausalLM).from_pretrained(
             model_dir, dtype=torch_dtype, attn_implementation="sdpa", device_map=None
         )
     except Exception as exc:  # noqa: BLE001
@@ -143,6 +161,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto")
         dtype=torch_dtype,
         model_dir=model_dir,
         max_model_len=int(max_len),
+        image_processor=image_processor,
     )
 
 

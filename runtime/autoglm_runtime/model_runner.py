@@ -34,6 +34,7 @@ from .loader import LoadedModel, ModelLoadError
 from .penalties import PenaltyBatch, penalty_batch_for
 from .sampling import SamplingState, min_tokens_suppression, sample
 from .scheduler import SchedulerOutput, SlotMove
+from .vision import VisionLanguage, VisionStep
 
 __all__ = ["ModelRunner", "ATTN_IMPL", "KVCacheTooLargeError"]
 
@@ -62,6 +63,7 @@ class _Step:
     states: list[SamplingState]
     suppress: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) -> -inf (min_tokens)
     penalties: PenaltyBatch | None = None  # repetition / frequency / presence penalties
+    vision: VisionStep | None = None  # vision-language models: M-RoPE positions and image rows
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -129,6 +131,8 @@ class ModelRunner:
         else:
             self.generator.seed()
         self._set_attn_impl()
+        # Vision-language models (see vision.py): images enter as embeddings at prefill.
+        self.vl = VisionLanguage(self.model, loaded.tokenizer, loaded.image_processor) if loaded.is_vision_language else None
 
     def _set_attn_impl(self) -> None:
         try:
@@ -227,19 +231,20 @@ class ModelRunner:
             states=states,
             suppress=suppress,
             penalties=penalties,
+            vision=self.vl.plan(out, dev) if self.vl is not None else None,
         )
 
     @torch.inference_mode()
     def execute(self, step: _Step) -> torch.Tensor:
         """Forward + sample. Returns the sampled token ids [n] on the device (no host sync)."""
+        if step.vision is not None:  # the vision encoder (if needed) runs here, outside the step context
+            inputs = dict(inputs_embeds=self.vl.embed(step.input_ids, step.vision, self.device, self.dtype),  # type: ignore[union-attr]
+                          position_ids=step.vision.positions)
+        else:
+            inputs = dict(input_ids=step.input_ids, position_ids=step.position_ids)
         _ctx.step = step
         try:
-            out = self.model(
-                input_ids=step.input_ids,
-                position_ids=step.position_ids,
-                use_cache=False,
-                logits_to_keep=step.keep,
-            )
+            out = self.model(**inputs, use_cache=False, logits_to_keep=step.keep)
         finally:
             _ctx.step = None
         logits = out.logits[0]

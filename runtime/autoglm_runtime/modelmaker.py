@@ -117,7 +117,7 @@ def _corpus(seed: int = 0) -> list[str]:
     return lines
 
 
-def make_tokenizer(vocab_size: int = VOCAB_SIZE):
+def make_tokenizer(vocab_size: int = VOCAB_SIZE, extra_special_tokens: tuple[str, ...] = ()):
     """A byte-level BPE `PreTrainedTokenizerFast` trained on the built-in corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -127,7 +127,7 @@ def make_tokenizer(vocab_size: int = VOCAB_SIZE):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -137,7 +137,7 @@ def make_tokenizer(vocab_size: int = VOCAB_SIZE):
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        additional_special_tokens=SPECIAL_TOKENS[3:] + list(extra_special_tokens),
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 30,
     )

@@ -71,6 +71,7 @@ class Sequence:
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     data: Any = None
+    mm: Any = None  # multimodal inputs of the prompt (vision.MultiModalInputs), opaque here
 
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

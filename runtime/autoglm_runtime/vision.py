@@ -1,0 +1,226 @@
+"""Vision-language models (GLM-4.1V family: `Glm4vForConditionalGeneration`) in the engine.
+
+Request side (`VisionLanguage.process`, called in a worker thread, never on the event loop):
+the chat-templated text (one `<|image|>` placeholder per image) and the decoded images go through
+the model's own image processor (`preprocessor_config.json`) into `pixel_values` and
+`image_grid_thw`; each placeholder is expanded to `t*h*w / merge_size**2` image tokens (the rule
+of `Glm4vProcessor`, which cannot be built without torchvision), and the multi-axis rotary
+positions (M-RoPE) of the prompt come from the model's own `get_rope_index`. The result is a
+`MultiModalInputs` carried by the scheduler's `Sequence.mm`.
+
+Runner side (engine thread):
+- At a sequence's first prefill chunk the vision encoder runs once for all of its images not in
+  the encoder cache, batched across the sequences of the step (`encode`). Embeddings are cached
+  by image content hash (`EncoderCache`, LRU bounded in bytes), so a repeated image skips it.
+- `plan()` builds the step's 3-row position ids: prompt tokens take their M-RoPE position; decode
+  tokens take `cache position + rope_delta` on all three axes (the sequence's offset, kept in
+  `Sequence.mm`); text-only sequences have delta 0.
+- `embed()` builds `inputs_embeds`: token embeddings, with the rows of image tokens replaced by
+  image embeddings. A chunk boundary may fall anywhere inside an image's tokens: each chunk takes
+  exactly the embedding rows of the image tokens it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["EncoderCache", "MultiModalInputs", "VisionLanguage", "is_vision_language"]
+
+log = logging.getLogger(__name__)
+
+
+def is_vision_language(config: Any) -> bool:
+    """True for a GLM-4.1V-family config (the architectures this module serves)."""
+    return getattr(config, "model_type", None) in ("glm4v",)
+
+
+@dataclass(eq=False)
+class MultiModalInputs:
+    pixel_values: torch.Tensor  # [sum of patches, C * temporal_patch * patch * patch] (CPU)
+    image_grid_thw: torch.Tensor  # [n_images, 3] long (CPU)
+    image_hashes: list[str]
+    positions: torch.Tensor  # [3, prompt_len] long: M-RoPE positions of the prompt (CPU)
+    rope_delta: int  # decode position = cache position + rope_delta
+    image_token_pos: torch.Tensor  # [n_image_tokens] prompt positions of image tokens, ascending
+    tokens_per_image: list[int]
+    patches_per_image: list[int]
+    embeds: torch.Tensor | None = field(default=None, repr=False)  # [n_image_tokens, H] during prefill
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_hashes)
+
+
+class EncoderCache:
+    """Image embeddings by content hash, least recently used evicted beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self._items.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return t
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class VisionLanguage:
+    """The vision half of a loaded `Glm4vForConditionalGeneration` and its image processor."""
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, encoder_cache_bytes: int = 256 << 20) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.merge_size = int(getattr(image_processor, "merge_size", cfg.vision_config.spatial_merge_size))
+        self.cache = EncoderCache(encoder_cache_bytes)
+        self._embed_tokens = model.get_input_embeddings()
+
+    # ------------------------------------------------------------------ request side (worker thread)
+    def process(self, text: str, images: list[Any], hashes: list[str]) -> tuple[list[int], MultiModalInputs | None]:
+        """Prompt token ids (image placeholders expanded) and the request's `MultiModalInputs`
+        (None without images). `text` holds one `self.image_token` per image, in order."""
+        if text.count(self.image_token) != len(images):
+            raise ValueError(f"the chat template produced {text.count(self.image_token)} image placeholders "
+                             f"for {len(images)} images")
+        if not images:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
+        feats = self.image_processor(images=images, return_tensors="pt")
+        grid = feats["image_grid_thw"].long()
+        counts = [int(g.prod()) // self.merge_size**2 for g in grid]
+        parts = text.split(self.image_token)
+        expanded = parts[0] + "".join(self.image_token * n + p for n, p in zip(counts, parts[1:]))
+        ids = list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
+        ids_t = torch.tensor([ids], dtype=torch.long)
+        is_image = ids_t[0] == self.image_token_id
+        if int(is_image.sum()) != sum(counts):
+            raise ValueError("image tokens in the prompt do not match the images (does the text contain '<|image|>'?)")
+        with torch.inference_mode():
+            positions, deltas = self.model.model.get_rope_index(
+                ids_t, mm_token_type_ids=is_image.long().unsqueeze(0), image_grid_thw=grid)
+        mm = MultiModalInputs(
+            pixel_values=feats["pixel_values"],
+            image_grid_thw=grid,
+            image_hashes=list(hashes),
+            positions=positions[:, 0].clone(),
+            rope_delta=int(deltas.reshape(-1)[0]),
+            image_token_pos=torch.nonzero(is_image).reshape(-1),
+            tokens_per_image=counts,
+            patches_per_image=[int(g.prod()) for g in grid],
+        )
+        return ids, mm
+
+    @staticmethod
+    def content_hash(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    # ------------------------------------------------------------------ runner side (engine thread)
+    @torch.inference_mode()
+    def encode(self, mms: list[MultiModalInputs], device: torch.device, dtype: torch.dtype) -> None:
+        """Fill `mm.embeds` for each of `mms`: cached images are reused, the rest go through the
+        vision encoder in one batched call."""
+        todo: list[tuple[MultiModalInputs, int]] = []
+        found: dict[tuple[int, int], torch.Tensor] = {}
+        for mm in mms:
+            for i, h in enumerate(mm.image_hashes):
+                hit = self.cache.get(h)
+                if hit is None:
+                    todo.append((mm, i))
+                else:
+                    found[(id(mm), i)] = hit
+        if todo:
+            pixels, grids = [], []
+            for mm, i in todo:
+                start = sum(mm.patches_per_image[:i])
+                pixels.append(mm.pixel_values[start : start + mm.patches_per_image[i]])
+                grids.append(mm.image_grid_thw[i])
+            out = self.model.model.get_image_features(
+                torch.cat(pixels).to(device=device, dtype=self.model.model.visual.dtype),
+                torch.stack(grids).to(device), return_dict=True)
+            for (mm, i), emb in zip(todo, out.pooler_output):
+                emb = emb.to(dtype)
+                found[(id(mm), i)] = emb
+                self.cache.put(mm.image_hashes[i], emb)
+        for mm in mms:
+            mm.embeds = torch.cat([found[(id(mm), i)] for i in range(mm.num_images)])
+            mm.pixel_values = mm.pixel_values[:0]  # the pixels are not needed any more
+
+    def plan(self, out: Any, device: torch.device) -> "VisionStep":
+        """Positions and image rows of one scheduler step (call with the scheduler lock held)."""
+        rows: list[torch.Tensor] = []
+        n_dec = len(out.decodes)
+        pos_parts: list[torch.Tensor] = []
+        if n_dec:
+            p = torch.tensor([s.num_computed_tokens + (s.mm.rope_delta if s.mm is not None else 0) for s in out.decodes],
+                             dtype=torch.long)
+            pos_parts.append(p.unsqueeze(0).expand(3, -1))
+        off = n_dec
+        fills: list[tuple[torch.Tensor, MultiModalInputs, torch.Tensor, bool]] = []
+        need: list[MultiModalInputs] = []
+        for ch in out.prefills:
+            mm = ch.seq.mm
+            s, e = ch.start, ch.start + ch.num_tokens
+            if mm is None:
+                pos_parts.append(torch.arange(s, e).unsqueeze(0).expand(3, -1))
+            else:
+                pos_parts.append(mm.positions[:, s:e])
+                if mm.embeds is None:
+                    need.append(mm)
+                lo = int(torch.searchsorted(mm.image_token_pos, s))
+                hi = int(torch.searchsorted(mm.image_token_pos, e))
+                if hi > lo:
+                    rows_in_batch = mm.image_token_pos[lo:hi] - s + off
+                    fills.append((rows_in_batch, mm, torch.arange(lo, hi), ch.samples))
+                elif ch.samples:
+                    fills.append((torch.empty(0, dtype=torch.long), mm, torch.empty(0, dtype=torch.long), True))
+            off += ch.num_tokens
+        positions = torch.cat(pos_parts, dim=1) if pos_parts else torch.zeros(3, 0, dtype=torch.long)
+        return VisionStep(positions=positions.to(device, non_blocking=True).unsqueeze(1), fills=fills, need=need)
+
+    def embed(self, input_ids: torch.Tensor, vstep: "VisionStep", device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`inputs_embeds` [1, T, H] of the step; runs the encoder for sequences that need it."""
+        if vstep.need:
+            self.encode(vstep.need, device, dtype)
+        emb = self._embed_tokens(input_ids)
+        for rows, mm, idx, last in vstep.fills:
+            if rows.numel():
+                assert mm.embeds is not None
+                emb[0, rows.to(device)] = mm.embeds[idx.to(device)].to(emb.dtype)
+            if last:
+                mm.embeds = None  # prompt complete: free the embeddings (the cache keeps its copy)
+        return emb
+
+
+@dataclass
+class VisionStep:
+    positions: torch.Tensor  # [3, 1, T]
+    fills: list  # (rows in the packed batch, mm, embedding rows, chunk completes the prompt)
+    need: list[MultiModalInputs]  # sequences whose images must be encoded this step
