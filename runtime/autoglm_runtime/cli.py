@@ -54,10 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", help="revision label on metrics")
     s.add_argument("--drain-timeout", dest="drain_timeout_seconds", type=float, metavar="SECONDS")
     s.add_argument("--request-timeout", dest="request_timeout_seconds", type=float, metavar="SECONDS")
+    s.add_argument("--max-image-pixels", type=int, help="most pixels of one image (default 5000000)")
+    s.add_argument("--max-images-per-request", type=int, help="most images in one request (default 10)")
+    s.add_argument("--allowed-media-domains", metavar="HOST[,HOST...]",
+                   help="hosts whose http(s) image URLs may be fetched (default: none, data: URIs only)")
     s.add_argument("--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"])
 
     m = sub.add_parser("make-model", help="Write a randomly initialised GLM model and tokenizer to a directory.")
-    m.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    m.add_argument("--size", choices=["tiny", "small", "tiny-vl", "small-vl"], default="tiny",
+                   help="tiny/small: GLM text models; tiny-vl/small-vl: GLM-4.1V-shaped vision-language models")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     return parser
@@ -68,7 +73,8 @@ def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "served_model_name", "max_batch_size", "max_queue", "max_batch_tokens",
                  "max_model_len", "dtype", "device", "api_key_file", "revision", "drain_timeout_seconds",
-                 "request_timeout_seconds", "log_level"):
+                 "request_timeout_seconds", "log_level", "max_image_pixels", "max_images_per_request",
+                 "allowed_media_domains"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -93,9 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _make_model(args: argparse.Namespace) -> int:
     from autoglm_runtime.modelmaker import make_model
+    from autoglm_runtime.modelmaker_vl import VL_SIZES, make_vl_model
 
     try:
-        out = make_model(args.size, args.out, seed=args.seed)
+        maker = make_vl_model if args.size in VL_SIZES else make_model
+        out = maker(args.size, args.out, seed=args.seed)
     except (OSError, ValueError) as exc:
         return _fail(f"cannot make the model: {exc}")
     print(out if out is not None else args.out)

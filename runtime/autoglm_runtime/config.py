@@ -36,6 +36,11 @@ class RuntimeSettings(BaseSettings):
     api_key: str | None = Field(default=None, repr=False)
     api_key_file: Path | None = None
 
+    max_image_pixels: int = Field(default=5_000_000, ge=1, description="Most pixels of one image (before resizing).")
+    max_images_per_request: int = Field(default=10, ge=0, description="Most images in one request.")
+    allowed_media_domains: list[str] = Field(default_factory=list,
+                                             description="Hosts whose http(s) image URLs are fetched; none by default.")
+
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     request_timeout_seconds: float | None = Field(default=None, gt=0, description="Abort a request running longer.")
     revision: str = Field(default="unknown", description="Label of the deployed revision in metrics.")
@@ -73,6 +78,20 @@ class RuntimeSettings(BaseSettings):
         if self.served_model_name is None:
             self.served_model_name = self.model.resolve().name or str(self.model)
         return self
+
+    @field_validator("allowed_media_domains", mode="before")
+    @classmethod
+    def _domains(cls, v: object) -> object:
+        if isinstance(v, str):  # "a.example,b.example" from a flag or the environment
+            return [d.strip() for d in v.split(",") if d.strip()]
+        return v
+
+    @property
+    def media_limits(self) -> "MediaLimits":
+        from autoglm_runtime.multimodal import MediaLimits
+
+        return MediaLimits(max_image_pixels=self.max_image_pixels, max_images_per_request=self.max_images_per_request,
+                           allowed_media_domains=tuple(self.allowed_media_domains))
 
     @property
     def model_name(self) -> str:

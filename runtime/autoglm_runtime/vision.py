@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .multimodal import MediaError
+
 __all__ = ["EncoderCache", "MultiModalInputs", "VisionLanguage", "is_vision_language"]
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,9 @@ class VisionLanguage:
     def process(self, text: str, images: list[Any], hashes: list[str]) -> tuple[list[int], MultiModalInputs | None]:
         """Prompt token ids (image placeholders expanded) and the request's `MultiModalInputs`
         (None without images). `text` holds one `self.image_token` per image, in order."""
-        if text.count(self.image_token) != len(images):
-            raise ValueError(f"the chat template produced {text.count(self.image_token)} image placeholders "
-                             f"for {len(images)} images")
+        if text.count(self.image_token) != len(images):  # e.g. a literal image token typed in the text
+            raise MediaError(f"the prompt has {text.count(self.image_token)} image placeholders "
+                             f"({self.image_token!r}) for {len(images)} images")
         if not images:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
         feats = self.image_processor(images=images, return_tensors="pt")
@@ -122,7 +124,7 @@ class VisionLanguage:
         ids_t = torch.tensor([ids], dtype=torch.long)
         is_image = ids_t[0] == self.image_token_id
         if int(is_image.sum()) != sum(counts):
-            raise ValueError("image tokens in the prompt do not match the images (does the text contain '<|image|>'?)")
+            raise MediaError("the image tokens of the prompt do not match its images")
         with torch.inference_mode():
             positions, deltas = self.model.model.get_rope_index(
                 ids_t, mm_token_type_ids=is_image.long().unsqueeze(0), image_grid_thw=grid)

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from autoglm_runtime.config import RuntimeSettings
 from autoglm_runtime.metrics import RequestTimer, RuntimeMetrics
+from autoglm_runtime.multimodal import MediaError, chat_prompt_with_images, has_images
 from autoglm_runtime.server import errors
 from autoglm_runtime.server.protocol import (
     ChatChoice,
@@ -257,7 +258,7 @@ class Generation:
     starts), then deltas with stop strings applied; usage and metrics are kept as it goes."""
 
     def __init__(self, serving: "OpenAIServing", request_id: str, prompt_ids: list[int], params: Any,
-                 priority: int, stops: list[str], slot: _Slot) -> None:
+                 priority: int, stops: list[str], slot: _Slot, mm: Any = None) -> None:
         self.serving = serving
         self.engine = serving.state.engine
         self.request_id = request_id
@@ -266,6 +267,7 @@ class Generation:
         self.priority = priority
         self.stopper = StopChecker(stops)
         self.slot = slot
+        self.mm = mm  # multimodal inputs (images) for a vision-language engine
         self.arrival = time.monotonic()
         self.timer = RequestTimer(serving.state.metrics, self.arrival)
         self.completion_tokens = 0
@@ -285,7 +287,8 @@ class Generation:
 
     async def start(self) -> None:
         try:
-            gen = self.engine.generate(self.request_id, self.prompt_ids, self.params, priority=self.priority)
+            extra = {"mm": self.mm} if self.mm is not None else {}
+            gen = self.engine.generate(self.request_id, self.prompt_ids, self.params, priority=self.priority, **extra)
             if inspect.isawaitable(gen):
                 gen = await gen
             self._it = gen.__aiter__()
@@ -455,6 +458,16 @@ class OpenAIServing:
                                          param="messages") from None
         return self._tokenize(text, add_special_tokens=False)
 
+    async def _chat_prompt_with_images(self, req: ChatCompletionRequest) -> tuple[list[int], Any]:
+        """Image parts (see multimodal.py): decoded and preprocessed off the event loop."""
+        if not getattr(self._tokenizer(), "chat_template", None):
+            raise errors.BadRequestError("This model has no chat template.", param="messages", code="no_chat_template")
+        try:
+            return await chat_prompt_with_images(getattr(self.state.engine, "vision", None), self._tokenizer(),
+                                                 req.messages, self.state.settings.media_limits)
+        except MediaError as exc:
+            raise errors.BadRequestError(exc.message, param=exc.param, code=exc.code) from None
+
     def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
         limit = self.state.max_model_len
         if prompt_len >= limit:
@@ -499,7 +512,7 @@ class OpenAIServing:
             raise errors.BadRequestError(f"Invalid sampling parameters: {exc}") from None
 
     async def _start(self, prompt_ids: list[int], req: CompletionRequest | ChatCompletionRequest,
-                     requested_max_tokens: int | None, id_prefix: str) -> Generation:
+                     requested_max_tokens: int | None, id_prefix: str, mm: Any = None) -> Generation:
         """Validate lengths, admit the request and start generating; shared by both endpoints."""
         max_tokens = self._max_tokens(requested_max_tokens, len(prompt_ids))
         if req.min_tokens > max_tokens:
@@ -510,7 +523,7 @@ class OpenAIServing:
         # tokens); only for one that does not are they matched here.
         stops = [] if "stop" in self._sampling_fields else req.stop_list
         slot = self.state.admit()
-        gen = Generation(self, request_id, prompt_ids, params, req.priority, stops, slot)
+        gen = Generation(self, request_id, prompt_ids, params, req.priority, stops, slot, mm)
         await gen.start()
         return gen
 
@@ -555,8 +568,12 @@ class OpenAIServing:
     # ---- /v1/chat/completions ----
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(req.model)
-        prompt_ids = self._chat_prompt(req)
-        gen = await self._start(prompt_ids, req, req.requested_max_tokens, "chatcmpl")
+        mm = None
+        if has_images(req.messages):
+            prompt_ids, mm = await self._chat_prompt_with_images(req)
+        else:
+            prompt_ids = self._chat_prompt(req)
+        gen = await self._start(prompt_ids, req, req.requested_max_tokens, "chatcmpl", mm)
         if req.stream:
             return self._chat_stream(gen, req)
         texts: list[str] = []
