@@ -349,7 +349,8 @@ async def test_drain_stops_admission(loaded):
     eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
     await eng.start()
     try:
-        task = asyncio.create_task(collect(eng, "a", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+        # 100 tokens: long enough that the poll below sees the request in flight (8 raced it).
+        task = asyncio.create_task(collect(eng, "a", [5, 6, 7], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)))
         await until(lambda: eng.stats().num_running + eng.stats().num_waiting == 1, message="admitted")
         assert await eng.drain(timeout=30)
         assert (await task)[2].finish_reason == "length"

@@ -128,3 +128,24 @@ async def test_batched_images_and_text_with_chunked_prefill_match_generate(loade
     for i, ((ids, _), (_, mm_ref), (_, _, _, n), got) in enumerate(zip(reqs, refs, specs, results)):
         assert got == reference_generate(reference, ids, mm_ref, n), f"request {i} diverged from generate"
     assert hits >= 1, "the repeated image should come from the encoder cache"
+
+
+def test_make_model_cli_writes_the_published_layout(tmp_path):
+    import json
+    import subprocess
+    from pathlib import Path
+
+    cli = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "autoglm-runtime"
+    out = tmp_path / "vl"
+    subprocess.run([str(cli), "make-model", "--size", "tiny-vl", "--out", str(out)], check=True, capture_output=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Glm4vForConditionalGeneration"] and cfg["model_type"] == "glm4v"
+    assert cfg["text_config"]["rope_parameters"]["mrope_section"] and cfg["vision_config"]["spatial_merge_size"] == 2
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["image_processor_type"] == "Glm4vImageProcessor" and pre["patch_size"] == 14
+    assert list(out.glob("*.safetensors"))
+    loaded = load_model(out, dtype="float32", device="cpu")
+    tok = loaded.tokenizer
+    assert tok.convert_tokens_to_ids("<|image|>") == cfg["image_token_id"]
+    text = chat_text(tok, 1, "hi")
+    assert text.startswith("[gMASK]<sop>") and "<|begin_of_image|><|image|><|end_of_image|>" in text
