@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from .loader import LoadedModel, ModelLoadError, load_model
+from .logprobs import TokenLogprob
 from .model_runner import ModelRunner
 from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState, byte_level_token_bytes
 from .scheduler import FinishReason, QueueFullError, Scheduler, Sequence
@@ -109,6 +110,7 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (params.logprobs)
 
     @property
     def queue_time(self) -> float | None:
@@ -171,7 +173,8 @@ class _Instance:
 
 
 class _Request:
-    __slots__ = ("seq", "queue", "detok", "sampling", "instance", "first_token_time", "final_sent", "emitted_tokens")
+    __slots__ = ("seq", "queue", "detok", "sampling", "instance", "first_token_time", "final_sent", "emitted_tokens",
+                 "pending_logprobs")
 
     def __init__(self, seq: Sequence, instance: _Instance, params: SamplingParams) -> None:
         self.seq = seq
@@ -182,6 +185,7 @@ class _Request:
         self.first_token_time: float | None = None
         self.final_sent = False
         self.emitted_tokens = 0
+        self.pending_logprobs: list[TokenLogprob] = []
 
 
 class Engine:
@@ -410,7 +414,11 @@ class Engine:
     # ------------------------------------------------------------------ output plumbing
     def _output(self, req: _Request, new_ids: list[int], text: str, finished: bool, now: float) -> RequestOutput:
         seq = req.seq
+        lps = None
+        if req.sampling.params.logprobs is not None:
+            lps, req.pending_logprobs = req.pending_logprobs[: len(new_ids)], req.pending_logprobs[len(new_ids):]
         return RequestOutput(
+            logprobs=lps,
             request_id=seq.request_id,
             new_token_ids=new_ids,
             new_text=text,
@@ -472,15 +480,20 @@ class Engine:
                 for inst, out, step in work:
                     t0 = time.perf_counter()
                     tokens = inst.runner.execute(step).tolist()
-                    self._finish_step(inst, out, tokens, time.perf_counter() - t0)
+                    self._finish_step(inst, out, tokens, time.perf_counter() - t0, step.logprobs)
         except BaseException as exc:  # noqa: BLE001 - the loop must report any death
             log.exception("Engine step loop died")
             self._dead = exc
             err = EngineDeadError(f"engine loop died: {exc!r}")
             self._deliver([(r, err) for r in list(self._requests.values())])
 
-    def _finish_step(self, inst: _Instance, out, tokens: list[int], seconds: float) -> None:
+    def _finish_step(self, inst: _Instance, out, tokens: list[int], seconds: float,
+                     logprobs: dict[int, TokenLogprob] | None = None) -> None:
         sched = inst.scheduler
+        if logprobs:
+            for row, seq in enumerate(out.sampled_sequences):
+                if row in logprobs and not seq.is_finished:
+                    seq.data.pending_logprobs.append(logprobs[row])
         with self._lock:
             updated = sched.update_from_output(out, tokens)
         now = time.monotonic()

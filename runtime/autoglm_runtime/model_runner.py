@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .loader import LoadedModel, ModelLoadError
+from .logprobs import TokenLogprob, capture, gather
 from .penalties import PenaltyBatch, penalty_batch_for
 from .sampling import SamplingState, min_tokens_suppression, sample
 from .scheduler import SchedulerOutput, SlotMove
@@ -64,6 +65,7 @@ class _Step:
     suppress: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) -> -inf (min_tokens)
     penalties: PenaltyBatch | None = None  # repetition / frequency / presence penalties
     vision: VisionStep | None = None  # vision-language models: M-RoPE positions and image rows
+    logprobs: dict[int, TokenLogprob] | None = None  # set by execute(): sampled row -> its logprobs
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -248,7 +250,11 @@ class ModelRunner:
         finally:
             _ctx.step = None
         logits = out.logits[0]
-        return sample(logits, step.states, self.generator, step.suppress, step.penalties)
+        captured = capture(logits, step.states)  # the raw distribution, before penalties and sampling
+        tokens = sample(logits, step.states, self.generator, step.suppress, step.penalties)
+        if captured is not None:
+            step.logprobs = gather(captured, tokens)
+        return tokens
 
     # ------------------------------------------------------------------ attention
     def attend(self, step: _Step, layer: int, query, key, value, scaling) -> torch.Tensor:

@@ -42,6 +42,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: over generated tokens (see penalties.py)
     frequency_penalty: float = 0.0  # OpenAI: over generated tokens
     repetition_penalty: float = 1.0  # vLLM / HF: over prompt and generated tokens
+    logprobs: int | None = None  # alternatives per token to report (0: only the sampled one); see logprobs.py
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +64,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2]")
         if not self.repetition_penalty > 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
 
     @property
     def has_penalties(self) -> bool:

@@ -63,7 +63,7 @@ def test_stop_checker_never_emits_part_of_a_stop_string(stops, pieces, expected,
 @pytest.mark.parametrize("body", [
     {"prompt": "x", "n": 2}, {"prompt": "x", "max_tokens": 0}, {"prompt": "x", "temperature": -1},
     {"prompt": "x", "top_p": 1.5}, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, {"prompt": []},
-    {"prompt": "x", "logprobs": 2}, {"prompt": "x", "echo": True}, {"prompt": ["a", "b"]},
+    {"prompt": "x", "logprobs": 21}, {"prompt": "x", "echo": True}, {"prompt": ["a", "b"]},
 ])
 def test_completion_request_rejects(body):
     with pytest.raises(ValidationError):

@@ -45,6 +45,16 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     return_token_ids: bool = Field(default=False, description="Add `token_ids` (and `prompt_token_ids`) to choices.")
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Never silently ignored: structured output is refused until it is enforced by a grammar.
+        kind = (v or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"response_format type {kind!r} is not supported by this server (only 'text')")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -72,7 +82,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -90,12 +100,14 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must not be empty")
         return v
 
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
     @model_validator(mode="after")
     def _unsupported(self) -> "CompletionRequest":
         if self.echo:
             raise ValueError("echo is not supported")
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, 1):
@@ -130,16 +142,21 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatCompletionRequest":
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.tools:
             raise ValueError("tools are not supported")
         return self
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token to report (0: only the sampled token's), None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -161,7 +178,7 @@ FinishReason = Literal["stop", "length", "abort"] | None
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: FinishReason = None
     token_ids: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
@@ -189,7 +206,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: FinishReason = None
     token_ids: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
@@ -213,7 +230,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: FinishReason = None
     token_ids: list[int] | None = Field(default=None, exclude_if=lambda v: v is None)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from autoglm_runtime.config import RuntimeSettings
+from autoglm_runtime.logprobs import chat_logprobs, completion_logprobs
 from autoglm_runtime.metrics import RequestTimer, RuntimeMetrics
 from autoglm_runtime.multimodal import MediaError, chat_prompt_with_images, has_images
 from autoglm_runtime.server import errors
@@ -247,6 +248,7 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[Any] | None = None  # logprobs.TokenLogprob per token id, when asked for
 
 
 _FINISH_REASONS = {"stop": "stop", "eos": "stop", "stop_string": "stop", "stop_token": "stop", "length": "length",
@@ -272,6 +274,7 @@ class Generation:
         self.timer = RequestTimer(serving.state.metrics, self.arrival)
         self.completion_tokens = 0
         self.token_ids: list[int] = []
+        self.logprobs: list[Any] = []  # all TokenLogprobs so far (when the request asked)
         self.finish_reason: str | None = None
         self._it: Any = None
         self._first: Any = None
@@ -335,6 +338,8 @@ class Generation:
             self._first = None
             while out is not None:
                 ids = list(getattr(out, "new_token_ids", None) or [])
+                lps = getattr(out, "logprobs", None)
+                self.logprobs.extend(lps or [])
                 self.timer.tokens(time.monotonic(), len(ids))
                 self.completion_tokens += len(ids)
                 self.token_ids.extend(ids)
@@ -342,17 +347,17 @@ class Generation:
                 if stopped:
                     self.finish_reason = "stop"
                     status = "success"
-                    yield Delta(text, ids, "stop")
+                    yield Delta(text, ids, "stop", lps)
                     return
                 if getattr(out, "finished", False):
                     self._engine_finished = True
                     reason = getattr(out, "finish_reason", None) or "stop"
                     self.finish_reason = _FINISH_REASONS.get(str(reason), str(reason))
                     status = "aborted" if self.finish_reason == "abort" else "success"
-                    yield Delta(text + self.stopper.flush(), ids, self.finish_reason)
+                    yield Delta(text + self.stopper.flush(), ids, self.finish_reason, lps)
                     return
                 if text or ids:
-                    yield Delta(text, ids, None)
+                    yield Delta(text, ids, None, lps)
                 out = await self._next()
             # The engine's iterator ended without a finished output: treat as aborted.
             self.finish_reason = "abort"
@@ -458,6 +463,17 @@ class OpenAIServing:
                                          param="messages") from None
         return self._tokenize(text, add_special_tokens=False)
 
+    def _chat_logprobs(self, items: list[Any], req: ChatCompletionRequest) -> dict[str, Any] | None:
+        return chat_logprobs(items, self._decode_token_list) if req.requested_logprobs is not None else None
+
+    def _completion_logprobs(self, items: list[Any], req: CompletionRequest, offset: int = 0) -> dict[str, Any] | None:
+        if req.requested_logprobs is None:
+            return None
+        return completion_logprobs(items, self._decode_token_list, offset)
+
+    def _decode_token_list(self, ids: list[int]) -> str:
+        return self._tokenizer().decode(ids)
+
     async def _chat_prompt_with_images(self, req: ChatCompletionRequest) -> tuple[list[int], Any]:
         """Image parts (see multimodal.py): decoded and preprocessed off the event loop."""
         if not getattr(self._tokenizer(), "chat_template", None):
@@ -496,6 +512,8 @@ class OpenAIServing:
             wanted["top_k"] = req.top_k
         if req.seed is not None:
             wanted["seed"] = req.seed
+        if req.requested_logprobs is not None:
+            wanted["logprobs"] = req.requested_logprobs
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
             if getattr(req, name) is not None:
                 wanted[name] = getattr(req, name)
@@ -538,6 +556,7 @@ class OpenAIServing:
         async for d in gen.deltas():
             texts.append(d.text)
         choice = CompletionChoice(text="".join(texts), finish_reason=gen.finish_reason,
+                                  logprobs=self._completion_logprobs(gen.logprobs, req),
                                   token_ids=gen.token_ids if req.return_token_ids else None,
                                   prompt_token_ids=prompt_ids if req.return_token_ids else None)
         return CompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
@@ -547,13 +566,18 @@ class OpenAIServing:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         try:
             pending: list[int] = []  # ids of deltas without text yet (e.g. half a UTF-8 character)
+            pending_lp: list[Any] = []
+            offset = 0
             async for d in gen.deltas():
                 pending.extend(d.token_ids)
+                pending_lp.extend(d.logprobs or [])
                 if not d.text and d.finish_reason is None:
                     continue
                 choice = CompletionChoice(text=d.text, finish_reason=d.finish_reason,
+                                          logprobs=self._completion_logprobs(pending_lp, req, offset),
                                           token_ids=pending if req.return_token_ids else None)
-                pending = []
+                offset += len(d.text)
+                pending, pending_lp = [], []
                 yield _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
                                                     choices=[choice]))
             if include_usage:
@@ -580,6 +604,7 @@ class OpenAIServing:
         async for d in gen.deltas():
             texts.append(d.text)
         choice = ChatChoice(message=ChatMessageOut(content="".join(texts)), finish_reason=gen.finish_reason,
+                            logprobs=self._chat_logprobs(gen.logprobs, req),
                             token_ids=gen.token_ids if req.return_token_ids else None,
                             prompt_token_ids=prompt_ids if req.return_token_ids else None)
         return ChatCompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
@@ -595,14 +620,17 @@ class OpenAIServing:
         try:
             yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
             pending: list[int] = []
+            pending_lp: list[Any] = []
             async for d in gen.deltas():
                 pending.extend(d.token_ids)
+                pending_lp.extend(d.logprobs or [])
                 if not d.text and d.finish_reason is None:
                     continue
                 yield chunk([ChatStreamChoice(delta=DeltaMessage(content=d.text or None),
                                               finish_reason=d.finish_reason,
+                                              logprobs=self._chat_logprobs(pending_lp, req),
                                               token_ids=pending if req.return_token_ids else None)])
-                pending = []
+                pending, pending_lp = [], []
             if include_usage:
                 yield chunk([], gen.usage)
         except errors.APIError as exc:
