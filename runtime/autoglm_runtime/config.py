@@ -7,10 +7,10 @@ validated once, at start, and a bad value fails fast with a message naming the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -38,7 +38,8 @@ class RuntimeSettings(BaseSettings):
 
     max_image_pixels: int = Field(default=5_000_000, ge=1, description="Most pixels of one image (before resizing).")
     max_images_per_request: int = Field(default=10, ge=0, description="Most images in one request.")
-    allowed_media_domains: list[str] = Field(default_factory=list,
+    # NoDecode: the environment gives "a.example,b.example" (comma-separated), not JSON.
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                              description="Hosts whose http(s) image URLs are fetched; none by default.")
 
     drain_timeout_seconds: float = Field(default=30.0, ge=0)

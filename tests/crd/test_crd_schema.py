@@ -134,7 +134,7 @@ def unknown_fields(value: Any, node: dict[str, Any], path: str) -> Iterator[str]
 
 def test_there_are_examples():
     names = {p.name for p in EXAMPLES}
-    assert {"tiny-cpu.yaml", "glm4-9b-gpu.yaml"} <= names
+    assert {"tiny-cpu.yaml", "glm4-9b-gpu.yaml", "autoglm-phone-9b.yaml"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)

@@ -107,3 +107,8 @@ def test_settings_flags(tmp_path):
     s = RuntimeSettings(model=tmp_path, allowed_media_domains="a.example, b.example", max_image_pixels=7)
     assert s.media_limits == MediaLimits(max_image_pixels=7, max_images_per_request=10,
                                          allowed_media_domains=("a.example", "b.example"))
+
+
+def test_allowed_media_domains_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOGLM_RUNTIME_ALLOWED_MEDIA_DOMAINS", "a.example, b.example")
+    assert RuntimeSettings(model=tmp_path).allowed_media_domains == ["a.example", "b.example"]
