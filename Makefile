@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins test test-fast cluster-up cluster-down demo \
-        bench-runtime bench-runtime-gpu bench-operator golden clean
+        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator golden clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,9 @@ demo: venv bins  ## Local demo: cluster + CRD + operator + example resource + ru
 
 bench-runtime: venv  ## Runtime throughput vs generate and transformers serve (CPU, small model)
 	$(PY) bench/bench_runtime.py
+
+bench-runtime-vl: venv  ## Phone-agent workload (screenshots) on small-vl: ours vs sequential generate (CPU)
+	$(PY) bench/bench_runtime_vl.py
 
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py

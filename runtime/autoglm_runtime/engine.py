@@ -506,8 +506,14 @@ class Engine:
                 req.first_token_time = now
             # Stop strings count only after min_tokens tokens (vLLM's rule).
             check_stop = len(seq.output_token_ids) > req.sampling.params.min_tokens
-            texts.append(req.detok.step(seq.output_token_ids, final=seq.is_finished, check_stop=check_stop))
-            if req.detok.stopped and not seq.is_finished:
+            guide_done = False
+            guide = req.sampling.guide
+            if guide is not None and not seq.is_finished:
+                guide.consume(seq.output_token_ids[-1])
+                guide_done = guide.done  # the response_format grammar is complete: stop here
+            texts.append(req.detok.step(seq.output_token_ids, final=seq.is_finished or guide_done,
+                                        check_stop=check_stop))
+            if (req.detok.stopped or guide_done) and not seq.is_finished:
                 stop_hits.append(seq)
         if stop_hits:
             with self._lock:

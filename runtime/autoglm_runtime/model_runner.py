@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .loader import LoadedModel, ModelLoadError
+from .guided import GuidedDecoder, guided_mask, llg_tokenizer
 from .logprobs import TokenLogprob, capture, gather
 from .penalties import PenaltyBatch, penalty_batch_for
 from .sampling import SamplingState, min_tokens_suppression, sample
@@ -66,6 +67,7 @@ class _Step:
     penalties: PenaltyBatch | None = None  # repetition / frequency / presence penalties
     vision: VisionStep | None = None  # vision-language models: M-RoPE positions and image rows
     logprobs: dict[int, TokenLogprob] | None = None  # set by execute(): sampled row -> its logprobs
+    guided: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, allowed tokens): response_format grammars
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -188,6 +190,13 @@ class ModelRunner:
             seqs = out.sampled_sequences
             suppress = min_tokens_suppression(states, [len(s.output_token_ids) for s in seqs],
                                               [s.eos_token_ids for s in seqs], self.vocab_size, self.device)
+        guided = None
+        if any(st.params.grammar for st in states):  # likewise
+            for st in states:
+                if st.params.grammar and st.guide is None:
+                    lltok = llg_tokenizer(self.loaded.tokenizer, self.vocab_size, self.loaded.eos_token_ids)
+                    st.guide = GuidedDecoder(lltok, st.params.grammar)
+            guided = guided_mask([st.guide for st in states], self.vocab_size, self.device)
         penalties = None
         if any(st.params.has_penalties for st in states):  # likewise: one scan when none has any
             penalties = penalty_batch_for(out.sampled_sequences, states, self.vocab_size, self.device)
@@ -233,6 +242,7 @@ class ModelRunner:
             states=states,
             suppress=suppress,
             penalties=penalties,
+            guided=guided,
             vision=self.vl.plan(out, dev) if self.vl is not None else None,
         )
 
@@ -251,7 +261,7 @@ class ModelRunner:
             _ctx.step = None
         logits = out.logits[0]
         captured = capture(logits, step.states)  # the raw distribution, before penalties and sampling
-        tokens = sample(logits, step.states, self.generator, step.suppress, step.penalties)
+        tokens = sample(logits, step.states, self.generator, step.suppress, step.penalties, step.guided)
         if captured is not None:
             step.logprobs = gather(captured, tokens)
         return tokens

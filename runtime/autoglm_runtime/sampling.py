@@ -43,6 +43,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: over generated tokens
     repetition_penalty: float = 1.0  # vLLM / HF: over prompt and generated tokens
     logprobs: int | None = None  # alternatives per token to report (0: only the sampled one); see logprobs.py
+    grammar: str | None = None  # llguidance grammar the output must follow (response_format); see guided.py
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,11 +80,12 @@ class SamplingParams:
 class SamplingState:
     """Per-request sampling state: its params and (when seeded) its own generator."""
 
-    __slots__ = ("params", "generator", "penalty")
+    __slots__ = ("params", "generator", "penalty", "guide")
 
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
         self.params = params
         self.penalty: PenaltyState | None = None  # made by the runner at the first sampled step
+        self.guide = None  # guided.GuidedDecoder, made by the runner when params.grammar is set
         self.generator: torch.Generator | None = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -117,12 +119,17 @@ def min_tokens_suppression(
 
 def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.Generator | None = None,
            suppress: tuple[torch.Tensor, torch.Tensor] | None = None,
-           penalties: PenaltyBatch | None = None) -> torch.Tensor:
+           penalties: PenaltyBatch | None = None,
+           guided: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One token per row of `logits` ([n, V]); `states[i]` holds row i's params. `penalties` are
     applied first (see penalties.py), then `suppress`: (rows, token ids) set to -inf (see
     `min_tokens_suppression`); `logits` is modified."""
     if penalties is not None:
         apply_penalties(logits, penalties)
+    if guided is not None:  # (rows, allowed [k, V]): tokens the grammar forbids get -inf
+        rows, allowed = guided
+        sub = logits.index_select(0, rows).masked_fill(~allowed[:, : logits.shape[1]], float("-inf"))
+        logits.index_copy_(0, rows, sub)
     if suppress is not None:
         logits.index_put_(suppress, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
     if all(s.params.greedy for s in states):

@@ -137,11 +137,13 @@ def test_bad_images_are_400_naming_the_limit_and_server_keeps_serving(server):
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
-def test_response_format_is_refused_not_ignored(server):
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}):
+def test_response_format_bad_types_and_schemas_are_400(server):
+    for fmt, needle in (({"type": "xml"}, "not supported"),
+                        ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nonsense"}}}, "nonsense"),
+                        ({"type": "json_schema", "json_schema": {"name": "a"}}, "json_schema.schema")):
         r = server.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 4, "response_format": fmt,
                                                  "messages": [{"role": "user", "content": "hi"}]})
-        assert r.status_code == 400 and "response_format" in r.json()["error"]["message"], r.text
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     ok = server.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "response_format": {"type": "text"},
                                               "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200

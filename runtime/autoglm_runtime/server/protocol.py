@@ -50,10 +50,10 @@ class _SamplingRequest(BaseModel):
     @field_validator("response_format")
     @classmethod
     def _response_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        # Never silently ignored: structured output is refused until it is enforced by a grammar.
+        # Enforced with a grammar (guided.py), never silently ignored.
         kind = (v or {}).get("type", "text")
-        if kind != "text":
-            raise ValueError(f"response_format type {kind!r} is not supported by this server (only 'text')")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
         return v
 
     @field_validator("n")

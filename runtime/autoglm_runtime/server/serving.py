@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from autoglm_runtime.config import RuntimeSettings
+from autoglm_runtime.guided import ResponseFormatError, compile_response_format
 from autoglm_runtime.logprobs import chat_logprobs, completion_logprobs
 from autoglm_runtime.metrics import RequestTimer, RuntimeMetrics
 from autoglm_runtime.multimodal import MediaError, chat_prompt_with_images, has_images
@@ -514,6 +515,12 @@ class OpenAIServing:
             wanted["seed"] = req.seed
         if req.requested_logprobs is not None:
             wanted["logprobs"] = req.requested_logprobs
+        try:
+            grammar = compile_response_format(req.response_format)
+        except ResponseFormatError as exc:
+            raise errors.BadRequestError(str(exc), param="response_format") from None
+        if grammar is not None:
+            wanted["grammar"] = grammar
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
             if getattr(req, name) is not None:
                 wanted[name] = getattr(req, name)
