@@ -154,6 +154,30 @@ def run_sequential(model_dir: Path, plan: list[list[Step]], new_tokens: int) -> 
     return Result("1 sequential generate", wall, total, total / wall, e2e_p50=_pct(lat, 0.5)), ids_by_key
 
 
+def encoder_cost(model_dir: Path, plan: list[list[Step]]) -> str:
+    """What the encoder cache saves per screenshot: the vision encoder cold vs a cache hit."""
+    import torch
+
+    from autoglm_runtime.loader import load_model
+    from autoglm_runtime.multimodal import MediaLimits, chat_prompt_with_images
+    from autoglm_runtime.vision import VisionLanguage
+
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    vl = VisionLanguage(loaded.model, loaded.tokenizer, loaded.image_processor)
+    st = plan[0][0]
+    cold, hit = [], []
+    for _ in range(3):
+        vl.cache = type(vl.cache)(vl.cache.max_bytes)
+        for bucket in (cold, hit):
+            ids, mm = asyncio.run(chat_prompt_with_images(vl, loaded.tokenizer, st.messages, MediaLimits()))
+            t = time.perf_counter()
+            vl.encode([mm], torch.device("cpu"), torch.float32)
+            bucket.append(time.perf_counter() - t)
+    n_img = sum(mm.tokens_per_image)
+    return (f"one 1080x2400 screenshot = {n_img} image tokens of a {len(ids)}-token prompt; vision encoder "
+            f"{min(cold) * 1000:.0f} ms cold, {min(hit) * 1000:.2f} ms from the encoder cache")
+
+
 async def _drive(base: str, plan: list[list[Step]], new_tokens: int) -> tuple[float, list[dict]]:
     import openai
 
@@ -270,6 +294,7 @@ def main() -> int:
         print("running 1 sequential generate ...", flush=True)
         res, ref_ids = run_sequential(model_dir, fresh, args.new_tokens)
         results.append(res)
+    notes.append(encoder_cost(model_dir, fresh))
     if "2" not in skip:
         print("trying 2 transformers serve ...", flush=True)
         notes.append(f"transformers serve --continuous-batching on small-vl: {try_hf_serve(model_dir, logdir)}")

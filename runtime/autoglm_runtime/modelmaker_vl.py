@@ -49,14 +49,14 @@ VL_SIZES: dict[str, dict] = {
         text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, mrope_section=[2, 3, 3]),
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, image_size=112),
-        # <= 64 merged tokens per image (28*28 px each).
+        # <= 32 merged tokens per image (28x28 px each; the budget counts both temporal frames).
         longest_edge=28 * 28 * 64,
     ),
     "small-vl": dict(
         text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, max_position_embeddings=8192, mrope_section=[4, 6, 6]),
         vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, image_size=336),
-        # <= 256 merged tokens per image: a 1080x2400 screenshot becomes ~10x22 merged patches.
+        # <= 128 merged tokens per image: a 1080x2400 screenshot becomes 7x16 = 112 merged patches.
         longest_edge=28 * 28 * 256,
     ),
 }
