@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,8 @@ class MultiModalInputs:
     rope_delta: int  # decode position = cache position + rope_delta
     image_token_pos: torch.Tensor  # [n_image_tokens] prompt positions of image tokens, ascending
     tokens_per_image: list[int]
-    patches_per_image: list[int]
+    patches_per_image: list[int]  # rows of pixel_values per image (0 for one taken from the encoder cache)
+    cached_embeds: list[torch.Tensor | None] = field(default_factory=list, repr=False)
     embeds: torch.Tensor | None = field(default=None, repr=False)  # [n_image_tokens, H] during prefill
 
     @property
@@ -60,33 +62,38 @@ class MultiModalInputs:
 
 
 class EncoderCache:
-    """Image embeddings by content hash, least recently used evicted beyond `max_bytes`."""
+    """Image embeddings (and their patch grid) by content hash, least recently used evicted beyond
+    `max_bytes`. Thread-safe: request threads look up, the engine thread inserts."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> torch.Tensor | None:
-        t = self._items.get(key)
-        if t is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return t
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(embeddings [n_tokens, H], grid_thw [3]) or None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
 
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes or key in self._items:
-            return
-        self._items[key] = value
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
+    def put(self, key: str, embeds: torch.Tensor, grid: torch.Tensor) -> None:
+        size = embeds.numel() * embeds.element_size()
+        with self._lock:
+            if size > self.max_bytes or key in self._items:
+                return
+            self._items[key] = (embeds, grid)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (old, _) = self._items.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -115,8 +122,15 @@ class VisionLanguage:
                              f"({self.image_token!r}) for {len(images)} images")
         if not images:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
-        feats = self.image_processor(images=images, return_tensors="pt")
-        grid = feats["image_grid_thw"].long()
+        # Images already in the encoder cache skip the image processor too: their embeddings are
+        # taken now (held by this request, so a later eviction does not matter) with their grid.
+        cached = [self.cache.get(h) for h in hashes]
+        todo = [im for im, c in zip(images, cached) if c is None]
+        feats = self.image_processor(images=todo, return_tensors="pt") if todo else None
+        grids, fresh = [], iter(feats["image_grid_thw"].long() if feats is not None else [])
+        for c in cached:
+            grids.append(c[1] if c is not None else next(fresh))
+        grid = torch.stack(grids)
         counts = [int(g.prod()) // self.merge_size**2 for g in grid]
         parts = text.split(self.image_token)
         expanded = parts[0] + "".join(self.image_token * n + p for n, p in zip(counts, parts[1:]))
@@ -129,14 +143,15 @@ class VisionLanguage:
             positions, deltas = self.model.model.get_rope_index(
                 ids_t, mm_token_type_ids=is_image.long().unsqueeze(0), image_grid_thw=grid)
         mm = MultiModalInputs(
-            pixel_values=feats["pixel_values"],
+            pixel_values=feats["pixel_values"] if feats is not None else torch.zeros(0),
             image_grid_thw=grid,
+            cached_embeds=[c[0] if c is not None else None for c in cached],
             image_hashes=list(hashes),
             positions=positions[:, 0].clone(),
             rope_delta=int(deltas.reshape(-1)[0]),
             image_token_pos=torch.nonzero(is_image).reshape(-1),
             tokens_per_image=counts,
-            patches_per_image=[int(g.prod()) for g in grid],
+            patches_per_image=[int(g.prod()) if c is None else 0 for g, c in zip(grid, cached)],
         )
         return ids, mm
 
@@ -153,11 +168,12 @@ class VisionLanguage:
         found: dict[tuple[int, int], torch.Tensor] = {}
         for mm in mms:
             for i, h in enumerate(mm.image_hashes):
-                hit = self.cache.get(h)
+                held = mm.cached_embeds[i] if mm.cached_embeds else None
+                hit = held if held is not None else (self.cache.get(h) if mm.patches_per_image[i] else None)
                 if hit is None:
                     todo.append((mm, i))
                 else:
-                    found[(id(mm), i)] = hit
+                    found[(id(mm), i)] = hit if held is not None else hit[0]
         if todo:
             pixels, grids = [], []
             for mm, i in todo:
@@ -170,10 +186,11 @@ class VisionLanguage:
             for (mm, i), emb in zip(todo, out.pooler_output):
                 emb = emb.to(dtype)
                 found[(id(mm), i)] = emb
-                self.cache.put(mm.image_hashes[i], emb)
+                self.cache.put(mm.image_hashes[i], emb, mm.image_grid_thw[i])
         for mm in mms:
             mm.embeds = torch.cat([found[(id(mm), i)] for i in range(mm.num_images)])
             mm.pixel_values = mm.pixel_values[:0]  # the pixels are not needed any more
+            mm.cached_embeds = []
 
     def plan(self, out: Any, device: torch.device) -> "VisionStep":
         """Positions and image rows of one scheduler step (call with the scheduler lock held)."""

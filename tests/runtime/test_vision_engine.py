@@ -130,6 +130,36 @@ async def test_batched_images_and_text_with_chunked_prefill_match_generate(loade
     assert hits >= 1, "the repeated image should come from the encoder cache"
 
 
+async def test_repeated_image_skips_processor_and_encoder(loaded, reference):
+    """An image seen before (same bytes) takes its embeddings and grid from the encoder cache at
+    preprocessing: no pixels, no encoder run, and the same greedy output as generate."""
+    eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=24, max_model_len=1024)
+    await eng.start()
+    tok = loaded.tokenizer
+    img = make_image(210, 140, 42)
+    try:
+        ids1, mm1 = make_request(eng.vision, tok, [img], "first look")
+        assert mm1.pixel_values.numel() > 0
+        out1 = await collect(eng, "a", ids1, mm1, 8)
+        ids2, mm2 = make_request(eng.vision, tok, [img, make_image(90, 90, 43)], "second look", history=True)
+        assert mm2.patches_per_image[0] == 0 and mm2.patches_per_image[1] > 0  # only the new image has pixels
+        calls = []
+        visual = loaded.model.model.visual
+        handle = visual.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+        try:
+            out2 = await collect(eng, "b", ids2, mm2, 8)
+        finally:
+            handle.remove()
+    finally:
+        await eng.stop()
+    assert calls == [mm2.patches_per_image[1]], "the encoder should run on the new image only"
+    ref_vl = VisionLanguage(reference.model, tok, reference.image_processor)
+    _, ref1 = make_request(ref_vl, tok, [img], "first look")
+    _, ref2 = make_request(ref_vl, tok, [img, make_image(90, 90, 43)], "second look", history=True)
+    assert out1 == reference_generate(reference, ids1, ref1, 8)
+    assert out2 == reference_generate(reference, ids2, ref2, 8)
+
+
 def test_make_model_cli_writes_the_published_layout(tmp_path):
     import json
     import subprocess
