@@ -147,3 +147,33 @@ def test_response_format_bad_types_and_schemas_are_400(server):
     ok = server.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "response_format": {"type": "text"},
                                               "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200
+
+
+def test_concurrent_image_and_text_requests_answer_as_alone(server):
+    """Image requests (different screens, one repeated) and text requests batched by the server each
+    answer exactly what they answer alone (greedy)."""
+    import asyncio
+
+    shots = [screenshot(seed=s) for s in (11, 12, 11)]
+    reqs = [[{"role": "system", "content": SYSTEM}, user_turn(f"step {i}", shot)] for i, shot in enumerate(shots)]
+    reqs += [[{"role": "user", "content": "plain text question number one"}],
+             [{"role": "user", "content": [{"type": "text", "text": "another text-only turn"}]}],
+             [{"role": "system", "content": SYSTEM},
+              {"role": "user", "content": [{"type": "text", "text": "Task: open Settings"}]},
+              {"role": "assistant", "content": "do(action=\"Back\")"},
+              user_turn("step after back", screenshot(seed=13, w=540, h=1200))]]
+    params = dict(max_tokens=12, temperature=0.0, top_p=0.85, frequency_penalty=0.2, extra_body={"ignore_eos": True})
+
+    async def one(client, msgs):
+        out = await client.chat.completions.create(model="tiny", messages=msgs, **params)
+        return out.choices[0].message.content
+
+    async def together():
+        client = server.aclient()
+        return await asyncio.gather(*(one(client, m) for m in reqs))
+
+    batched = asyncio.run(together())
+    client = server.client()
+    alone = [client.chat.completions.create(model="tiny", messages=m, **params).choices[0].message.content for m in reqs]
+    assert batched == alone
+    assert batched[0] != batched[1]  # different screens, different answers: the images are not mixed up
