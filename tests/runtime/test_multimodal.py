@@ -112,3 +112,13 @@ def test_settings_flags(tmp_path):
 def test_allowed_media_domains_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOGLM_RUNTIME_ALLOWED_MEDIA_DOMAINS", "a.example, b.example")
     assert RuntimeSettings(model=tmp_path).allowed_media_domains == ["a.example", "b.example"]
+
+
+def test_cli_flags_reach_the_settings(tmp_path):
+    from autoglm_runtime.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["serve", str(tmp_path), "--max-image-pixels", "123", "--max-images-per-request",
+                                      "2", "--allowed-media-domains", "cdn.example,img.example"])
+    s = settings_from_args(args)
+    assert (s.max_image_pixels, s.max_images_per_request, s.allowed_media_domains) == (
+        123, 2, ["cdn.example", "img.example"])

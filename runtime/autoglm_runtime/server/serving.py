@@ -48,8 +48,10 @@ class EngineClient(Protocol):
     """What the HTTP layer needs from the engine (``autoglm_runtime.engine.Engine`` provides it)."""
 
     tokenizer: Any
+    vision: Any  # vision.VisionLanguage of a vision-language model, None for a text-only one
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: Any, priority: int = 0) -> Any: ...
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: Any, priority: int = 0,
+                 mm: Any = None) -> Any: ...
     def abort(self, request_id: str) -> Any: ...
     def check_health(self) -> bool: ...
     async def start(self) -> None: ...
@@ -291,8 +293,8 @@ class Generation:
 
     async def start(self) -> None:
         try:
-            extra = {"mm": self.mm} if self.mm is not None else {}
-            gen = self.engine.generate(self.request_id, self.prompt_ids, self.params, priority=self.priority, **extra)
+            gen = self.engine.generate(self.request_id, self.prompt_ids, self.params, priority=self.priority,
+                                       mm=self.mm)
             if inspect.isawaitable(gen):
                 gen = await gen
             self._it = gen.__aiter__()
@@ -480,7 +482,7 @@ class OpenAIServing:
         if not getattr(self._tokenizer(), "chat_template", None):
             raise errors.BadRequestError("This model has no chat template.", param="messages", code="no_chat_template")
         try:
-            return await chat_prompt_with_images(getattr(self.state.engine, "vision", None), self._tokenizer(),
+            return await chat_prompt_with_images(self.state.engine.vision, self._tokenizer(),
                                                  req.messages, self.state.settings.media_limits)
         except MediaError as exc:
             raise errors.BadRequestError(exc.message, param=exc.param, code=exc.code) from None
