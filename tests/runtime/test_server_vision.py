@@ -177,3 +177,18 @@ def test_concurrent_image_and_text_requests_answer_as_alone(server):
     alone = [client.chat.completions.create(model="tiny", messages=m, **params).choices[0].message.content for m in reqs]
     assert batched == alone
     assert batched[0] != batched[1]  # different screens, different answers: the images are not mixed up
+
+
+def test_penalties_reach_the_engine_through_the_api(server):
+    """The same greedy request with and without penalties: the penalized answer repeats less."""
+    client = server.client()
+    msgs = [{"role": "user", "content": "the the the the the"}]
+    base = dict(model="tiny", messages=msgs, max_tokens=40, temperature=0.0, extra_body={"ignore_eos": True,
+                                                                                          "return_token_ids": True})
+    plain = client.chat.completions.create(**base).choices[0].model_extra["token_ids"]
+    freq = client.chat.completions.create(frequency_penalty=2.0, **base).choices[0].model_extra["token_ids"]
+    rep = client.chat.completions.create(**{**base, "extra_body": {**base["extra_body"], "repetition_penalty": 3.0}})
+    rep = rep.choices[0].model_extra["token_ids"]
+    assert len(set(freq)) > len(set(plain)) and rep != plain
+    r = server.post("/v1/chat/completions", {"model": "tiny", "messages": msgs, "frequency_penalty": 2.5})
+    assert r.status_code == 400 and "frequency_penalty" in r.text
