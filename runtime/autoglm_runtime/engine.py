@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from .guided import GuidedDecoder, ResponseFormatError, llg_tokenizer
 from .loader import LoadedModel, ModelLoadError, load_model
 from .logprobs import TokenLogprob
 from .model_runner import ModelRunner
@@ -354,6 +355,12 @@ class Engine:
             priority=priority,
         )
         req = _Request(seq, inst, params)
+        if params.grammar is not None:  # response_format: a grammar the engine thread cannot fail on later
+            try:
+                lltok = llg_tokenizer(inst.loaded.tokenizer, inst.runner.vocab_size, inst.loaded.eos_token_ids)
+                req.sampling.guide = GuidedDecoder(lltok, params.grammar)
+            except ResponseFormatError as exc:
+                raise InvalidRequestError(f"response_format cannot be enforced: {exc}") from None
         seq.data = req
         with self._lock:
             inst.scheduler.add_request(seq)  # QueueFullError

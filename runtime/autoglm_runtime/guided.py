@@ -1,13 +1,15 @@
 """Structured output (`response_format` json_object / json_schema) enforced with llguidance.
 
 The request's format is compiled to an llguidance grammar in the HTTP layer (`compile_response_format`,
-a bad schema is a 400). The engine keeps one `GuidedDecoder` per request: before each sampling step
+a bad schema is a 400). The engine makes one `GuidedDecoder` per request at admission (so a grammar
+that fails with this tokenizer is a 400 too, never an error on the engine thread): before each step
 the grammar's allowed-token bitmask sets every other logit to -inf (`guided_mask`, only for rows
 that have a grammar), and after it the sampled token is consumed; when the grammar is complete the
 request finishes with reason "stop". EOS is allowed exactly when the grammar accepts.
 
-The llguidance tokenizer is built once per model (about a second) from the Hugging Face fast
-tokenizer, with the width of the model's logits as its vocabulary (padded rows stay masked).
+The llguidance tokenizer is built once per model, at its first guided request (about a second for a
+150k vocabulary), from the Hugging Face fast tokenizer, with the width of the model's logits as its
+vocabulary (padded rows stay masked).
 """
 
 from __future__ import annotations

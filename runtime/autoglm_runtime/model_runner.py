@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .loader import LoadedModel, ModelLoadError
-from .guided import GuidedDecoder, guided_mask, llg_tokenizer
+from .guided import guided_mask
 from .logprobs import TokenLogprob, capture, gather
 from .penalties import PenaltyBatch, penalty_batch_for
 from .sampling import SamplingState, min_tokens_suppression, sample
@@ -191,11 +191,7 @@ class ModelRunner:
             suppress = min_tokens_suppression(states, [len(s.output_token_ids) for s in seqs],
                                               [s.eos_token_ids for s in seqs], self.vocab_size, self.device)
         guided = None
-        if any(st.params.grammar for st in states):  # likewise
-            for st in states:
-                if st.params.grammar and st.guide is None:
-                    lltok = llg_tokenizer(self.loaded.tokenizer, self.vocab_size, self.loaded.eos_token_ids)
-                    st.guide = GuidedDecoder(lltok, st.params.grammar)
+        if any(st.guide is not None for st in states):  # likewise (decoders are made at admission)
             guided = guided_mask([st.guide for st in states], self.vocab_size, self.device)
         penalties = None
         if any(st.params.has_penalties for st in states):  # likewise: one scan when none has any
