@@ -12,7 +12,9 @@ exactly `--new-tokens` tokens (EOS ignored in every system).
 Systems:
   1. sequential `generate` -- `Glm4vForConditionalGeneration.generate` per request, one after the
      other, with the same image preprocessing and the OpenAI frequency penalty as a logits processor.
-  2. transformers serve    -- tried; reported as not serving this model type when it cannot.
+  2. transformers serve    -- `transformers serve --continuous-batching` over HTTP, same client and
+     workload (needs torchvision, in the `bench` extra, for Glm4v's processor); reported as not
+     serving this model type when it cannot.
   3. autoglm-runtime serve -- over HTTP with the real `openai` client, streaming; TTFT = first
      content chunk. Its greedy token ids are checked against system 1 (PASS/FAIL).
   4. autoglm, cached image -- the same agents, but every step re-sends the screenshot of the
@@ -179,20 +181,23 @@ def encoder_cost(model_dir: Path, plan: list[list[Step]]) -> str:
             f"cache (PNG decode only)")
 
 
-async def _drive(base: str, plan: list[list[Step]], new_tokens: int) -> tuple[float, list[dict]]:
+async def _drive(base: str, plan: list[list[Step]], new_tokens: int, model: str = "small-vl",
+                 extra_body: dict | None = None) -> tuple[float, list[dict]]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
     records: list[dict] = []
+    extra = extra_body if extra_body is not None else {"ignore_eos": True, "return_token_ids": True}
 
     async def agent(seq: list[Step]) -> None:
         for st in seq:
             t = time.perf_counter()
-            ttft, text, ids = None, "", []
+            ttft, text, ids, usage = None, "", [], None
             stream = await client.chat.completions.create(
-                model="small-vl", messages=st.messages, stream=True, max_tokens=new_tokens, temperature=0.0,
-                top_p=0.85, frequency_penalty=0.2, extra_body={"ignore_eos": True, "return_token_ids": True})
+                model=model, messages=st.messages, stream=True, max_tokens=new_tokens, temperature=0.0,
+                top_p=0.85, frequency_penalty=0.2, stream_options={"include_usage": True}, extra_body=extra)
             async for chunk in stream:
+                usage = chunk.usage or usage
                 if not chunk.choices:
                     continue
                 c = chunk.choices[0]
@@ -201,10 +206,14 @@ async def _drive(base: str, plan: list[list[Step]], new_tokens: int) -> tuple[fl
                 text += c.delta.content or ""
                 ids += (c.model_extra or {}).get("token_ids") or []
             records.append({"key": (st.agent, st.step), "ttft": ttft or (time.perf_counter() - t),
-                            "e2e": time.perf_counter() - t, "ids": ids})
+                            "e2e": time.perf_counter() - t, "ids": ids,
+                            "tokens": len(ids) or (usage.completion_tokens if usage else 0)})
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(agent(seq) for seq in plan))
+    try:
+        await asyncio.gather(*(agent(seq) for seq in plan))
+    finally:
+        await client.close()
     return time.perf_counter() - t0, records
 
 
@@ -223,7 +232,7 @@ def run_autoglm(model_dir: Path, plans: dict[str, list[list[Step]]], new_tokens:
         asyncio.run(_drive(base, warm, 2))
         for name, plan in plans.items():
             wall, records = asyncio.run(_drive(base, plan, new_tokens))
-            total = sum(len(r["ids"]) for r in records)
+            total = sum(r["tokens"] for r in records)
             ttfts = [r["ttft"] for r in records]
             results[name] = (Result(name, wall, total, total / wall, _pct(ttfts, 0.5), _pct(ttfts, 0.99),
                                     _pct([r["e2e"] for r in records], 0.5)),
@@ -233,29 +242,32 @@ def run_autoglm(model_dir: Path, plans: dict[str, list[list[Step]]], new_tokens:
     return results
 
 
-def try_hf_serve(model_dir: Path, logdir: Path) -> str:
-    """Start `transformers serve` on the model and send one image request; say what happened."""
-    import httpx
-
+def run_hf_serve(model_dir: Path, plan: list[list[Step]], new_tokens: int, args, logdir: Path) -> Result | str:
+    """`transformers serve --continuous-batching` on the same model and workload (its per-request
+    `generation_config` forces exactly `new_tokens`); a string saying why when it cannot serve it."""
     port = free_port()
     argv = [str(VENV_BIN / "transformers"), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--cb-num-blocks", "256"]
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--attn-implementation", "sdpa",
+            "--cb-num-blocks", "512", "--cb-max-batch-tokens", str(args.max_batch_tokens)]
     srv = ServerProcess(argv, port, logdir / "hf-serve-vl.log", {**os.environ, "HF_HUB_OFFLINE": "1"})
+    extra = {"generation_config": json.dumps({"do_sample": False, "max_new_tokens": new_tokens,
+                                              "min_new_tokens": new_tokens})}
     try:
-        srv.wait_ready("/health", timeout=120)
-        png = base64.b64encode(screenshot(1, 270, 600)).decode()
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
-            "model": str(model_dir), "max_tokens": 4, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
-                {"type": "text", "text": "hi"}]}]})
-        body = r.text.strip().splitlines()
-        return f"HTTP {r.status_code}: {(body[0] if body else '')[:160]}"
+        srv.wait_ready("/health", timeout=180)
+        base = f"http://127.0.0.1:{port}"
+        asyncio.run(_drive(base, workload(1, 1, seed=999, repeat_image=False), 2, str(model_dir), extra))
+        wall, records = asyncio.run(_drive(base, plan, new_tokens, str(model_dir), extra))
     except Exception as exc:  # noqa: BLE001 - reported as the outcome
         lines = srv.log.read_text(errors="replace").splitlines() if srv.log.exists() else []
         why = [ln.strip() for ln in lines if "Error" in ln or "requires" in ln][-2:]
-        return f"does not serve it ({type(exc).__name__}): {' / '.join(why)[:300]}"
+        return f"does not serve it ({type(exc).__name__}: {str(exc)[:120]}): {' / '.join(why)[:300]}"
     finally:
         srv.stop()
+    total = sum(r["tokens"] for r in records)
+    ttfts = [r["ttft"] for r in records]
+    return Result("2 transformers serve --continuous-batching", wall, total, total / wall, _pct(ttfts, 0.5),
+                  _pct(ttfts, 0.99), _pct([r["e2e"] for r in records], 0.5),
+                  note="frequency_penalty sent; whether it applies it is not checked")
 
 
 # ------------------------------------------------------------------ report
@@ -297,8 +309,12 @@ def main() -> int:
         results.append(res)
     notes.append(encoder_cost(model_dir, fresh))
     if "2" not in skip:
-        print("trying 2 transformers serve ...", flush=True)
-        notes.append(f"transformers serve --continuous-batching on small-vl: {try_hf_serve(model_dir, logdir)}")
+        print("running 2 transformers serve --continuous-batching ...", flush=True)
+        hf = run_hf_serve(model_dir, fresh, args.new_tokens, args, logdir)
+        if isinstance(hf, Result):
+            results.append(hf)
+        else:
+            notes.append(f"transformers serve --continuous-batching on small-vl: {hf}")
     plans = {}
     if "3" not in skip:
         plans["3 autoglm-runtime serve"] = fresh

@@ -136,7 +136,8 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto")
         if not (model_dir / "preprocessor_config.json").is_file():
             raise ModelLoadError(f"{model_dir} is a vision-language model but has no preprocessor_config.json")
         try:
-            image_processor = AutoImageProcessor.from_pretrained(model_dir)
+            # The Pillow backend always: the same preprocessing with or without torchvision installed.
+            image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot load the image processor in {model_dir}: {_one_line(exc)}") from None
     try:
