@@ -68,12 +68,15 @@ def _token_text(decode, token_id: int) -> str:
     return decode([token_id])
 
 
-def chat_logprobs(items: list[TokenLogprob], decode) -> dict[str, Any]:
-    """`choices[].logprobs` of the chat API: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+def chat_logprobs(items: list[TokenLogprob], decode, token_bytes: list[bytes] | None = None) -> dict[str, Any]:
+    """`choices[].logprobs` of the chat API: {"content": [{token, logprob, bytes, top_logprobs}]}.
+    `bytes` are the token's raw bytes when `token_bytes` (see `sampling.byte_level_token_bytes`)
+    knows them: a token holding part of a UTF-8 character decodes to U+FFFD, its bytes do not."""
 
     def entry(tid: int, lp: float) -> dict[str, Any]:
         text = _token_text(decode, tid)
-        return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(text.encode("utf-8"))}
+        raw = token_bytes[tid] if token_bytes is not None and 0 <= tid < len(token_bytes) else b""
+        return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(raw or text.encode("utf-8"))}
 
     return {"content": [entry(t.token_id, t.logprob) | {"top_logprobs": [entry(i, v) for i, v in t.top]}
                         for t in items]}

@@ -117,3 +117,17 @@ def test_server_logprobs_openai_client(server, reference):
     assert plain.choices[0].logprobs is None
     r = server.post("/v1/chat/completions", {"model": "tiny", "messages": msgs, "top_logprobs": 2})
     assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"]
+
+
+def test_chat_logprob_bytes_are_the_raw_token_bytes(reference):
+    """A byte-level token holding the first byte of a multi-byte character decodes to U+FFFD; the
+    `bytes` field carries the real byte."""
+    from autoglm_runtime.logprobs import TokenLogprob, chat_logprobs
+    from autoglm_runtime.sampling import byte_level_token_bytes
+
+    tok = reference.tokenizer
+    table = byte_level_token_bytes(tok)
+    assert table is not None
+    tid = table.index(b"\xe4")  # the lone lead byte of a 3-byte UTF-8 character
+    out = chat_logprobs([TokenLogprob(tid, -0.5, [(tid, -0.5)])], lambda ids: tok.decode(ids), table)["content"][0]
+    assert out["token"] == "\ufffd" and out["bytes"] == [0xE4] and out["top_logprobs"][0]["bytes"] == [0xE4]

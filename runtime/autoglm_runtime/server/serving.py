@@ -22,6 +22,7 @@ from autoglm_runtime.guided import ResponseFormatError, compile_response_format
 from autoglm_runtime.logprobs import chat_logprobs, completion_logprobs
 from autoglm_runtime.metrics import RequestTimer, RuntimeMetrics
 from autoglm_runtime.multimodal import MediaError, chat_prompt_with_images, has_images
+from autoglm_runtime.sampling import byte_level_token_bytes
 from autoglm_runtime.server import errors
 from autoglm_runtime.server.protocol import (
     ChatChoice,
@@ -422,6 +423,7 @@ class OpenAIServing:
         self.state = state
         self._sampling_cls: Any = None
         self._sampling_fields: set[str] = set()
+        self._token_bytes: tuple[Any, list[bytes] | None] | None = None  # (tokenizer, raw bytes per token id)
 
     @property
     def model_name(self) -> str:
@@ -467,7 +469,12 @@ class OpenAIServing:
         return self._tokenize(text, add_special_tokens=False)
 
     def _chat_logprobs(self, items: list[Any], req: ChatCompletionRequest) -> dict[str, Any] | None:
-        return chat_logprobs(items, self._decode_token_list) if req.requested_logprobs is not None else None
+        if req.requested_logprobs is None:
+            return None
+        tok = self._tokenizer()
+        if self._token_bytes is None or self._token_bytes[0] is not tok:  # once per tokenizer (reload)
+            self._token_bytes = (tok, byte_level_token_bytes(tok))
+        return chat_logprobs(items, self._decode_token_list, self._token_bytes[1])
 
     def _completion_logprobs(self, items: list[Any], req: CompletionRequest, offset: int = 0) -> dict[str, Any] | None:
         if req.requested_logprobs is None:
