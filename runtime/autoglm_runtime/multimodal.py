@@ -34,7 +34,7 @@ __all__ = ["ImageRef", "MediaError", "MediaLimits", "DecodedImage", "split_messa
            "decode_image", "load_images"]
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size of one image
-FORMATS = {"PNG", "JPEG", "WEBP"}
+FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}  # MPO: the multi-picture JPEG many phone cameras write
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 
