@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["ImageRef", "MediaError", "MediaLimits", "DecodedImage", "split_messages", "has_images", "chat_prompt_with_images",
+__all__ = ["content_hash", "ImageRef", "MediaError", "MediaLimits", "DecodedImage", "split_messages", "has_images", "chat_prompt_with_images",
            "decode_image", "load_images"]
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size of one image
@@ -64,6 +64,11 @@ class ImageRef:
 class DecodedImage:
     image: Any = field(repr=False)  # PIL.Image.Image, RGB, fully loaded
     hash: str  # sha256 of the encoded bytes (the encoder cache key)
+
+
+def content_hash(data: bytes) -> str:
+    """The encoder cache's key for an image: SHA-256 of its encoded bytes."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _image_url(part: dict[str, Any]) -> str | None:
@@ -155,7 +160,7 @@ def decode_image(data: bytes, where: str, limits: MediaLimits) -> DecodedImage:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MediaError(f"{where}: cannot decode the image: {type(exc).__name__}: {str(exc)[:200]}") from None
-    return DecodedImage(rgb, hashlib.sha256(data).hexdigest())
+    return DecodedImage(rgb, content_hash(data))
 
 
 def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:

@@ -22,7 +22,6 @@ Runner side (engine thread):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -154,10 +153,6 @@ class VisionLanguage:
             patches_per_image=[int(g.prod()) if c is None else 0 for g, c in zip(grid, cached)],
         )
         return ids, mm
-
-    @staticmethod
-    def content_hash(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
 
     # ------------------------------------------------------------------ runner side (engine thread)
     @torch.inference_mode()

@@ -17,6 +17,7 @@ Image = pytest.importorskip("PIL.Image")
 from autoglm_runtime.engine import Engine  # noqa: E402
 from autoglm_runtime.loader import load_model  # noqa: E402
 from autoglm_runtime.sampling import SamplingParams  # noqa: E402
+from autoglm_runtime.multimodal import content_hash  # noqa: E402
 from autoglm_runtime.vision import VisionLanguage  # noqa: E402
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(240)]
@@ -58,7 +59,7 @@ def chat_text(tok, n_images: int, text: str, history: bool = False) -> str:
 
 def make_request(vl: VisionLanguage, tok, images, text: str, history=False):
     datas = [png_bytes(im) for im in images]
-    return vl.process(chat_text(tok, len(images), text, history), images, [VisionLanguage.content_hash(d) for d in datas])
+    return vl.process(chat_text(tok, len(images), text, history), images, [content_hash(d) for d in datas])
 
 
 def reference_generate(reference, ids, mm, n):
