@@ -161,6 +161,7 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
     from autoglm_runtime.metrics import RuntimeMetrics
     from autoglm_runtime.server.api import create_app
     from autoglm_runtime.server.serving import ServerState
+    from autoglm_runtime.vision import VisionMetrics
 
     if settings.max_model_len and settings.max_model_len > int(loaded.max_model_len):
         log.warning("Capped max_model_len at the model's, model_max=%s max_model_len=%s",
@@ -173,6 +174,7 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
                         revision=settings.revision, on_step=metrics.on_step)
     except ValueError as exc:
         return _fail(f"invalid engine settings: {exc}", 2)
+    metrics.registry.register(VisionMetrics(engine, lambda: metrics.labels))
     state = ServerState(settings, engine, metrics, max_model_len=int(engine.max_model_len))
     app = create_app(state)
 

@@ -69,18 +69,15 @@ class EncoderCache:
         self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # request images whose embeddings came from here
+        self.misses = 0  # request images the vision encoder ran on
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(embeddings [n_tokens, H], grid_thw [3]) or None."""
         with self._lock:
             item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
+            if item is not None:
+                self._items.move_to_end(key)
             return item
 
     def put(self, key: str, embeds: torch.Tensor, grid: torch.Tensor) -> None:
@@ -164,10 +161,12 @@ class VisionLanguage:
         for mm in mms:
             for i, h in enumerate(mm.image_hashes):
                 held = mm.cached_embeds[i] if mm.cached_embeds else None
-                hit = held if held is not None else (self.cache.get(h) if mm.patches_per_image[i] else None)
+                hit = held if held is not None else self.cache.get(h)  # encoded meanwhile?
                 if hit is None:
                     todo.append((mm, i))
+                    self.cache.misses += 1
                 else:
+                    self.cache.hits += 1
                     found[(id(mm), i)] = hit if held is not None else hit[0]
         if todo:
             pixels, grids = [], []
@@ -238,3 +237,32 @@ class VisionStep:
     positions: torch.Tensor  # [3, 1, T]
     fills: list  # (rows in the packed batch, mm, embedding rows, chunk completes the prompt)
     need: list[MultiModalInputs]  # sequences whose images must be encoded this step
+
+
+class VisionMetrics:
+    """Prometheus collector (read at scrape time) of the engine's current vision model:
+    `autoglm_encoder_cache_hits_total` (request images whose embeddings came from the encoder cache)
+    and `autoglm_encoder_cache_misses_total` (request images the vision encoder ran on). Nothing is
+    exported for a text-only model."""
+
+    def __init__(self, engine: Any, labels: Any) -> None:
+        self.engine = engine
+        self.labels = labels  # () -> (model, revision)
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        vl = self.engine.vision
+        if vl is None:
+            return
+        lv = list(self.labels())
+        for name, doc, value in (
+            ("autoglm_encoder_cache_hits", "Request images whose embeddings came from the encoder cache.", vl.cache.hits),
+            ("autoglm_encoder_cache_misses", "Request images the vision encoder ran on.", vl.cache.misses),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["model", "revision"])
+            fam.add_metric(lv, value)
+            yield fam

@@ -192,3 +192,21 @@ def test_penalties_reach_the_engine_through_the_api(server):
     assert len(set(freq)) > len(set(plain)) and rep != plain
     r = server.post("/v1/chat/completions", {"model": "tiny", "messages": msgs, "frequency_penalty": 2.5})
     assert r.status_code == 400 and "frequency_penalty" in r.text
+
+
+def test_encoder_cache_metrics(server):
+    from tests.runtime.test_server import metric
+
+    def scrape():
+        text = server.metrics()
+        return (metric(text, "autoglm_encoder_cache_hits_total"), metric(text, "autoglm_encoder_cache_misses_total"))
+
+    client = server.client()
+    msgs = [user_turn("same screen twice", screenshot(seed=99))]
+    before = scrape()
+    client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0.0)
+    first = scrape()
+    client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0.0)
+    second = scrape()
+    assert [b - a for a, b in zip(before, first)] == [0, 1]  # new image: a miss, the encoder runs
+    assert [b - a for a, b in zip(first, second)] == [1, 0]  # same bytes: a hit, no encoder run
