@@ -42,11 +42,20 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_runtime import ServerProcess, _pct, free_port  # noqa: E402
 
-SYSTEM = ("You are a phone-operating agent. You see the current screen and the task. Think step by step "
-          "inside <think></think>, then answer with do(action=...) or finish(message=...). ") * 3
-TASKS = ["open the settings app and turn on wifi", "search the market for a red kettle", "send a message to mom",
-         "set an alarm for seven", "find the nearest coffee shop", "play the latest podcast episode",
-         "check the weather for tomorrow", "order a taxi to the airport"]
+SYSTEM = (
+    "You are a phone-operating agent. You see the current screen and the task. Think step by step "
+    "inside <think></think>, then answer with do(action=...) or finish(message=...). "
+) * 3
+TASKS = [
+    "open the settings app and turn on wifi",
+    "search the market for a red kettle",
+    "send a message to mom",
+    "set an alarm for seven",
+    "find the nearest coffee shop",
+    "play the latest podcast episode",
+    "check the weather for tomorrow",
+    "order a taxi to the airport",
+]
 
 
 @dataclass
@@ -77,8 +86,9 @@ def screenshot(seed: int, w: int = 1080, h: int = 2400) -> bytes:
     d = ImageDraw.Draw(img)
     for _ in range(40):
         x, y = rng.randrange(w - 100), rng.randrange(h - 60)
-        d.rectangle((x, y, x + rng.randint(60, 400), y + rng.randint(40, 160)),
-                    fill=tuple(rng.randrange(256) for _ in range(3)))
+        d.rectangle(
+            (x, y, x + rng.randint(60, 400), y + rng.randint(40, 160)), fill=tuple(rng.randrange(256) for _ in range(3))
+        )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -93,13 +103,25 @@ def workload(agents: int, steps: int, seed: int, repeat_image: bool) -> list[lis
         for s in range(steps):
             png = screenshot(seed * 1000 + a * 100 + (s - 1 if repeat_image and s > 0 else s))
             text = f"Task: {task}. Step {s + 1}. ** Screen Info ** current app: launcher"
-            user = {"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
-                {"type": "text", "text": text}]}
+            user = {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()},
+                    },
+                    {"type": "text", "text": text},
+                ],
+            }
             seq.append(Step(a, s, history + [user], png))
             # The agent keeps the step as text only, with a (fixed, for determinism) answer.
-            history = history + [{"role": "user", "content": [{"type": "text", "text": text}]},
-                                 {"role": "assistant", "content": f"<think>step {s + 1}</think><answer>do(action=\"Tap\", element=[{100 * s},{200 * s}])"}]
+            history = history + [
+                {"role": "user", "content": [{"type": "text", "text": text}]},
+                {
+                    "role": "assistant",
+                    "content": f'<think>step {s + 1}</think><answer>do(action="Tap", element=[{100 * s},{200 * s}])',
+                },
+            ]
         out.append(seq)
     return out
 
@@ -129,7 +151,7 @@ def run_sequential(model_dir: Path, plan: list[list[Step]], new_tokens: int) -> 
             self.prompt_len, self.penalty = prompt_len, penalty
 
         def __call__(self, input_ids, scores):
-            out = input_ids[:, self.prompt_len:]
+            out = input_ids[:, self.prompt_len :]
             counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
             return scores - self.penalty * counts
 
@@ -144,11 +166,19 @@ def run_sequential(model_dir: Path, plan: list[list[Step]], new_tokens: int) -> 
             ids, mm = asyncio.run(chat_prompt_with_images(vl, loaded.tokenizer, st.messages, MediaLimits()))
             ids_t = torch.tensor([ids])
             out = loaded.model.generate(
-                ids_t, attention_mask=torch.ones_like(ids_t), pixel_values=mm.pixel_values,
-                image_grid_thw=mm.image_grid_thw, mm_token_type_ids=(ids_t == image_id).long(),
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                pad_token_id=0, logits_processor=[FrequencyPenalty(len(ids), 0.2)])
-            gen = out[0, len(ids):].tolist()
+                ids_t,
+                attention_mask=torch.ones_like(ids_t),
+                pixel_values=mm.pixel_values,
+                image_grid_thw=mm.image_grid_thw,
+                mm_token_type_ids=(ids_t == image_id).long(),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                logits_processor=[FrequencyPenalty(len(ids), 0.2)],
+            )
+            gen = out[0, len(ids) :].tolist()
             ids_by_key[(st.agent, st.step)] = gen
             total += len(gen)
             lat.append(time.perf_counter() - t)
@@ -176,13 +206,16 @@ def encoder_cost(model_dir: Path, plan: list[list[Step]]) -> str:
             vl.encode([mm], torch.device("cpu"), torch.float32)
             bucket.append(time.perf_counter() - t)
     n_img = sum(mm.tokens_per_image)
-    return (f"one 1080x2400 screenshot = {n_img} image tokens of a {len(ids)}-token prompt; PNG decode + image "
-            f"processor + vision encoder {min(cold) * 1000:.0f} ms cold, {min(hit) * 1000:.0f} ms with the encoder "
-            f"cache (PNG decode only)")
+    return (
+        f"one 1080x2400 screenshot = {n_img} image tokens of a {len(ids)}-token prompt; PNG decode + image "
+        f"processor + vision encoder {min(cold) * 1000:.0f} ms cold, {min(hit) * 1000:.0f} ms with the encoder "
+        f"cache (PNG decode only)"
+    )
 
 
-async def _drive(base: str, plan: list[list[Step]], new_tokens: int, model: str = "small-vl",
-                 extra_body: dict | None = None) -> tuple[float, list[dict]]:
+async def _drive(
+    base: str, plan: list[list[Step]], new_tokens: int, model: str = "small-vl", extra_body: dict | None = None
+) -> tuple[float, list[dict]]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
@@ -194,8 +227,16 @@ async def _drive(base: str, plan: list[list[Step]], new_tokens: int, model: str 
             t = time.perf_counter()
             ttft, text, ids, usage = None, "", [], None
             stream = await client.chat.completions.create(
-                model=model, messages=st.messages, stream=True, max_tokens=new_tokens, temperature=0.0,
-                top_p=0.85, frequency_penalty=0.2, stream_options={"include_usage": True}, extra_body=extra)
+                model=model,
+                messages=st.messages,
+                stream=True,
+                max_tokens=new_tokens,
+                temperature=0.0,
+                top_p=0.85,
+                frequency_penalty=0.2,
+                stream_options={"include_usage": True},
+                extra_body=extra,
+            )
             async for chunk in stream:
                 usage = chunk.usage or usage
                 if not chunk.choices:
@@ -205,9 +246,15 @@ async def _drive(base: str, plan: list[list[Step]], new_tokens: int, model: str 
                     ttft = time.perf_counter() - t
                 text += c.delta.content or ""
                 ids += (c.model_extra or {}).get("token_ids") or []
-            records.append({"key": (st.agent, st.step), "ttft": ttft or (time.perf_counter() - t),
-                            "e2e": time.perf_counter() - t, "ids": ids,
-                            "tokens": len(ids) or (usage.completion_tokens if usage else 0)})
+            records.append(
+                {
+                    "key": (st.agent, st.step),
+                    "ttft": ttft or (time.perf_counter() - t),
+                    "e2e": time.perf_counter() - t,
+                    "ids": ids,
+                    "tokens": len(ids) or (usage.completion_tokens if usage else 0),
+                }
+            )
 
     t0 = time.perf_counter()
     try:
@@ -219,10 +266,30 @@ async def _drive(base: str, plan: list[list[Step]], new_tokens: int, model: str 
 
 def run_autoglm(model_dir: Path, plans: dict[str, list[list[Step]]], new_tokens: int, args, logdir: Path):
     port = free_port()
-    argv = [str(VENV_BIN / "autoglm-runtime"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--max-batch-size", str(args.agents), "--max-batch-tokens", str(args.max_batch_tokens),
-            "--max-model-len", "4096", "--dtype", "float32", "--device", "cpu", "--served-model-name", "small-vl",
-            "--log-level", "warning"]
+    argv = [
+        str(VENV_BIN / "autoglm-runtime"),
+        "serve",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(args.agents),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--max-model-len",
+        "4096",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--served-model-name",
+        "small-vl",
+        "--log-level",
+        "warning",
+    ]
     srv = ServerProcess(argv, port, logdir / "autoglm-vl.log")
     results = {}
     try:
@@ -234,9 +301,18 @@ def run_autoglm(model_dir: Path, plans: dict[str, list[list[Step]]], new_tokens:
             wall, records = asyncio.run(_drive(base, plan, new_tokens))
             total = sum(r["tokens"] for r in records)
             ttfts = [r["ttft"] for r in records]
-            results[name] = (Result(name, wall, total, total / wall, _pct(ttfts, 0.5), _pct(ttfts, 0.99),
-                                    _pct([r["e2e"] for r in records], 0.5)),
-                             {r["key"]: r["ids"] for r in records})
+            results[name] = (
+                Result(
+                    name,
+                    wall,
+                    total,
+                    total / wall,
+                    _pct(ttfts, 0.5),
+                    _pct(ttfts, 0.99),
+                    _pct([r["e2e"] for r in records], 0.5),
+                ),
+                {r["key"]: r["ids"] for r in records},
+            )
     finally:
         srv.stop()
     return results
@@ -246,12 +322,32 @@ def run_hf_serve(model_dir: Path, plan: list[list[Step]], new_tokens: int, args,
     """`transformers serve --continuous-batching` on the same model and workload (its per-request
     `generation_config` forces exactly `new_tokens`); a string saying why when it cannot serve it."""
     port = free_port()
-    argv = [str(VENV_BIN / "transformers"), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--attn-implementation", "sdpa",
-            "--cb-num-blocks", "512", "--cb-max-batch-tokens", str(args.max_batch_tokens)]
+    argv = [
+        str(VENV_BIN / "transformers"),
+        "serve",
+        str(model_dir),
+        "--continuous-batching",
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--attn-implementation",
+        "sdpa",
+        "--cb-num-blocks",
+        "512",
+        "--cb-max-batch-tokens",
+        str(args.max_batch_tokens),
+    ]
     srv = ServerProcess(argv, port, logdir / "hf-serve-vl.log", {**os.environ, "HF_HUB_OFFLINE": "1"})
-    extra = {"generation_config": json.dumps({"do_sample": False, "max_new_tokens": new_tokens,
-                                              "min_new_tokens": new_tokens})}
+    extra = {
+        "generation_config": json.dumps(
+            {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        )
+    }
     try:
         srv.wait_ready("/health", timeout=180)
         base = f"http://127.0.0.1:{port}"
@@ -265,9 +361,16 @@ def run_hf_serve(model_dir: Path, plan: list[list[Step]], new_tokens: int, args,
         srv.stop()
     total = sum(r["tokens"] for r in records)
     ttfts = [r["ttft"] for r in records]
-    return Result("2 transformers serve --continuous-batching", wall, total, total / wall, _pct(ttfts, 0.5),
-                  _pct(ttfts, 0.99), _pct([r["e2e"] for r in records], 0.5),
-                  note="frequency_penalty sent; whether it applies it is not checked")
+    return Result(
+        "2 transformers serve --continuous-batching",
+        wall,
+        total,
+        total / wall,
+        _pct(ttfts, 0.5),
+        _pct(ttfts, 0.99),
+        _pct([r["e2e"] for r in records], 0.5),
+        note="frequency_penalty sent; whether it applies it is not checked",
+    )
 
 
 # ------------------------------------------------------------------ report
@@ -297,8 +400,11 @@ def main() -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     fresh = workload(args.agents, args.steps, args.seed, repeat_image=False)
     cached = workload(args.agents, args.steps, args.seed + 1, repeat_image=True)
-    print(f"workload: {args.agents} agents x {args.steps} steps, one 1080x2400 screenshot per step, "
-          f"{args.new_tokens} new tokens, model {model_dir}", flush=True)
+    print(
+        f"workload: {args.agents} agents x {args.steps} steps, one 1080x2400 screenshot per step, "
+        f"{args.new_tokens} new tokens, model {model_dir}",
+        flush=True,
+    )
 
     results: list[Result] = []
     notes: list[str] = []
@@ -332,13 +438,23 @@ def main() -> int:
     print("| system | wall | output tokens | tokens/s | TTFT p50 | TTFT p99 | latency p50 |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r.system} | {r.wall_s:.2f}s | {r.output_tokens} | {r.tokens_per_s:.1f} | {_f(r.ttft_p50)} | "
-              f"{_f(r.ttft_p99)} | {_f(r.e2e_p50)} |")
+        print(
+            f"| {r.system} | {r.wall_s:.2f}s | {r.output_tokens} | {r.tokens_per_s:.1f} | {_f(r.ttft_p50)} | "
+            f"{_f(r.ttft_p99)} | {_f(r.e2e_p50)} |"
+        )
     for n in notes:
         print(f"- {n}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": [asdict(r) for r in results], "notes": notes}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "results": [asdict(r) for r in results],
+                    "notes": notes,
+                },
+                indent=2,
+            )
+        )
     return 0 if not any("FAIL" in n for n in notes) else 1
 
 

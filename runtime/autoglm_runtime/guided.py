@@ -47,7 +47,8 @@ def compile_response_format(response_format: dict[str, Any] | None) -> str | Non
         # Compact JSON (no free whitespace between tokens): a model cannot pad the answer with
         # whitespace forever. A schema may override it with "x-guidance": {"whitespace_flexible": true}.
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema), defaults={"whitespace_flexible": False})
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
     except (ValueError, RuntimeError, TypeError) as exc:  # llguidance reports schema errors as these
         raise ResponseFormatError(f"response_format schema cannot be compiled: {exc}") from None
     is_error, errors = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
@@ -67,8 +68,10 @@ def llg_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> 
     with _tok_lock:
         key = id(tokenizer)
         if key not in _tok_cache:
-            _tok_cache[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                                       eos_token=sorted(eos_token_ids)[0]))
+            _tok_cache[key] = (
+                tokenizer,
+                llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids)[0]),
+            )
         return _tok_cache[key][1]
 
 
@@ -93,8 +96,9 @@ class GuidedDecoder:
         return self.matcher.is_stopped() or self.matcher.is_error()
 
 
-def guided_mask(decoders: list[GuidedDecoder | None], vocab_size: int, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def guided_mask(
+    decoders: list[GuidedDecoder | None], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows, allowed [k, V] bool) for the rows with a grammar; None when no row has one."""
     from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 

@@ -52,12 +52,14 @@ def gather(cap: Captured | None, tokens: torch.Tensor) -> dict[int, TokenLogprob
     chosen = tokens.index_select(0, idx)
     chosen_lp = cap.logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
     kmax = max(cap.k)
-    top_v, top_i = cap.logprobs.topk(kmax, dim=-1) if kmax else (cap.logprobs[:, :0], chosen.new_zeros(len(cap.rows), 0))
+    top_v, top_i = (
+        cap.logprobs.topk(kmax, dim=-1) if kmax else (cap.logprobs[:, :0], chosen.new_zeros(len(cap.rows), 0))
+    )
     chosen_l, lp_l, tv, ti = chosen.tolist(), chosen_lp.tolist(), top_v.tolist(), top_i.tolist()
     out = {}
     for j, row in enumerate(cap.rows):
         k = cap.k[j]
-        out[row] = TokenLogprob(chosen_l[j], lp_l[j], list(zip(ti[j][:k], tv[j][:k])))
+        out[row] = TokenLogprob(chosen_l[j], lp_l[j], list(zip(ti[j][:k], tv[j][:k], strict=True)))
     return out
 
 
@@ -78,8 +80,9 @@ def chat_logprobs(items: list[TokenLogprob], decode, token_bytes: list[bytes] | 
         raw = token_bytes[tid] if token_bytes is not None and 0 <= tid < len(token_bytes) else b""
         return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(raw or text.encode("utf-8"))}
 
-    return {"content": [entry(t.token_id, t.logprob) | {"top_logprobs": [entry(i, v) for i, v in t.top]}
-                        for t in items]}
+    return {
+        "content": [entry(t.token_id, t.logprob) | {"top_logprobs": [entry(i, v) for i, v in t.top]} for t in items]
+    }
 
 
 def completion_logprobs(items: list[TokenLogprob], decode, text_offset: int = 0) -> dict[str, Any]:

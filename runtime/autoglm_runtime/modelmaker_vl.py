@@ -20,8 +20,15 @@ from .modelmaker import BOS, EOS, PAD, make_tokenizer
 
 __all__ = ["VL_SIZES", "VL_CHAT_TEMPLATE", "make_vl_model"]
 
-IMAGE_TOKENS = ("[gMASK]", "<|begin_of_image|>", "<|end_of_image|>", "<|image|>",
-                "<|begin_of_video|>", "<|end_of_video|>", "<|video|>")
+IMAGE_TOKENS = (
+    "[gMASK]",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|video|>",
+)
 
 # GLM-4.1V's template shape: `[gMASK]<sop>`, role tags, an image part becomes
 # `<|begin_of_image|><|image|><|end_of_image|>` (the processor expands `<|image|>` to one token
@@ -38,7 +45,9 @@ VL_CHAT_TEMPLATE = (
     "{%- endfor %}{%- endif %}"
     "{%- elif msg.role == 'assistant' %}<|assistant|>\n"
     "{%- if msg.content is string %}{{ msg.content }}"
-    "{%- else %}{%- for item in msg.content %}{%- if item.type == 'text' %}{{ item.text }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- else %}{%- for item in msg.content %}"
+    "{%- if item.type == 'text' %}{{ item.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -46,15 +55,29 @@ VL_CHAT_TEMPLATE = (
 
 VL_SIZES: dict[str, dict] = {
     "tiny-vl": dict(
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=4096, mrope_section=[2, 3, 3]),
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            mrope_section=[2, 3, 3],
+        ),
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, image_size=112),
         # <= 32 merged tokens per image (28x28 px each; the budget counts both temporal frames).
         longest_edge=28 * 28 * 64,
     ),
     "small-vl": dict(
-        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=2, max_position_embeddings=8192, mrope_section=[4, 6, 6]),
+        text=dict(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            mrope_section=[4, 6, 6],
+        ),
         vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, image_size=336),
         # <= 128 merged tokens per image: a 1080x2400 screenshot becomes 7x16 = 112 merged patches.
         longest_edge=28 * 28 * 256,
@@ -80,14 +103,28 @@ def make_vl_model(size: str, out: Path | str, seed: int = 0) -> Path:
     text = dict(spec["text"])
     mrope = text.pop("mrope_section")
     text_config = dict(
-        vocab_size=vocab_padded, hidden_act="silu", rms_norm_eps=1e-5, pad_token_id=ids[PAD],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                         "mrope_section": mrope},
+        vocab_size=vocab_padded,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        pad_token_id=ids[PAD],
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": mrope,
+        },
         **text,
     )
-    vision_config = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                         hidden_act="silu", rms_norm_eps=1e-5, out_hidden_size=text["hidden_size"],
-                         **spec["vision"])
+    vision_config = dict(
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        out_hidden_size=text["hidden_size"],
+        **spec["vision"],
+    )
     config = Glm4vConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -104,8 +141,9 @@ def make_vl_model(size: str, out: Path | str, seed: int = 0) -> Path:
         model = Glm4vForConditionalGeneration(config)
     model.eval()
     eos = [ids[EOS], ids["<|user|>"], ids["<|observation|>"]]
-    model.generation_config = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=eos, pad_token_id=ids[PAD],
-                                               do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=eos, pad_token_id=ids[PAD], do_sample=False
+    )
     model.save_pretrained(out, safe_serialization=True)
 
     image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": spec["longest_edge"]})

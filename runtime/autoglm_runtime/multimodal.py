@@ -30,8 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["content_hash", "ImageRef", "MediaError", "MediaLimits", "DecodedImage", "split_messages", "has_images", "chat_prompt_with_images",
-           "decode_image", "load_images"]
+__all__ = [
+    "content_hash",
+    "ImageRef",
+    "MediaError",
+    "MediaLimits",
+    "DecodedImage",
+    "split_messages",
+    "has_images",
+    "chat_prompt_with_images",
+    "decode_image",
+    "load_images",
+]
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size of one image
 FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}  # MPO: the multi-picture JPEG many phone cameras write
@@ -81,7 +91,9 @@ def _image_url(part: dict[str, Any]) -> str | None:
 def has_images(messages: list[Any]) -> bool:
     for m in messages:
         content = m.content if hasattr(m, "content") else m.get("content")
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in content):
+        if isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in content
+        ):
             return True
     return False
 
@@ -114,9 +126,11 @@ def split_messages(messages: list[Any], limits: MediaLimits) -> tuple[list[dict[
                 raise MediaError(f"{where}: unsupported content part type {kind!r}; text and image_url are served")
         out.append({"role": role, "content": parts})
     if len(refs) > limits.max_images_per_request:
-        raise MediaError(f"the request has {len(refs)} images; this server accepts at most "
-                         f"{limits.max_images_per_request} per request (--max-images-per-request)",
-                         code="too_many_images")
+        raise MediaError(
+            f"the request has {len(refs)} images; this server accepts at most "
+            f"{limits.max_images_per_request} per request (--max-images-per-request)",
+            code="too_many_images",
+        )
     return out, refs
 
 
@@ -127,9 +141,11 @@ def _decode_data_uri(url: str, where: str) -> bytes:
     mime = (m.group("mime") or "").lower()
     if mime and not mime.startswith("image/"):
         raise MediaError(f"{where}: data URI has media type {mime!r}; images (PNG, JPEG, WebP) are served")
-    payload = url[m.end():]
+    payload = url[m.end() :]
     if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise MediaError(f"{where}: the image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB", code="image_too_large")
+        raise MediaError(
+            f"{where}: the image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB", code="image_too_large"
+        )
     try:
         return base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError):
@@ -141,7 +157,9 @@ def decode_image(data: bytes, where: str, limits: MediaLimits) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > MAX_IMAGE_BYTES:
-        raise MediaError(f"{where}: the image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB", code="image_too_large")
+        raise MediaError(
+            f"{where}: the image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB", code="image_too_large"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -150,8 +168,11 @@ def decode_image(data: bytes, where: str, limits: MediaLimits) -> DecodedImage:
                 raise MediaError(f"{where}: image format {img.format} is not served; use PNG, JPEG or WebP")
             w, h = img.size
             if w * h > limits.max_image_pixels:
-                raise MediaError(f"{where}: the image has {w}x{h} = {w * h} pixels; this server accepts at most "
-                                 f"{limits.max_image_pixels} (--max-image-pixels)", code="image_too_large")
+                raise MediaError(
+                    f"{where}: the image has {w}x{h} = {w * h} pixels; this server accepts at most "
+                    f"{limits.max_image_pixels} (--max-image-pixels)",
+                    code="image_too_large",
+                )
             if w < 1 or h < 1 or max(w, h) / min(w, h) > 200:
                 raise MediaError(f"{where}: image size {w}x{h} is not served (aspect ratio above 200)")
             img.load()
@@ -176,14 +197,20 @@ async def _fetch(url: str, where: str, limits: MediaLimits) -> bytes:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise MediaError(f"{where}: fetching the image URL answered HTTP {resp.status}", code="image_fetch_failed")
+                    raise MediaError(
+                        f"{where}: fetching the image URL answered HTTP {resp.status}", code="image_fetch_failed"
+                    )
                 data = await resp.content.read(MAX_IMAGE_BYTES + 1)
     except MediaError:
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise MediaError(f"{where}: cannot fetch the image URL: {type(exc).__name__}", code="image_fetch_failed") from None
+        raise MediaError(
+            f"{where}: cannot fetch the image URL: {type(exc).__name__}", code="image_fetch_failed"
+        ) from None
     if len(data) > MAX_IMAGE_BYTES:
-        raise MediaError(f"{where}: the image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB", code="image_too_large")
+        raise MediaError(
+            f"{where}: the image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB", code="image_too_large"
+        )
     return data
 
 
@@ -199,17 +226,20 @@ async def load_images(refs: list[ImageRef], limits: MediaLimits) -> list[Decoded
         elif scheme in ("http", "https"):
             host = urlsplit(ref.url).hostname or ""
             if not limits.allowed_media_domains or not _host_allowed(host, limits.allowed_media_domains):
-                raise MediaError(f"{ref.where}: image URLs are not fetched by this server (host {host!r} is not in "
-                                 f"--allowed-media-domains); send the image inline as a data: URI",
-                                 code="image_url_not_allowed")
+                raise MediaError(
+                    f"{ref.where}: image URLs are not fetched by this server (host {host!r} is not in "
+                    f"--allowed-media-domains); send the image inline as a data: URI",
+                    code="image_url_not_allowed",
+                )
             blobs.append((await _fetch(ref.url, ref.where, limits), ref.where))
         else:
             raise MediaError(f"{ref.where}: unsupported image URL scheme {scheme!r}; send a data: URI")
     return await asyncio.to_thread(lambda: [decode_image(b, w, limits) for b, w in blobs])
 
 
-async def chat_prompt_with_images(vision: Any, tokenizer: Any, messages: list[Any],
-                                  limits: MediaLimits) -> tuple[list[int], Any]:
+async def chat_prompt_with_images(
+    vision: Any, tokenizer: Any, messages: list[Any], limits: MediaLimits
+) -> tuple[list[int], Any]:
     """Prompt ids and multimodal inputs of a chat request with image parts. `vision` is the
     engine's `VisionLanguage` (None for a text-only model: then any image is a 400)."""
     import asyncio

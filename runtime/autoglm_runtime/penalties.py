@@ -57,7 +57,9 @@ class PenaltyBatch:
     presence: torch.Tensor  # [k]
 
 
-def build_penalty_batch(rows: list[int], states: list[PenaltyState], params: list, device: torch.device) -> PenaltyBatch | None:
+def build_penalty_batch(
+    rows: list[int], states: list[PenaltyState], params: list, device: torch.device
+) -> PenaltyBatch | None:
     """`rows[i]` is the logits row of a request with `states[i]` (already updated) and sampling
     `params[i]` (`repetition_penalty`, `frequency_penalty`, `presence_penalty`)."""
     if not rows:
@@ -66,13 +68,17 @@ def build_penalty_batch(rows: list[int], states: list[PenaltyState], params: lis
     prompt_mask = None
     if any(p.repetition_penalty != 1.0 for p in params):
         vocab = counts.shape[1]
-        prompt_mask = torch.stack([
-            s.prompt_mask if s.prompt_mask is not None else torch.zeros(vocab, dtype=torch.bool, device=device)
-            for s in states
-        ])
+        prompt_mask = torch.stack(
+            [
+                s.prompt_mask if s.prompt_mask is not None else torch.zeros(vocab, dtype=torch.bool, device=device)
+                for s in states
+            ]
+        )
 
     def col(name: str) -> torch.Tensor:
-        return torch.tensor([float(getattr(p, name)) for p in params], dtype=torch.float32).to(device, non_blocking=True)
+        return torch.tensor([float(getattr(p, name)) for p in params], dtype=torch.float32).to(
+            device, non_blocking=True
+        )
 
     return PenaltyBatch(
         rows=torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
@@ -103,7 +109,7 @@ def penalty_batch_for(seqs: list, states: list, vocab_size: int, device: torch.d
     """The `PenaltyBatch` of one step: `seqs[i]` (a scheduler `Sequence`) is sampled from logits
     row i with `states[i]` (a `SamplingState`). Creates and updates each request's `PenaltyState`."""
     rows, pstates, params = [], [], []
-    for i, (seq, st) in enumerate(zip(seqs, states)):
+    for i, (seq, st) in enumerate(zip(seqs, states, strict=True)):
         p = st.params
         if not p.has_penalties:
             continue

@@ -114,14 +114,16 @@ class VisionLanguage:
         """Prompt token ids (image placeholders expanded) and the request's `MultiModalInputs`
         (None without images). `text` holds one `self.image_token` per image, in order."""
         if text.count(self.image_token) != len(images):  # e.g. a literal image token typed in the text
-            raise MediaError(f"the prompt has {text.count(self.image_token)} image placeholders "
-                             f"({self.image_token!r}) for {len(images)} images")
+            raise MediaError(
+                f"the prompt has {text.count(self.image_token)} image placeholders "
+                f"({self.image_token!r}) for {len(images)} images"
+            )
         if not images:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
         # Images already in the encoder cache skip the image processor too: their embeddings are
         # taken now (held by this request, so a later eviction does not matter) with their grid.
         cached = [self.cache.get(h) for h in hashes]
-        todo = [im for im, c in zip(images, cached) if c is None]
+        todo = [im for im, c in zip(images, cached, strict=True) if c is None]
         feats = self.image_processor(images=todo, return_tensors="pt") if todo else None
         grids, fresh = [], iter(feats["image_grid_thw"].long() if feats is not None else [])
         for c in cached:
@@ -129,7 +131,7 @@ class VisionLanguage:
         grid = torch.stack(grids)
         counts = [int(g.prod()) // self.merge_size**2 for g in grid]
         parts = text.split(self.image_token)
-        expanded = parts[0] + "".join(self.image_token * n + p for n, p in zip(counts, parts[1:]))
+        expanded = parts[0] + "".join(self.image_token * n + p for n, p in zip(counts, parts[1:], strict=True))
         ids = list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
         ids_t = torch.tensor([ids], dtype=torch.long)
         is_image = ids_t[0] == self.image_token_id
@@ -137,7 +139,8 @@ class VisionLanguage:
             raise MediaError("the image tokens of the prompt do not match its images")
         with torch.inference_mode():
             positions, deltas = self.model.model.get_rope_index(
-                ids_t, mm_token_type_ids=is_image.long().unsqueeze(0), image_grid_thw=grid)
+                ids_t, mm_token_type_ids=is_image.long().unsqueeze(0), image_grid_thw=grid
+            )
         mm = MultiModalInputs(
             pixel_values=feats["pixel_values"] if feats is not None else torch.zeros(0),
             image_grid_thw=grid,
@@ -147,7 +150,7 @@ class VisionLanguage:
             rope_delta=int(deltas.reshape(-1)[0]),
             image_token_pos=torch.nonzero(is_image).reshape(-1),
             tokens_per_image=counts,
-            patches_per_image=[int(g.prod()) if c is None else 0 for g, c in zip(grid, cached)],
+            patches_per_image=[int(g.prod()) if c is None else 0 for g, c in zip(grid, cached, strict=True)],
         )
         return ids, mm
 
@@ -161,13 +164,15 @@ class VisionLanguage:
         for mm in mms:
             for i, h in enumerate(mm.image_hashes):
                 held = mm.cached_embeds[i] if mm.cached_embeds else None
-                hit = held if held is not None else self.cache.get(h)  # encoded meanwhile?
-                if hit is None:
+                if held is None:  # not cached at preprocessing: encoded meanwhile for another request?
+                    entry = self.cache.get(h)
+                    held = entry[0] if entry is not None else None
+                if held is None:
                     todo.append((mm, i))
                     self.cache.misses += 1
                 else:
                     self.cache.hits += 1
-                    found[(id(mm), i)] = hit if held is not None else hit[0]
+                    found[(id(mm), i)] = held
         if todo:
             pixels, grids = [], []
             for mm, i in todo:
@@ -176,8 +181,10 @@ class VisionLanguage:
                 grids.append(mm.image_grid_thw[i])
             out = self.model.model.get_image_features(
                 torch.cat(pixels).to(device=device, dtype=self.model.model.visual.dtype),
-                torch.stack(grids).to(device), return_dict=True)
-            for (mm, i), emb in zip(todo, out.pooler_output):
+                torch.stack(grids).to(device),
+                return_dict=True,
+            )
+            for (mm, i), emb in zip(todo, out.pooler_output, strict=True):
                 emb = emb.to(dtype)
                 found[(id(mm), i)] = emb
                 self.cache.put(mm.image_hashes[i], emb, mm.image_grid_thw[i])
@@ -186,14 +193,15 @@ class VisionLanguage:
             mm.pixel_values = mm.pixel_values[:0]  # the pixels are not needed any more
             mm.cached_embeds = []
 
-    def plan(self, out: Any, device: torch.device) -> "VisionStep":
+    def plan(self, out: Any, device: torch.device) -> VisionStep:
         """Positions and image rows of one scheduler step (call with the scheduler lock held)."""
-        rows: list[torch.Tensor] = []
         n_dec = len(out.decodes)
         pos_parts: list[torch.Tensor] = []
         if n_dec:
-            p = torch.tensor([s.num_computed_tokens + (s.mm.rope_delta if s.mm is not None else 0) for s in out.decodes],
-                             dtype=torch.long)
+            p = torch.tensor(
+                [s.num_computed_tokens + (s.mm.rope_delta if s.mm is not None else 0) for s in out.decodes],
+                dtype=torch.long,
+            )
             pos_parts.append(p.unsqueeze(0).expand(3, -1))
         off = n_dec
         fills: list[tuple[torch.Tensor, MultiModalInputs, torch.Tensor, bool]] = []
@@ -218,7 +226,9 @@ class VisionLanguage:
         positions = torch.cat(pos_parts, dim=1) if pos_parts else torch.zeros(3, 0, dtype=torch.long)
         return VisionStep(positions=positions.to(device, non_blocking=True).unsqueeze(1), fills=fills, need=need)
 
-    def embed(self, input_ids: torch.Tensor, vstep: "VisionStep", device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, vstep: VisionStep, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """`inputs_embeds` [1, T, H] of the step; runs the encoder for sequences that need it."""
         if vstep.need:
             self.encode(vstep.need, device, dtype)
@@ -260,7 +270,11 @@ class VisionMetrics:
             return
         lv = list(self.labels())
         for name, doc, value in (
-            ("autoglm_encoder_cache_hits", "Request images whose embeddings came from the encoder cache.", vl.cache.hits),
+            (
+                "autoglm_encoder_cache_hits",
+                "Request images whose embeddings came from the encoder cache.",
+                vl.cache.hits,
+            ),
             ("autoglm_encoder_cache_misses", "Request images the vision encoder ran on.", vl.cache.misses),
         ):
             fam = CounterMetricFamily(name, doc, labels=["model", "revision"])

@@ -49,18 +49,27 @@ async def _collect(eng, rid, prompt, params):
 
 
 async def test_engine_json_schema_and_object_in_a_shared_batch(tiny_model_dir):
-    eng = Engine(load_model(tiny_model_dir, dtype="float32", device="cpu"), max_batch_size=4, max_queue=16,
-                 max_batch_tokens=32, max_model_len=512)
+    eng = Engine(
+        load_model(tiny_model_dir, dtype="float32", device="cpu"),
+        max_batch_size=4,
+        max_queue=16,
+        max_batch_tokens=32,
+        max_model_len=512,
+    )
     await eng.start()
     schema_g = compile_response_format({"type": "json_schema", "json_schema": {"name": "step", "schema": SCHEMA}})
     object_g = compile_response_format({"type": "json_object"})
     prompts = [[11, 12, 13, 14], list(range(40, 80)), [7, 8], [300, 301, 302]]
-    params = [SamplingParams(max_tokens=120, temperature=0.0, grammar=schema_g),
-              SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),  # free text next to them
-              SamplingParams(max_tokens=120, temperature=1.0, seed=5, grammar=schema_g),
-              SamplingParams(max_tokens=200, temperature=0.0, grammar=object_g)]
+    params = [
+        SamplingParams(max_tokens=120, temperature=0.0, grammar=schema_g),
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),  # free text next to them
+        SamplingParams(max_tokens=120, temperature=1.0, seed=5, grammar=schema_g),
+        SamplingParams(max_tokens=200, temperature=0.0, grammar=object_g),
+    ]
     try:
-        results = await asyncio.gather(*(_collect(eng, str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))))
+        results = await asyncio.gather(
+            *(_collect(eng, str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True)))
+        )
     finally:
         await eng.stop()
     for i in (0, 2):
@@ -94,14 +103,25 @@ def server(tiny_model_dir, tmp_path_factory):
 def test_server_json_schema_with_openai_client(server):
     client = server.client()
     fmt = {"type": "json_schema", "json_schema": {"name": "step", "schema": SCHEMA, "strict": True}}
-    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "next action?"}],
-                                         max_tokens=150, temperature=0.0, response_format=fmt)
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "next action?"}],
+        max_tokens=150,
+        temperature=0.0,
+        response_format=fmt,
+    )
     assert out.choices[0].finish_reason == "stop"
     check_schema(json.loads(out.choices[0].message.content))
     text = ""
-    for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}],
-                                                max_tokens=150, temperature=0.7, seed=1, response_format=fmt,
-                                                stream=True):
+    for chunk in client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "go"}],
+        max_tokens=150,
+        temperature=0.7,
+        seed=1,
+        response_format=fmt,
+        stream=True,
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
     check_schema(json.loads(text))

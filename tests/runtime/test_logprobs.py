@@ -35,12 +35,12 @@ def model_logprobs(reference, prompt: list[int], out: list[int]) -> torch.Tensor
 def check(reference, prompt, out_ids, items, k):
     ref = model_logprobs(reference, prompt, out_ids)
     assert len(items) == len(out_ids)
-    for i, (tid, item) in enumerate(zip(out_ids, items)):
+    for i, (tid, item) in enumerate(zip(out_ids, items, strict=True)):
         assert item.token_id == tid
         assert math.isclose(item.logprob, ref[i, tid].item(), abs_tol=1e-4)
         top = ref[i].topk(k)
         assert [t for t, _ in item.top] == top.indices.tolist()
-        assert all(math.isclose(v, w, abs_tol=1e-4) for (_, v), w in zip(item.top, top.values.tolist()))
+        assert all(math.isclose(v, w, abs_tol=1e-4) for (_, v), w in zip(item.top, top.values.tolist(), strict=True))
 
 
 async def test_engine_logprobs_match_log_softmax(reference):
@@ -48,10 +48,12 @@ async def test_engine_logprobs_match_log_softmax(reference):
     eng = Engine(loaded, max_batch_size=3, max_queue=16, max_batch_tokens=20, max_model_len=256)
     await eng.start()
     prompts = [[5, 17, 99, 240, 8] * 6, [33, 44], list(range(50, 90)), [7] * 12]
-    params = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=3),
-              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),  # none asked: none given
-              SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=0, frequency_penalty=1.5),
-              SamplingParams(max_tokens=7, temperature=0.9, seed=3, ignore_eos=True, logprobs=5)]
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),  # none asked: none given
+        SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=0, frequency_penalty=1.5),
+        SamplingParams(max_tokens=7, temperature=0.9, seed=3, ignore_eos=True, logprobs=5),
+    ]
 
     async def run(i):
         ids, items, n_outputs = [], [], 0
@@ -87,30 +89,45 @@ def server(tiny_model_dir, tmp_path_factory):
 def test_server_logprobs_openai_client(server, reference):
     client = server.client()
     msgs = [{"role": "user", "content": "the quick brown fox"}]
-    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0.0,
-                                          logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True})
+    full = client.chat.completions.create(
+        model="tiny",
+        messages=msgs,
+        max_tokens=6,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"return_token_ids": True},
+    )
     ch = full.choices[0]
     prompt, out = ch.model_extra["prompt_token_ids"], ch.model_extra["token_ids"]
     ref = model_logprobs(reference, prompt, out)
     content = ch.logprobs.content
     assert len(content) == len(out)
-    for i, (tid, c) in enumerate(zip(out, content)):
+    for i, (tid, c) in enumerate(zip(out, content, strict=True)):
         assert math.isclose(c.logprob, ref[i, tid].item(), abs_tol=1e-4)
         assert c.token == reference.tokenizer.decode([tid]) and len(c.top_logprobs) == 2
         assert math.isclose(c.top_logprobs[0].logprob, ref[i].max().item(), abs_tol=1e-4)
     streamed = []
-    for chunk in client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0.0,
-                                                logprobs=True, top_logprobs=2, stream=True):
+    for chunk in client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=2, stream=True
+    ):
         if chunk.choices and chunk.choices[0].logprobs is not None:
             streamed += [c.logprob for c in chunk.choices[0].logprobs.content]
     assert streamed == [c.logprob for c in content]
 
-    comp = client.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=5, temperature=0.0,
-                                     logprobs=3, extra_body={"return_token_ids": True})
+    comp = client.completions.create(
+        model="tiny",
+        prompt="the quick brown fox",
+        max_tokens=5,
+        temperature=0.0,
+        logprobs=3,
+        extra_body={"return_token_ids": True},
+    )
     c = comp.choices[0]
     ref = model_logprobs(reference, c.model_extra["prompt_token_ids"], c.model_extra["token_ids"])
     assert [round(v, 4) for v in c.logprobs.token_logprobs] == [
-        round(ref[i, t].item(), 4) for i, t in enumerate(c.model_extra["token_ids"])]
+        round(ref[i, t].item(), 4) for i, t in enumerate(c.model_extra["token_ids"])
+    ]
     assert all(len(t) <= 3 for t in c.logprobs.top_logprobs) and c.logprobs.text_offset[0] == 0
     # No logprobs asked: none sent.
     plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0.0)

@@ -35,12 +35,16 @@ def part(data: bytes, mime="image/png") -> dict:
 
 
 def test_split_messages_keeps_order_and_text():
-    msgs = [{"role": "system", "content": "sys"},
-            {"role": "user", "content": [part(png()), {"type": "text", "text": "hi"}, part(png(color=(1, 2, 3)))]}]
+    msgs = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [part(png()), {"type": "text", "text": "hi"}, part(png(color=(1, 2, 3)))]},
+    ]
     assert has_images(msgs) and not has_images(msgs[:1])
     tmpl, refs = split_messages(msgs, MediaLimits())
-    assert tmpl == [{"role": "system", "content": "sys"},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}, {"type": "image"}]}]
+    assert tmpl == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}, {"type": "image"}]},
+    ]
     assert [r.where for r in refs] == ["messages[1].content[0]", "messages[1].content[2]"]
 
 
@@ -89,8 +93,9 @@ async def test_urls_refused_unless_allowed_and_fetched_when_allowed():
             await load_images(refs, MediaLimits(allowed_media_domains=("example.com",)))
         (img,) = await load_images(refs, MediaLimits(allowed_media_domains=("127.0.0.1",)))
         assert img.image.size == (12, 12)
-        _, missing = split_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url + "/b"}}]}],
-                                    MediaLimits())
+        _, missing = split_messages(
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url + "/b"}}]}], MediaLimits()
+        )
         with pytest.raises(MediaError, match="HTTP 404"):
             await load_images(missing, MediaLimits(allowed_media_domains=("127.0.0.1",)))
     finally:
@@ -105,8 +110,9 @@ async def test_text_only_model_refuses_images():
 
 def test_settings_flags(tmp_path):
     s = RuntimeSettings(model=tmp_path, allowed_media_domains="a.example, b.example", max_image_pixels=7)
-    assert s.media_limits == MediaLimits(max_image_pixels=7, max_images_per_request=10,
-                                         allowed_media_domains=("a.example", "b.example"))
+    assert s.media_limits == MediaLimits(
+        max_image_pixels=7, max_images_per_request=10, allowed_media_domains=("a.example", "b.example")
+    )
 
 
 def test_allowed_media_domains_from_the_environment(tmp_path, monkeypatch):
@@ -117,8 +123,21 @@ def test_allowed_media_domains_from_the_environment(tmp_path, monkeypatch):
 def test_cli_flags_reach_the_settings(tmp_path):
     from autoglm_runtime.cli import build_parser, settings_from_args
 
-    args = build_parser().parse_args(["serve", str(tmp_path), "--max-image-pixels", "123", "--max-images-per-request",
-                                      "2", "--allowed-media-domains", "cdn.example,img.example"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            str(tmp_path),
+            "--max-image-pixels",
+            "123",
+            "--max-images-per-request",
+            "2",
+            "--allowed-media-domains",
+            "cdn.example,img.example",
+        ]
+    )
     s = settings_from_args(args)
     assert (s.max_image_pixels, s.max_images_per_request, s.allowed_media_domains) == (
-        123, 2, ["cdn.example", "img.example"])
+        123,
+        2,
+        ["cdn.example", "img.example"],
+    )

@@ -36,8 +36,9 @@ class OpenAIPenalties(LogitsProcessor):
 
 
 def _params(rep=1.0, freq=0.0, pres=0.0):
-    return SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=rep, frequency_penalty=freq,
-                          presence_penalty=pres)
+    return SamplingParams(
+        max_tokens=8, temperature=0.0, repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres
+    )
 
 
 def test_penalties_match_transformers_processors():
@@ -48,7 +49,7 @@ def test_penalties_match_transformers_processors():
     outputs = [[3, 9, 9, 9, 11], [5, 6], []]
     settings = [(1.3, 0.5, 0.25), (0.8, -0.4, 1.0), (1.0, 0.2, 0.0)]
     states, params = [], []
-    for p, o, (rep, freq, pres) in zip(prompts, outputs, settings):
+    for p, o, (rep, freq, pres) in zip(prompts, outputs, settings, strict=True):
         st = PenaltyState(p, V, torch.device("cpu"), with_prompt=rep != 1.0)
         st.update(o[:2])
         st.update(o)  # incremental updates count every token once
@@ -56,7 +57,7 @@ def test_penalties_match_transformers_processors():
         params.append(_params(rep, freq, pres))
     got = logits.clone()
     apply_penalties(got, build_penalty_batch([0, 1, 2], states, params, torch.device("cpu")))
-    for i, (p, o, (rep, freq, pres)) in enumerate(zip(prompts, outputs, settings)):
+    for i, (p, o, (rep, freq, pres)) in enumerate(zip(prompts, outputs, settings, strict=True)):
         ids = torch.tensor([p + o])
         want = logits[i : i + 1].clone()
         if rep != 1.0:
@@ -101,22 +102,45 @@ async def test_greedy_with_penalties_matches_generate_batched(loaded, reference)
     await eng.start()
     rng = random.Random(3)
     ps = [[rng.randint(10, 300) for _ in range(rng.randint(3, 60))] for _ in range(8)]
-    settings = [(1.0, 0.0, 0.0), (1.0, 0.2, 0.0), (1.0, 0.0, 1.5), (1.5, 0.0, 0.0),
-                (1.2, 0.2, 0.3), (0.7, -0.5, 0.0), (1.0, 2.0, 2.0), (1.0, 0.2, 0.0)]
+    settings = [
+        (1.0, 0.0, 0.0),
+        (1.0, 0.2, 0.0),
+        (1.0, 0.0, 1.5),
+        (1.5, 0.0, 0.0),
+        (1.2, 0.2, 0.3),
+        (0.7, -0.5, 0.0),
+        (1.0, 2.0, 2.0),
+        (1.0, 0.2, 0.0),
+    ]
     n = 24
     try:
-        results = await asyncio.gather(*(
-            _collect(eng, str(i), p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
-                                                    repetition_penalty=r, frequency_penalty=f, presence_penalty=pr))
-            for i, (p, (r, f, pr)) in enumerate(zip(ps, settings))))
+        results = await asyncio.gather(
+            *(
+                _collect(
+                    eng,
+                    str(i),
+                    p,
+                    SamplingParams(
+                        max_tokens=n,
+                        temperature=0.0,
+                        ignore_eos=True,
+                        repetition_penalty=r,
+                        frequency_penalty=f,
+                        presence_penalty=pr,
+                    ),
+                )
+                for i, (p, (r, f, pr)) in enumerate(zip(ps, settings, strict=True))
+            )
+        )
     finally:
         await eng.stop()
     changed = 0
-    for p, (r, f, pr), ids in zip(ps, settings, results):
+    for p, (r, f, pr), ids in zip(ps, settings, results, strict=True):
         kwargs = dict(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        plain = reference.model.generate(torch.tensor([p]), **kwargs)[0, len(p):].tolist()
-        ref = reference.model.generate(torch.tensor([p]), repetition_penalty=r,
-                                       logits_processor=[OpenAIPenalties(len(p), f, pr)], **kwargs)[0, len(p):].tolist()
+        plain = reference.model.generate(torch.tensor([p]), **kwargs)[0, len(p) :].tolist()
+        ref = reference.model.generate(
+            torch.tensor([p]), repetition_penalty=r, logits_processor=[OpenAIPenalties(len(p), f, pr)], **kwargs
+        )[0, len(p) :].tolist()
         assert ids == ref, f"settings {(r, f, pr)} diverged from generate"
         changed += ref != plain
     assert changed >= 3, "the penalties should change several greedy outputs of a random model"

@@ -16,8 +16,8 @@ Image = pytest.importorskip("PIL.Image")
 
 from autoglm_runtime.engine import Engine  # noqa: E402
 from autoglm_runtime.loader import load_model  # noqa: E402
-from autoglm_runtime.sampling import SamplingParams  # noqa: E402
 from autoglm_runtime.multimodal import content_hash  # noqa: E402
+from autoglm_runtime.sampling import SamplingParams  # noqa: E402
 from autoglm_runtime.vision import VisionLanguage  # noqa: E402
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(240)]
@@ -52,7 +52,10 @@ def chat_text(tok, n_images: int, text: str, history: bool = False) -> str:
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
     msgs = [{"role": "system", "content": "You are a phone agent."}]
     if history:
-        msgs += [{"role": "user", "content": "open the settings app"}, {"role": "assistant", "content": "do(action=Launch)"}]
+        msgs += [
+            {"role": "user", "content": "open the settings app"},
+            {"role": "assistant", "content": "do(action=Launch)"},
+        ]
     msgs.append({"role": "user", "content": content})
     return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
@@ -69,10 +72,14 @@ def reference_generate(reference, ids, mm, n):
         out = reference.model.generate(ids_t, attention_mask=torch.ones_like(ids_t), **kwargs)
     else:
         out = reference.model.generate(
-            ids_t, attention_mask=torch.ones_like(ids_t), pixel_values=mm.pixel_values,
-            image_grid_thw=mm.image_grid_thw, mm_token_type_ids=(ids_t == reference.model.config.image_token_id).long(),
-            **kwargs)
-    return out[0, len(ids):].tolist()
+            ids_t,
+            attention_mask=torch.ones_like(ids_t),
+            pixel_values=mm.pixel_values,
+            image_grid_thw=mm.image_grid_thw,
+            mm_token_type_ids=(ids_t == reference.model.config.image_token_id).long(),
+            **kwargs,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 async def collect(engine, rid, ids, mm, n):
@@ -88,8 +95,12 @@ async def test_image_request_alone_matches_generate(loaded, reference):
     tok = loaded.tokenizer
     try:
         ids, mm = make_request(eng.vision, tok, [make_image(200, 120, 1)], "What is on the screen?")
-        _, mm_ref = make_request(VisionLanguage(reference.model, tok, reference.image_processor), tok,
-                                 [make_image(200, 120, 1)], "What is on the screen?")
+        _, mm_ref = make_request(
+            VisionLanguage(reference.model, tok, reference.image_processor),
+            tok,
+            [make_image(200, 120, 1)],
+            "What is on the screen?",
+        )
         assert mm.num_images == 1 and sum(mm.tokens_per_image) > 4
         assert mm.rope_delta < 0  # image tokens share rows/columns: positions run behind the index
         got = await collect(eng, "a", ids, mm, 16)
@@ -115,18 +126,22 @@ async def test_batched_images_and_text_with_chunked_prefill_match_generate(loade
         ([(64, 64)], "small", False, 11),
     ]
     reqs, refs = [], []
-    for i, (sizes, text, hist, n) in enumerate(specs):
+    for i, (sizes, text, hist, _) in enumerate(specs):
         seeds = [1 if s == (200, 120) else 10 + i * 3 + j for j, s in enumerate(sizes)]
-        images = [make_image(w, h, sd) for (w, h), sd in zip(sizes, seeds)]
+        images = [make_image(w, h, sd) for (w, h), sd in zip(sizes, seeds, strict=True)]
         reqs.append(make_request(eng.vision, tok, images, text, hist))
         refs.append(make_request(ref_vl, tok, images, text, hist))
     try:
-        results = await asyncio.gather(*(collect(eng, f"r{i}", ids, mm, n)
-                                         for i, ((ids, mm), (_, _, _, n)) in enumerate(zip(reqs, specs))))
+        results = await asyncio.gather(
+            *(
+                collect(eng, f"r{i}", ids, mm, n)
+                for i, ((ids, mm), (_, _, _, n)) in enumerate(zip(reqs, specs, strict=True))
+            )
+        )
         hits = eng.vision.cache.hits
     finally:
         await eng.stop()
-    for i, ((ids, _), (_, mm_ref), (_, _, _, n), got) in enumerate(zip(reqs, refs, specs, results)):
+    for i, ((ids, _), (_, mm_ref), (_, _, _, n), got) in enumerate(zip(reqs, refs, specs, results, strict=True)):
         assert got == reference_generate(reference, ids, mm_ref, n), f"request {i} diverged from generate"
     assert hits >= 1, "the repeated image should come from the encoder cache"
 

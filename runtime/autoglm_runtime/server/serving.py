@@ -49,7 +49,9 @@ class EngineClient(Protocol):
     """What the HTTP layer needs from the engine (``autoglm_runtime.engine.Engine`` provides it)."""
 
     tokenizer: Any
-    vision: Any  # vision.VisionLanguage of a vision-language model, None for a text-only one
+
+    @property
+    def vision(self) -> Any: ...  # vision.VisionLanguage of a vision-language model, None for a text-only one
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: Any, priority: int = 0,
                  mm: Any = None) -> Any: ...
