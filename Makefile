@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv venv-operator bins test test-fast cluster-up cluster-down demo \
+.PHONY: help venv venv-operator bins sysdeps test test-fast cluster-up cluster-down demo \
         bench-runtime bench-runtime-gpu bench-operator golden clean
 
 help:
@@ -16,19 +16,22 @@ venv:  ## Create .venv with the runtime, test and bench extras (torch included)
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash tests/cluster/gobuild/build.sh >/dev/null
 
-test: venv bins  ## The test command: both tiers (unit + runtime + real control plane)
+sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables, prometheus) if missing
+	@bash scripts/system-deps.sh
+
+test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real control plane)
 	$(PYTEST)
 
 test-fast: venv  ## Tests that need no cluster
 	$(PYTEST) -m "not cluster"
 
-cluster-up: bins  ## Start the local cluster in the background; prints `export KUBECONFIG=...` last
+cluster-up: sysdeps venv bins  ## Start the local cluster in the background; prints `export KUBECONFIG=...` last
 	@python3 -m tests.cluster up
 
 cluster-down:  ## Stop the local cluster
 	@python3 -m tests.cluster down
 
-demo: venv bins  ## Local demo: cluster + CRD + operator + example resource + runtime on the tiny model
+demo: sysdeps venv bins  ## Local demo: cluster + CRD + operator + example resource + runtime on the tiny model
 	@bash scripts/demo.sh
 
 bench-runtime: venv  ## Runtime throughput vs generate and transformers serve (CPU, small model)
@@ -37,7 +40,7 @@ bench-runtime: venv  ## Runtime throughput vs generate and transformers serve (C
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py
 
-bench-operator: venv bins  ## Operator latency and idle writes on the local cluster
+bench-operator: sysdeps venv bins  ## Operator latency and idle writes on the local cluster
 	$(PY) bench/bench_operator.py
 
 golden: venv  ## Regenerate the builders' golden YAML

@@ -41,8 +41,7 @@ def kube(tmp_path_factory) -> Cluster:
     if external:
         from tests.cluster.harness import build_binaries
 
-        kc = Path(external)
-        yield Cluster(dir=kc.parent, bin_dir=build_binaries(), kubeconfig=kc, api_port=0)
+        yield Cluster.attach(Path(external), build_binaries())
         return
     c = Cluster.start(tmp_path_factory.mktemp("cluster"))
     try:

@@ -222,7 +222,14 @@ def pod_problems(pods: Iterable[dict[str, Any]], revisions: dict[str, Revision])
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = BAD_WAITING.get(waiting.get("reason", ""))
             if reason:
-                by_reason.setdefault(reason, []).append((pod["metadata"]["name"], rev, waiting.get("message") or reason))
+                msg = waiting.get("message") or reason
+                last = ((cs.get("lastState") or {}).get("terminated")) or {}
+                if reason == "CrashLoopBackOff" and last:
+                    # The container's own words (termination message, or its log tail) beat "back-off 10s".
+                    said = [ln for ln in (last.get("message") or "").splitlines() if ln.strip()]
+                    msg = f"container {cs.get('name')} exited with code {last.get('exitCode')}"
+                    msg += f": {said[-1].strip()[:300]}" if said else ""
+                by_reason.setdefault(reason, []).append((pod["metadata"]["name"], rev, msg))
     problems = []
     for reason in ("Unschedulable", *dict.fromkeys(BAD_WAITING.values())):
         hits = by_reason.get(reason)

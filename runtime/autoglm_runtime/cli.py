@@ -29,8 +29,20 @@ log = logging.getLogger("autoglm_runtime")
 PROG = "autoglm-runtime"
 
 
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
+
+
 def _fail(message: str, code: int = 1) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    """Print one line and, in a pod, leave it as the container's termination message."""
+    line = f"{PROG}: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("AUTOGLM_TERMINATION_LOG", TERMINATION_LOG)
+    if os.path.isfile(path):
+        try:
+            with open(path, "w") as f:
+                f.write(line[:4096])
+        except OSError:
+            pass
     return code
 
 
