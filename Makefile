@@ -16,7 +16,7 @@ venv:  ## Create .venv with the runtime, test and bench extras (torch included)
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash tests/cluster/gobuild/build.sh >/dev/null
 
-sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables, prometheus) if missing
+sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables) if missing
 	@bash scripts/system-deps.sh
 
 test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real control plane)

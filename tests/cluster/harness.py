@@ -287,10 +287,10 @@ class Cluster:
         the process node (default: ``/models`` → ``<dir>/models``); ``images`` adds image-table rows."""
         if os.geteuid() != 0:
             raise ClusterError("the local cluster's process node needs root (network namespaces, nftables)")
-        for tool in ("ip", "nft", "prometheus"):
+        for tool in ("ip", "nft"):
             if shutil.which(tool) is None:
                 raise ClusterError(f"`{tool}` is missing: run `bash scripts/system-deps.sh` (Debian packages "
-                                   "iproute2, nftables, prometheus)")
+                                   "iproute2, nftables)")
         bin_dir = bin_dir or build_binaries()
         owns = workdir is None
         d = Path(tempfile.mkdtemp(prefix="autoglm-cluster-")) if owns else workdir
@@ -379,7 +379,7 @@ class Cluster:
         cfg = self.dir / "prometheus.yml"
         cfg.write_text(PROMETHEUS_CONFIG.format(api=f"https://127.0.0.1:{self.api_port}", ca=pki / "ca.crt",
                                                 cert=pki / "admin.crt", key=pki / "admin.key"))
-        self._spawn_argv("prometheus", ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'prometheus'}",
+        self._spawn_argv("prometheus", [str(self.bin_dir / "prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'prometheus'}",
                                         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
                                         "--storage.tsdb.retention.time=2h", "--web.enable-lifecycle"])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import wait_for
+from tests.helpers import report, wait_for
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
     agd, apply, condition, crd, get, merge, op_env, operator, status, wait_phase,
 )
@@ -120,7 +120,7 @@ def test_tiny_example_turns_ready_after_the_runtime_and_answers_through_its_serv
     assert first_cr_ready is not None, f"never Ready: {status(kube, namespace, 'tiny')}"
     assert first_runtime_ready is not None and first_runtime_ready <= first_cr_ready, \
         "the CR said Ready before the runtime's /ready answered"
-    print(f"\napply → runtime /ready {first_runtime_ready - t0:.1f}s, → CR Ready {first_cr_ready - t0:.1f}s")
+    report(f"\napply → runtime /ready {first_runtime_ready - t0:.1f}s, → CR Ready {first_cr_ready - t0:.1f}s")
 
     from openai import OpenAI
 
@@ -138,7 +138,7 @@ def test_tiny_example_turns_ready_after_the_runtime_and_answers_through_its_serv
     assert labels["pod"] == pod["metadata"]["name"] and labels["autoglm_io_revision"] == revision
     assert labels["app_kubernetes_io_instance"] == "tiny"
     rss = kube.container_rss_mib(namespace, pod["metadata"]["name"], "runtime")
-    print(f"runtime pod RSS {rss:.0f} MiB")
+    report(f"runtime pod RSS {rss:.0f} MiB")
 
 
 def test_a_model_that_fails_to_load_crash_loops_and_degrades_with_the_runtimes_error(kube, namespace, operator,
@@ -181,7 +181,7 @@ def test_version_change_under_load_loses_no_request(kube, namespace, operator, m
         done_s = time.monotonic() - t0
         before = load.ok
         wait_for(lambda: load.ok >= before + 16, timeout=60, message="load continues on the new revision")
-    print(f"\nversion change: Service switched after {switch_s:.1f}s, old pods gone after {done_s:.1f}s; "
+    report(f"\nversion change: Service switched after {switch_s:.1f}s, old pods gone after {done_s:.1f}s; "
           f"{load.ok} requests ok, {len(load.failed)} failed")
     assert load.failed == [], load.failed[:5]
     assert wait_phase(kube, namespace, "tiny", "Healthy", timeout=60)
@@ -202,7 +202,7 @@ def test_pod_deletion_under_load_drains_in_flight_requests(kube, namespace, oper
         before = load.ok
         wait_for(lambda: load.ok >= before + 16, timeout=60, message="load continues")
     log = kube.pod_log(namespace, victim)
-    print(f"\npod deletion: gone after {gone_s:.1f}s (grace 60s); {load.ok} ok, {len(load.failed)} failed")
+    report(f"\npod deletion: gone after {gone_s:.1f}s (grace 60s); {load.ok} ok, {len(load.failed)} failed")
     assert "Started draining" in log, log[-2000:]
     assert gone_s < 60
     assert load.failed == [], load.failed[:5]

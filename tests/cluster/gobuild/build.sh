@@ -11,6 +11,7 @@ ETCD_VERSION=3.6.16
 KWOK_VERSION=0.8.0
 HELM_VERSION=3.22.0
 GATEWAY_API_VERSION=1.6.3
+PROMETHEUS_VERSION=3.16.0   # Go module github.com/prometheus/prometheus v0.316.0
 
 key=$(cat "$0" "$here/k8s/main.go" | sha256sum | cut -c1-12)
 cache=${AUTOGLM_BIN_CACHE:-$repo/.cache/k8s-bin}
@@ -82,6 +83,19 @@ if [[ ! -x $bin/helm ]]; then
     "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" >&2
 fi
 
+# --- Prometheus: Debian's package is built without Kubernetes service discovery, so build it ---
+# (no web UI assets: the HTTP API is what the tests and the dashboards use)
+if [[ ! -x $bin/prometheus ]]; then
+  log "prometheus v$PROMETHEUS_VERSION"
+  mkdir -p "$work/prometheus"; cd "$work/prometheus"
+  go mod init local/prombin >/dev/null 2>&1
+  IFS=. read -r _ pminor ppatch <<<"$PROMETHEUS_VERSION"
+  go get "github.com/prometheus/prometheus/cmd/prometheus@v0.3$(printf %02d "$pminor").$ppatch" >&2
+  pv=github.com/prometheus/common/version
+  go build -p 2 -trimpath -ldflags="-s -w -X $pv.Version=$PROMETHEUS_VERSION -X $pv.Branch=release" \
+    -o "$bin/prometheus" github.com/prometheus/prometheus/cmd/prometheus >&2
+fi
+
 # --- Gateway API CRDs (for HTTPRoute traffic splitting in later issues) ---
 gwdir=$(go mod download -json "sigs.k8s.io/gateway-api@v$GATEWAY_API_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
 cp "$gwdir/config/crd/standard/"*.yaml "$bin/crds/" 2>/dev/null || true
@@ -93,6 +107,7 @@ etcd v$ETCD_VERSION
 kwok v$KWOK_VERSION
 helm v$HELM_VERSION
 gateway-api v$GATEWAY_API_VERSION
+prometheus v$PROMETHEUS_VERSION
 V
 log "done"
 touch "$stamp"
