@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -58,3 +60,17 @@ def namespace(kube: Cluster, request) -> str:
     kube.kubectl("create", "namespace", name)
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def node_models(kube) -> Path:
+    """The process node's /models (hostPath prefix mapped to a folder here) holding the embedded
+    ``tiny`` model (what examples/tiny-cpu.yaml mounts) and ``broken`` (a model that cannot load)."""
+    root = kube.models_dir
+    if not (root / "tiny" / "config.json").exists():
+        subprocess.run([str(Path(sys.executable).parent / "autoglm-runtime"), "make-model", "--size", "tiny",
+                        "--out", str(root / "tiny")], check=True, capture_output=True)
+    broken = root / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text('{"model_type": "glm", "architectures": ["GlmForCausalLM"]}')
+    return root

@@ -5,8 +5,6 @@ the CR's status; a version change and a pod deletion under load lose no request.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,17 +21,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def models(kube) -> Path:
-    """The node's /models (a hostPath prefix mapped to a folder here) with the tiny model and a broken one."""
-    root = kube.models_dir
-    if not (root / "tiny" / "config.json").exists():
-        subprocess.run([str(Path(sys.executable).parent / "autoglm-runtime"), "make-model", "--size", "tiny",
-                        "--out", str(root / "tiny")], check=True, capture_output=True)
-    broken = root / "broken"
-    broken.mkdir(exist_ok=True)
-    (broken / "config.json").write_text('{"model_type": "glm", "architectures": ["GlmForCausalLM"]}')
-    return root
+@pytest.fixture
+def models(node_models) -> Path:
+    return node_models
 
 
 def tiny(name: str = "tiny", **spec) -> dict:
