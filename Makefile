@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps test test-fast cluster-up cluster-down demo \
-        bench-runtime bench-runtime-gpu bench-operator golden clean
+        bench-runtime bench-runtime-gpu bench-operator bench-autoscale golden clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,9 @@ bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 
 bench-operator: sysdeps venv bins  ## Operator latency and idle writes on the local cluster
 	$(PY) bench/bench_operator.py
+
+bench-autoscale: sysdeps venv bins  ## Step load through KEDA autoscaling on the local cluster: table + PNG plot
+	$(PY) bench/bench_autoscale.py
 
 golden: venv  ## Regenerate the builders' golden YAML
 	UPDATE_GOLDEN=1 $(PYTEST) tests/operator/test_builders.py -q

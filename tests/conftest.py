@@ -74,3 +74,9 @@ def node_models(kube) -> Path:
     broken.mkdir(exist_ok=True)
     (broken / "config.json").write_text('{"model_type": "glm", "architectures": ["GlmForCausalLM"]}')
     return root
+
+
+@pytest.fixture(scope="session")
+def keda(kube) -> float:
+    """KEDA installed in the session's cluster (only for the tests that need it); its start seconds."""
+    return kube.start_keda()

@@ -372,6 +372,53 @@ def build_hpa(cr: dict[str, Any], r: ResolvedSpec, target_deployment: str) -> di
     }
 
 
+def queue_depth_query(namespace: str, served_model: str, revision: str) -> str:
+    """PromQL for a revision's requests waiting, summed over its pods: what KEDA divides by the
+    per-pod target (``targetQueueDepth``) to get the replica count. Series carry the runtime's own
+    ``model`` and ``revision`` labels, so the query does not depend on how Prometheus relabels pods."""
+    return (f'sum(autoglm_requests_waiting{{namespace="{namespace}",model="{served_model}",'
+            f'revision="{revision}"}}) or vector(0)')
+
+
+def keda_hpa_name(name: str) -> str:
+    """The HorizontalPodAutoscaler KEDA creates for a resource's ScaledObject."""
+    return f"{name}-keda"
+
+
+def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prometheus: str) -> dict[str, Any]:
+    """KEDA ScaledObject on the serving revision's Deployment: Prometheus trigger on its queue depth
+    (and CPU when asked); KEDA creates and owns the HPA, the operator never touches spec.replicas."""
+    a = r.spec.autoscaling
+    lo, hi = a.bounds
+    triggers: list[dict[str, Any]] = [{
+        "type": "prometheus",
+        "name": "queue-depth",
+        "metricType": "AverageValue",
+        "metadata": {"serverAddress": prometheus,
+                     "query": queue_depth_query(r.namespace, r.model_name, revision),
+                     "threshold": str(a.target_queue_depth)},
+    }]
+    if a.target_cpu_utilization > 0:
+        triggers.append({"type": "cpu", "metricType": "Utilization",
+                         "metadata": {"value": str(a.target_cpu_utilization)}})
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": revision_name(r.name, revision)},
+            "minReplicaCount": lo,
+            "maxReplicaCount": hi,
+            "pollingInterval": 5,
+            "advanced": {"horizontalPodAutoscalerConfig": {
+                "name": keda_hpa_name(r.name),
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}},
+            }},
+            "triggers": triggers,
+        },
+    }
+
+
 def build_pdb(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",

@@ -62,8 +62,14 @@ class ResourcesSpec(_Model):
         return self.memory or ("32Gi" if self.gpus > 0 else "2Gi")
 
 
+class PrometheusRef(_Model):
+    address: str | None = None
+
+
 class AutoscalingSpec(_Model):
     enabled: bool = False
+    provider: Literal["HPA", "KEDA"] = "HPA"
+    prometheus: PrometheusRef = Field(default_factory=PrometheusRef)
     min_replicas: int = Field(default=1, ge=1)
     max_replicas: int | None = Field(default=None, ge=1)
     target_queue_depth: int = Field(default=8, ge=1)

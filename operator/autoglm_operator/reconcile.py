@@ -100,6 +100,8 @@ class Observed:
     hpa: dict[str, Any] | None
     pdb: dict[str, Any] | None
     preconditions: list[Problem]
+    scaled_object: dict[str, Any] | None = None
+    keda_hpa: dict[str, Any] | None = None     # the HPA KEDA made for our ScaledObject
 
 
 def _controlled_by(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -116,7 +118,8 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
     async def none() -> None:
         return None
 
-    deps, pods, svc, hpa, pdb, pvc, secret = await asyncio.gather(
+    keda = uses_keda(r) or (cr.get("status") or {}).get("autoscaler", {}).get("provider") == "KEDA"
+    deps, pods, svc, hpa, pdb, pvc, secret, so, keda_hpa = await asyncio.gather(
         kube.list("Deployment", ns, selector),
         kube.list("Pod", ns, selector),
         kube.get("Service", ns, name),
@@ -124,6 +127,8 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         kube.get("PodDisruptionBudget", ns, name),
         kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
         kube.get("Secret", ns, ref.name) if ref else none(),
+        kube.get("ScaledObject", ns, name) if keda else none(),
+        kube.get("HorizontalPodAutoscaler", ns, b.keda_hpa_name(name)) if keda else none(),
     )
     revisions: dict[str, Revision] = {}
     for d in deps:
@@ -145,8 +150,40 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         revisions=revisions,
         pods=[p for p in pods if _controlled_by_revision(p, revisions)],
         service=svc,
-        hpa=hpa, pdb=pdb, preconditions=problems,
+        hpa=hpa, pdb=pdb, preconditions=problems, scaled_object=so, keda_hpa=keda_hpa,
     )
+
+
+def uses_keda(r: ResolvedSpec) -> bool:
+    return r.spec.autoscaling.enabled and r.spec.autoscaling.provider == "KEDA"
+
+
+def autoscaler_status(r: ResolvedSpec, obs: Observed) -> dict[str, Any] | None:
+    """What the HPA (ours, or KEDA's) reports: replicas, the last metric value, why it cannot scale."""
+    if not r.spec.autoscaling.enabled:
+        return None
+    keda = uses_keda(r)
+    hpa = obs.keda_hpa if keda else obs.hpa
+    out: dict[str, Any] = {"provider": r.spec.autoscaling.provider,
+                           "name": b.keda_hpa_name(r.name) if keda else r.name}
+    st = (hpa or {}).get("status") or {}
+    if "currentReplicas" in st:
+        out["currentReplicas"] = st["currentReplicas"]
+    if "desiredReplicas" in st:
+        out["desiredReplicas"] = st["desiredReplicas"]
+    for m in st.get("currentMetrics") or []:
+        cur = (m.get(m.get("type", "").lower() if m.get("type") != "Pods" else "pods") or {}).get("current") or {}
+        value = cur.get("averageValue") or cur.get("value")
+        if value is not None and m.get("type") in ("Pods", "External"):
+            out["metric"] = str(value)
+            break
+    for c in st.get("conditions") or []:
+        if c.get("status") == "False" and c.get("type") in ("ScalingActive", "AbleToScale"):
+            out["message"] = f"{c.get('reason')}: {c.get('message', '')}".strip()[:500]
+            break
+    if hpa is None:
+        out["message"] = "the HorizontalPodAutoscaler does not exist yet"
+    return out
 
 
 def _controlled_by_revision(pod: dict[str, Any], revisions: dict[str, Revision]) -> bool:
@@ -358,7 +395,10 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | N
     if old == new:
         return None
     patch: dict[str, Any] = {k: None for k in old if k not in new}
-    patch.update({k: v for k, v in new.items() if old.get(k) != v})
+    for k, v in new.items():
+        if old.get(k) != v:
+            o = old.get(k)
+            patch[k] = status_patch(o, v) if isinstance(o, dict) and isinstance(v, dict) else v
     return patch
 
 
@@ -484,9 +524,29 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
         await kube.apply("Service", namespace, svc)
         logger.info("Applied service %s selecting revision %s.", name, b.revision_name(name, decision.stable))
 
-    # 3. HPA on the serving revision, only when autoscaling.
-    hpa = b.build_hpa(cr, r, b.revision_name(name, decision.stable)) if r.spec.autoscaling.enabled else None
+    # 3. The autoscaler on the serving revision: our HPA, or a KEDA ScaledObject (KEDA makes the HPA).
+    a = r.spec.autoscaling
+    hpa = b.build_hpa(cr, r, b.revision_name(name, decision.stable)) if a.enabled and a.provider == "HPA" else None
     await _sync_optional_child(kube, cr, "HorizontalPodAutoscaler", "autoscaler", hpa, obs.hpa, out, logger)
+    autoscaler_problems: list[Problem] = []
+    prometheus = a.prometheus.address or settings.prometheus_address
+    so = None
+    if uses_keda(r):
+        if prometheus:
+            so = b.build_scaled_object(cr, r, decision.stable, prometheus)
+        else:
+            autoscaler_problems.append(Problem("PrometheusAddressMissing", (
+                "autoscaling.provider KEDA needs a Prometheus: set spec.autoscaling.prometheus.address "
+                "or the operator's AUTOGLM_OPERATOR_PROMETHEUS_ADDRESS")))
+    if so is not None or obs.scaled_object is not None:
+        try:
+            await _sync_optional_child(kube, cr, "ScaledObject", "scaled object", so, obs.scaled_object, out, logger)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            autoscaler_problems.append(Problem("KEDANotInstalled", (
+                "autoscaling.provider is KEDA but this cluster has no scaledobjects.keda.sh "
+                "(install KEDA, or use provider HPA)")))
 
     # 4. PDB when more than one replica is wanted.
     pdb = b.build_pdb(cr, r) if desired_replicas(r, decision, obs.revisions) > 1 else None
@@ -504,9 +564,13 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
     if out.writes:
         obs = await observe(kube, cr, r)
         decision = decide_revisions(desired_hash, obs.revisions, b.revision_name(name, decision.stable))
-    problems = obs.preconditions + pod_problems(obs.pods, obs.revisions) + deployment_problems(obs.revisions.values())
+    problems = (obs.preconditions + autoscaler_problems + pod_problems(obs.pods, obs.revisions)
+                + deployment_problems(obs.revisions.values()))
     new_status = compute_status(cr=cr, r=r, desired_hash=desired_hash, decision=decision,
                                 revisions=obs.revisions, problems=problems)
+    autoscaler = autoscaler_status(r, obs)
+    if autoscaler is not None:
+        new_status["autoscaler"] = autoscaler
     if obs.preconditions:
         # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): poll.
         out.requeue_after = PRECONDITION_POLL_SECONDS

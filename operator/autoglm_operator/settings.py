@@ -41,6 +41,10 @@ class OperatorSettings(BaseSettings):
     default_runtime_version: str = Field(
         default="0.1.0", description="Runtime image tag used when spec.runtime.version is unset."
     )
+    prometheus_address: str | None = Field(
+        default=None,
+        description="Prometheus that KEDA queries for queue depth when spec.autoscaling.prometheus.address is unset.",
+    )
     max_concurrent_reconciles: int = Field(default=16, ge=1, le=1024)
     api_threads: int = Field(default=16, ge=1, le=256, description="Threads for the blocking API client.")
     liveness_endpoint: str | None = Field(

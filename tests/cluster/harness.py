@@ -87,6 +87,37 @@ scrape_configs:
   - {{source_labels: [__meta_kubernetes_pod_node_name], target_label: node}}
   - {{action: labelmap, regex: __meta_kubernetes_pod_label_(app_kubernetes_io_.+|autoglm_io_.+)}}
 """
+# KEDA: its namespace, the metrics apiserver's Service (endpoints: the node's address, which the
+# aggregator reaches directly with --enable-aggregator-routing) and its APIService.
+KEDA_GRPC_PORT = 9666          # the operator's gRPC as seen from the node namespace (forwarded)
+KEDA_ADAPTER_PORT = 6444       # the metrics apiserver, on the node's address
+KEDA_OBJECTS = """\
+apiVersion: v1
+kind: Namespace
+metadata: {{name: keda}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: keda-metrics-apiserver, namespace: keda}}
+spec:
+  ports: [{{name: https, port: 443, targetPort: {port}, protocol: TCP}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: keda-metrics-apiserver, namespace: keda}}
+subsets: [{{addresses: [{{ip: "{node_ip}"}}], ports: [{{name: https, port: {port}, protocol: TCP}}]}}]
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {{name: v1beta1.external.metrics.k8s.io}}
+spec:
+  service: {{name: keda-metrics-apiserver, namespace: keda, port: 443}}
+  group: external.metrics.k8s.io
+  version: v1beta1
+  insecureSkipTLSVerify: true
+  groupPriorityMinimum: 100
+  versionPriority: 100
+"""
 KWOK_STAGES = ["node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"]
 
 
@@ -159,6 +190,15 @@ def make_pki(d: Path, service_ip: str) -> None:
                  "-subj", subj, cwd=d)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.crt", "-days", "365", "-extfile", ext, cwd=d)
+    # The aggregation layer (APIServices such as KEDA's external metrics): a front-proxy CA and the
+    # client certificate the apiserver presents to extension apiservers.
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "front-proxy-ca.key", "-out",
+             "front-proxy-ca.crt", "-days", "365", "-subj", "/CN=autoglm-front-proxy-ca", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "front-proxy-client.key", "-out",
+             "front-proxy-client.csr", "-subj", "/CN=front-proxy-client", cwd=d)
+    _openssl("x509", "-req", "-in", "front-proxy-client.csr", "-CA", "front-proxy-ca.crt", "-CAkey",
+             "front-proxy-ca.key", "-CAcreateserial", "-out", "front-proxy-client.crt", "-days", "365",
+             "-extfile", "client.ext", cwd=d)
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
 
@@ -218,13 +258,15 @@ class Cluster:
     net: Network | None = None        # the process node's network (None for a cluster reused by kubeconfig)
     prometheus_url: str = ""
     start_seconds: float = 0.0
+    keda_grpc_port: int = 0
 
     @classmethod
     def attach(cls, kubeconfig: Path, bin_dir: Path) -> "Cluster":
         """A handle on a cluster started elsewhere (``make cluster-up``), from its ``cluster.json``."""
         info = json.loads((kubeconfig.parent / "cluster.json").read_text())
         return cls(dir=kubeconfig.parent, bin_dir=bin_dir, kubeconfig=kubeconfig, api_port=0,
-                   net=Network(info["slot"]) if info.get("slot") else None, prometheus_url=info.get("prometheus", ""))
+                   net=Network(info["slot"]) if info.get("slot") else None, prometheus_url=info.get("prometheus", ""),
+                   keda_grpc_port=info.get("keda_grpc_port", 0))
 
     # ----- commands against it -------------------------------------------------------------
     @property
@@ -298,13 +340,13 @@ class Cluster:
         t0 = time.monotonic()
         net = Network.create(owner_pid=os.getpid())
         r = net.ranges
-        etcd_port, peer_port, api_port, kcm_port, sched_port, prom_port = _free_ports(6)
+        etcd_port, peer_port, api_port, kcm_port, sched_port, prom_port, keda_grpc = _free_ports(7)
         pki = d / "pki"
         make_pki(pki, r.kubernetes_service_ip)
         kubeconfig = d / "kubeconfig"
         write_kubeconfig(kubeconfig, f"https://127.0.0.1:{api_port}", pki)
         c = cls(dir=d, bin_dir=bin_dir, kubeconfig=kubeconfig, api_port=api_port, owns_dir=owns, net=net,
-                prometheus_url=f"http://127.0.0.1:{prom_port}")
+                prometheus_url=f"http://127.0.0.1:{prom_port}", keda_grpc_port=keda_grpc)
         c.write_info()
         try:
             c._spawn("etcd", "etcd", f"--data-dir={d / 'etcd'}", "--unsafe-no-fsync", "--log-level=warn",
@@ -327,6 +369,14 @@ class Cluster:
                      f"--service-account-signing-key-file={pki / 'sa.key'}",
                      f"--service-cluster-ip-range={r.service_range}", "--authorization-mode=Node,RBAC",
                      "--enable-admission-plugins=ExtendedResourceToleration",
+                     f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                     "--requestheader-allowed-names=front-proxy-client",
+                     "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                     "--requestheader-group-headers=X-Remote-Group",
+                     "--requestheader-username-headers=X-Remote-User",
+                     f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                     f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+                     "--enable-aggregator-routing=true",
                      "--allow-privileged=true", "--enable-priority-and-fairness=false",
                      "--endpoint-reconciler-type=none", "--profiling=false", "--v=0")
             c.wait_api(timeout)
@@ -360,6 +410,7 @@ class Cluster:
         cfg = {"kubeconfig_server": f"https://127.0.0.1:{self.api_port}", "ca": str(pki / "ca.crt"),
                "cert": str(pki / "admin.crt"), "key": str(pki / "admin.key"), "node": PROC_NODE,
                "slot": self.net.slot, "state_dir": str(self.dir / "procnode"), "api_port": self.api_port,
+               "forwards": [[KEDA_GRPC_PORT, self.keda_grpc_port]],
                "images": [*(images or []), *default_images()],
                "host_paths": host_paths or {"/models": str(models)}}
         (self.dir / "procnode.json").write_text(json.dumps(cfg, indent=1))
@@ -383,8 +434,54 @@ class Cluster:
                                         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
                                         "--storage.tsdb.retention.time=2h", "--web.enable-lifecycle"])
 
+    def start_keda(self, timeout: float = 90) -> float:
+        """Install KEDA (CRDs, operator, metrics apiserver registered as v1beta1.external.metrics.k8s.io);
+        returns the seconds it took. Idempotent. The operator runs in the root namespace (all its
+        listeners on loopback); the metrics apiserver runs in the node's network namespace on the
+        node's address, because the aggregator refuses loopback endpoints, and reaches the apiserver and
+        the operator's gRPC through the node agent's forwarders."""
+        if (self.dir / "keda.ready").exists():
+            return 0.0
+        t0 = time.monotonic()
+        r = self.net.ranges
+        self.kubectl("apply", "--server-side", "-f", str(self.bin_dir / "keda-crds"))
+        self.kubectl("apply", "--server-side", "-f", "-", input=KEDA_OBJECTS.format(node_ip=r.node_ip, port=KEDA_ADAPTER_PORT))
+        certs = self.dir / "keda-certs"
+        certs.mkdir(exist_ok=True)
+        env = {"KUBECONFIG": str(self.kubeconfig), "WATCH_NAMESPACE": "", "POD_NAMESPACE": "keda",
+               "KEDA_CLUSTER_OBJECT_NAMESPACE": "keda", "OPERATOR_NAME": "keda-operator", "POD_NAME": "keda-operator"}
+        probe, metrics = _free_ports(2)
+        self._spawn_argv("keda-operator", [str(self.bin_dir / "keda-operator"), "--leader-elect=false",
+                                           f"--metrics-bind-address=127.0.0.1:{metrics}",
+                                           f"--health-probe-bind-address=127.0.0.1:{probe}",
+                                           f"--metrics-service-bind-address=127.0.0.1:{self.keda_grpc_port}",
+                                           "--enable-cert-rotation=true", f"--cert-dir={certs}",
+                                           "--enable-webhook-patching=false", "--enable-apiservice-patching=false",
+                                           "--zap-log-level=info"], env=env)
+        self._poll("KEDA's certificates", lambda: (certs / "tls.crt").exists() and (certs / "ca.crt").exists(), timeout)
+        kc = self.dir / "kube-proxy.kubeconfig"  # the apiserver as seen from the node's namespace
+        self._spawn_argv("keda-adapter", ["ip", "netns", "exec", self.net.node_ns, str(self.bin_dir / "keda-adapter"),
+                                          f"--secure-port={KEDA_ADAPTER_PORT}", f"--bind-address={r.node_ip}",
+                                          f"--cert-dir={certs}", f"--tls-cert-file={certs / 'tls.crt'}",
+                                          f"--tls-private-key-file={certs / 'tls.key'}",
+                                          f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+                                          f"--kubeconfig={kc}",
+                                          f"--metrics-service-address=127.0.0.1:{KEDA_GRPC_PORT}",
+                                          "--metrics-service-grpc-authority=keda-operator.keda.svc.cluster.local",
+                                          "--v=0"], env={**env, "KUBECONFIG": str(kc)})
+
+        def available() -> bool:
+            out = self.kubectl("get", "apiservice", "v1beta1.external.metrics.k8s.io", "-o",
+                               "jsonpath={.status.conditions[?(@.type=='Available')].status}", check=False).stdout
+            return out == "True"
+
+        self._poll("KEDA's metrics apiserver Available", available, timeout)
+        (self.dir / "keda.ready").write_text("")
+        return time.monotonic() - t0
+
     def write_info(self) -> None:
         info = {"slot": self.net.slot if self.net else None, "prometheus": self.prometheus_url,
+                "keda_grpc_port": self.keda_grpc_port,
                 "service_range": self.net.ranges.service_range if self.net else None,
                 "pod_range": self.net.ranges.pod_range if self.net else None}
         (self.dir / "cluster.json").write_text(json.dumps(info))
@@ -422,9 +519,10 @@ class Cluster:
     def _spawn(self, name: str, binary: str, *args: str) -> None:
         self._spawn_argv(name, [str(self.bin_dir / binary), *args])
 
-    def _spawn_argv(self, name: str, argv: list[str], cwd: Path | None = None) -> None:
+    def _spawn_argv(self, name: str, argv: list[str], cwd: Path | None = None, env: dict | None = None) -> None:
         log = open(self.dir / f"{name}.log", "wb")
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **env} if env else None,
                                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd or self.dir,
                                             preexec_fn=_die_with_parent)
         (self.dir / "pids").mkdir(exist_ok=True)

@@ -61,25 +61,38 @@ def bind(source: str, target: str, read_only: bool) -> None:
         mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
 
 
+def overlay(path: str, target: str, layer: str) -> None:
+    """overlayfs, as a container runtime does: the host folder is the read-only lower layer; writes
+    (and mount points for volumes) land in this container's own tmpfs."""
+    upper, work = layer + "/upper" + path, layer + "/work" + path
+    for d in (upper, work, target):
+        os.makedirs(d, exist_ok=True)
+    mount("overlay", target, "overlay", MS_NOSUID, f"lowerdir={path},upperdir={upper},workdir={work}")
+
+
 def build_root(spec: dict) -> str:
     root, layer = spec["root"], spec["root"] + ".layer"
     for d in (root, layer):
         os.makedirs(d, exist_ok=True)
         mount("tmpfs", d, "tmpfs", MS_NOSUID, "mode=755")
-    image_dirs = []
-    for path in spec["binds"]:                       # the "image": host folders under a throwaway layer
+    os.makedirs(root + "/tmp", mode=0o1777, exist_ok=True)
+    os.chmod(root + "/tmp", 0o1777)
+    # The image's folders and the pod's volumes, shallowest destination first (as runc sorts mounts),
+    # the image first on a tie: a volume at /etc/demo lands inside the image's /etc, and an image
+    # folder under a volume (this checkout under /tmp, with an emptyDir at /tmp) stays visible.
+    mounts = [(p, None) for p in spec["binds"]] + [(m["target"], m) for m in spec["mounts"]]
+    mounts.sort(key=lambda pm: (pm[0].rstrip("/").count("/"), pm[1] is not None))
+    read_only = []
+    for path, volume in mounts:
         target = root + path
-        if os.path.islink(path):                     # /bin -> usr/bin on merged-/usr systems
+        if volume is not None:
+            bind(volume["source"], target, read_only=volume.get("readOnly", False))
+        elif os.path.islink(path):                   # /bin -> usr/bin on merged-/usr systems
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.symlink(os.readlink(path), target)
         elif os.path.isdir(path):
-            # overlayfs, as a container runtime does: the host folder is the read-only lower layer,
-            # writes (and mount points for volumes) land in this container's own tmpfs.
-            upper, work = layer + "/upper" + path, layer + "/work" + path
-            for d in (upper, work, target):
-                os.makedirs(d, exist_ok=True)
-            mount("overlay", target, "overlay", MS_NOSUID, f"lowerdir={path},upperdir={upper},workdir={work}")
-            image_dirs.append(target)
+            overlay(path, target, layer)
+            read_only.append(target)
     os.makedirs(root + "/proc", exist_ok=True)
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.makedirs(root + "/sys", exist_ok=True)
@@ -95,15 +108,11 @@ def build_root(spec: dict) -> str:
     for name, target in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")]:
         os.symlink(target, f"{dev}/{name}")
-    os.makedirs(root + "/tmp", mode=0o1777, exist_ok=True)
-    os.chmod(root + "/tmp", 0o1777)
     term = spec.get("termination_log")
     if term:
         bind(term["host"], root + term["path"], read_only=False)
-    for m in spec["mounts"]:                         # the pod's volumes
-        bind(m["source"], root + m["target"], read_only=m.get("readOnly", False))
     if spec.get("read_only_root"):
-        for target in image_dirs:
+        for target in read_only:
             mount(None, target, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID)
         mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID)
     return root

@@ -109,6 +109,7 @@ class NodeConfig:
     images: list[dict[str, Any]]            # [{"match": "ghcr.io/autoglm/runtime", "binds": [...], "env": {...}}]
     host_paths: dict[str, str] = field(default_factory=dict)   # hostPath prefix -> folder on this machine
     api_port: int = 0                       # forwarded into the node namespace's 127.0.0.1:6443 (kube-proxy)
+    forwards: list[list[int]] = field(default_factory=list)   # [[node-ns 127.0.0.1 port, root 127.0.0.1 port]]
     cpu: str = "16"
     memory: str = "64Gi"
     backoff_base: float = BACKOFF_BASE
@@ -734,9 +735,10 @@ def listen_in_netns(netns: str, host: str, port: int) -> "socket.socket":
     return result[0]
 
 
-async def forward_api(netns: str, api_port: int) -> asyncio.AbstractServer:
-    """Node-namespace 127.0.0.1:6443 → root-namespace 127.0.0.1:<api_port>: the apiserver stays on
-    loopback, and kube-proxy (inside the node namespace) still reaches it."""
+async def forward(netns: str, port: int, target_port: int) -> asyncio.AbstractServer:
+    """Node-namespace 127.0.0.1:<port> → root-namespace 127.0.0.1:<target_port>: servers of the root
+    namespace stay on loopback (the apiserver, KEDA's gRPC), and what runs inside the node namespace
+    (kube-proxy, KEDA's metrics apiserver) still reaches them."""
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -750,13 +752,13 @@ async def forward_api(netns: str, api_port: int) -> asyncio.AbstractServer:
 
     async def handle(r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
         try:
-            r2, w2 = await asyncio.open_connection("127.0.0.1", api_port)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", target_port)
         except OSError:
             w1.close()
             return
         await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
 
-    return await asyncio.start_server(handle, sock=listen_in_netns(netns, "127.0.0.1", NODE_API_PORT))
+    return await asyncio.start_server(handle, sock=listen_in_netns(netns, "127.0.0.1", port))
 
 
 # ==================================================================== the node
@@ -868,12 +870,15 @@ class Agent:
         stop = asyncio.Event()
         for s in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(s, stop.set)
-        if self.cfg.api_port:
-            await forward_api(self.net.node_ns, self.cfg.api_port)
+        servers = []
+        for port, target in ([[NODE_API_PORT, self.cfg.api_port]] if self.cfg.api_port else []) + self.cfg.forwards:
+            servers.append(await forward(self.net.node_ns, port, target))
         hb = asyncio.create_task(self.heartbeat())
         threading.Thread(target=self._watch_pods, daemon=True, name="pod-watch").start()
         await stop.wait()
         hb.cancel()
+        for srv in servers:
+            srv.close()
         # The node goes away: stop every container quickly (the cluster is stopping too).
         for w in list(self.workers.values()):
             w.pod["metadata"]["deletionGracePeriodSeconds"] = 2

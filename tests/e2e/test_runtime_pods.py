@@ -58,13 +58,14 @@ def http_status(url: str) -> int:
 class Load:
     """``n`` clients streaming chat completions through the Service, counting what fails."""
 
-    def __init__(self, base_url: str, model: str, n: int = 16) -> None:
+    def __init__(self, base_url: str, model: str, n: int = 16, max_tokens: int = 12) -> None:
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=base_url, api_key="none", timeout=60)
-        self.model, self.n = model, n
+        self.client = OpenAI(base_url=base_url, api_key="none", timeout=120)
+        self.model, self.n, self.max_tokens = model, n, max_tokens
         self.ok = 0
         self.failed: list[str] = []
+        self.ttft: list[tuple[float, float]] = []   # (monotonic start, seconds to the first token)
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
@@ -72,12 +73,22 @@ class Load:
     def _run(self, i: int) -> None:
         while not self.stop.is_set():
             try:
+                start = time.monotonic()
+                first = None
                 stream = self.client.chat.completions.create(
                     model=self.model, messages=[{"role": "user", "content": f"client {i} says hello"}],
-                    max_tokens=12, temperature=0, stream=True)
-                text = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
+                    max_tokens=self.max_tokens, temperature=0, stream=True,
+                    extra_body={"ignore_eos": True})  # every request does the same work
+                parts = []
+                for c in stream:
+                    if c.choices and c.choices[0].delta.content:
+                        first = first or time.monotonic()
+                        parts.append(c.choices[0].delta.content)
+                text = "".join(parts)
                 with self.lock:
                     self.ok += 1 if text else 0
+                    if first is not None:
+                        self.ttft.append((start, first - start))
                     if not text:
                         self.failed.append("empty answer")
             except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
