@@ -6,7 +6,8 @@ exits 1), then uvicorn serves the app with OUR signal handlers:
 - SIGTERM / SIGINT: readiness turns false at once and new requests get 503; in-flight requests
   finish (bounded by ``--drain-timeout``); then the server stops and the process exits 0.
   A second signal exits at once.
-- SIGHUP: hot reload of the model directory (``engine.reload``), same as ``POST /admin/reload``.
+- SIGHUP: hot reload of the model directory (``engine.reload``); ``POST /admin/reload`` (only with
+  ``--enable-reload``) can also name another folder under ``--reload-root``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", help="revision label on metrics")
     s.add_argument("--drain-timeout", dest="drain_timeout_seconds", type=float, metavar="SECONDS")
     s.add_argument("--request-timeout", dest="request_timeout_seconds", type=float, metavar="SECONDS")
+    s.add_argument("--enable-reload", action="store_const", const=True,
+                   help="serve POST /admin/reload (off by default) [env AUTOGLM_RUNTIME_ENABLE_RELOAD]")
+    s.add_argument("--reload-root", metavar="DIR",
+                   help="reload accepts only model folders under DIR (default: the parent of --model)")
+    s.add_argument("--allow-client-priority", action="store_const", const=True,
+                   help="honour the `priority` request field (off: a non-zero priority gets 400)")
     s.add_argument("--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"])
 
     m = sub.add_parser("make-model", help="Write a randomly initialised GLM model and tokenizer to a directory.")
@@ -68,7 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "served_model_name", "max_batch_size", "max_queue", "max_batch_tokens",
                  "max_model_len", "dtype", "device", "api_key_file", "revision", "drain_timeout_seconds",
-                 "request_timeout_seconds", "log_level"):
+                 "request_timeout_seconds", "log_level", "enable_reload", "reload_root", "allow_client_priority"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

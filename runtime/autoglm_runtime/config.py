@@ -39,6 +39,11 @@ class RuntimeSettings(BaseSettings):
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     request_timeout_seconds: float | None = Field(default=None, gt=0, description="Abort a request running longer.")
     revision: str = Field(default="unknown", description="Label of the deployed revision in metrics.")
+    enable_reload: bool = Field(default=False, description="Serve POST /admin/reload (off: 403).")
+    reload_root: Path | None = Field(default=None, description="Reload accepts only model folders under this "
+                                     "directory; default: the parent of --model.")
+    allow_client_priority: bool = Field(default=False, description="Honour a request's `priority` (off: a "
+                                        "non-zero priority is refused with 400).")
     log_level: LogLevel = "info"
 
     @field_validator("log_level", mode="before")
@@ -72,6 +77,8 @@ class RuntimeSettings(BaseSettings):
             self.api_key = key
         if self.served_model_name is None:
             self.served_model_name = self.model.resolve().name or str(self.model)
+        if self.reload_root is None:
+            self.reload_root = self.model.resolve().parent
         return self
 
     @property

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["InsufficientMemoryError", "LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype"]
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,6 +21,10 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class ModelLoadError(RuntimeError):
     """The model directory cannot be loaded; the message says why in one line."""
+
+
+class InsufficientMemoryError(ModelLoadError):
+    """A reload's model and KV cache do not fit next to the model that is serving."""
 
 
 @dataclass

@@ -1,15 +1,19 @@
 """Prometheus metrics of one server, in a per-app ``CollectorRegistry`` (no global state).
 
 Names follow vLLM's (``vllm:num_requests_running`` → ``autoglm_requests_running`` ...). Every series
-carries ``model`` and ``revision`` labels. Gauges are read from the engine at scrape time.
+carries ``model`` and ``revision`` labels. Gauges are read from the engine at scrape time by a collector
+that yields only the current labels, so after a reload to a new revision the old revision's gauge
+series are gone (not frozen at their last value, which an autoscaler would read as a queue).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 LABELS = ("model", "revision")
 
@@ -34,10 +38,6 @@ class RuntimeMetrics:
         self.model = model
         self.revision = revision
         r = self.registry
-        self.requests_running = Gauge("autoglm_requests_running", "Requests in the running batch.", LABELS, registry=r)
-        self.requests_waiting = Gauge("autoglm_requests_waiting", "Requests waiting to be scheduled.", LABELS, registry=r)
-        self.kv_cache_usage = Gauge("autoglm_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1).",
-                                    LABELS, registry=r)
         self.ttft = Histogram("autoglm_time_to_first_token_seconds", "Arrival to first generated token.",
                               LABELS, buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("autoglm_inter_token_latency_seconds", "Time between generated tokens of a request.",
@@ -57,7 +57,8 @@ class RuntimeMetrics:
         self.generation_tokens = Counter("autoglm_generation_tokens", "Generated tokens.", LABELS, registry=r)
         self.reloads_total = Counter("autoglm_reloads", "Model hot reloads by outcome.", (*LABELS, "status"),
                                      registry=r)
-        self._stats: Callable[[], tuple[int, int, float]] | None = None
+        self._stats: Callable[[], Any] | None = None
+        r.register(_EngineGauges(self))
         self._init_series()
 
     def _init_series(self) -> None:
@@ -65,8 +66,7 @@ class RuntimeMetrics:
         lv = self.labels
         for status in REQUEST_STATUSES:
             self.requests_total.labels(*lv, status)
-        for m in (self.requests_running, self.requests_waiting, self.kv_cache_usage, self.ttft, self.itl,
-                  self.duration, self.batch_size, self.prompt_tokens, self.generation_tokens):
+        for m in (self.ttft, self.itl, self.duration, self.batch_size, self.prompt_tokens, self.generation_tokens):
             m.labels(*lv)
 
     @property
@@ -80,7 +80,7 @@ class RuntimeMetrics:
 
     def bind_stats(self, stats: Callable[[], Any]) -> None:
         """``stats()`` is read at every scrape: an object with ``num_running``, ``num_waiting`` and
-        ``kv_cache_usage`` (the engine's ``EngineStats``) or a tuple in that order."""
+        ``kv_cache_usage`` (the engine's ``EngineStats``)."""
         self._stats = stats
 
     # ---- hooks -----------------------------------------------------------------
@@ -99,20 +99,37 @@ class RuntimeMetrics:
         self.requests_total.labels(*self.labels, status).inc()
 
     def render(self) -> bytes:
-        if self._stats is not None:
-            try:
-                st = self._stats()
-                if isinstance(st, tuple):
-                    running, waiting, kv = st
-                else:
-                    running, waiting, kv = st.num_running, st.num_waiting, st.kv_cache_usage
-            except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
-                running, waiting, kv = 0, 0, 0.0
-            lv = self.labels
-            self.requests_running.labels(*lv).set(running)
-            self.requests_waiting.labels(*lv).set(waiting)
-            self.kv_cache_usage.labels(*lv).set(kv)
         return generate_latest(self.registry)
+
+
+class _EngineGauges(Collector):
+    """The engine's gauges, read at scrape time, under the labels of now only."""
+
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        stats = None
+        if self.metrics._stats is not None:
+            try:
+                stats = self.metrics._stats()
+            except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
+                stats = None
+        return self._families(stats)
+
+    def _families(self, stats: Any) -> Iterator[Metric]:
+        lv = list(self.metrics.labels)
+        for name, doc, attr in (
+            ("autoglm_requests_running", "Requests in the running batch.", "num_running"),
+            ("autoglm_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
+            ("autoglm_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1).", "kv_cache_usage"),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(lv, float(getattr(stats, attr, 0) if stats is not None else 0))
+            yield family
 
 
 class RequestTimer:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .loader import LoadedModel, ModelLoadError
+from .memory import cpu_available_memory, kv_cache_bytes
 from .sampling import SamplingState, min_tokens_suppression, sample
 from .scheduler import SchedulerOutput, SlotMove
 
@@ -77,15 +78,26 @@ def _register() -> None:
     AttentionInterface.register(ATTN_IMPL, _slot_attention)
 
 
-def _available_memory(device: torch.device) -> int | None:
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or on CPU the smaller of the host's
+    available memory and the container's cgroup room (``memory.py``). None when unknown."""
     try:
         if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        import psutil
-
-        return psutil.virtual_memory().available
-    except Exception:  # noqa: BLE001 - unknown: do not block
+            return int(torch.cuda.mem_get_info(device)[0])
+        return cpu_available_memory()
+    except (OSError, RuntimeError):  # unknown: do not block
         return None
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_cache_bytes_for(cfg, max_batch_size: int, max_model_len: int, itemsize: int) -> int:
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return kv_cache_bytes(cfg.num_hidden_layers, kv_heads, head_dim, max_batch_size, max_model_len, itemsize)
 
 
 class ModelRunner:
@@ -97,7 +109,7 @@ class ModelRunner:
         self.dtype = loaded.dtype
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
-        cfg = loaded.config.get_text_config() if hasattr(loaded.config, "get_text_config") else loaded.config
+        cfg = text_config(loaded.config)
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -110,8 +122,8 @@ class ModelRunner:
         if len(attn_layers) != self.num_layers:
             raise ModelLoadError(f"unsupported model: found {len(attn_layers)} attention modules for {self.num_layers} layers")
         shape = (max_batch_size, self.kv_heads, max_model_len, self.head_dim)
-        need = 2 * self.num_layers * max_batch_size * self.kv_heads * max_model_len * self.head_dim * self.dtype.itemsize
-        avail = _available_memory(self.device)
+        need = kv_cache_bytes_for(cfg, max_batch_size, max_model_len, self.dtype.itemsize)
+        avail = available_memory(self.device)
         if avail is not None and need > 0.9 * avail:
             raise KVCacheTooLargeError(
                 f"the KV cache for {max_batch_size} sequences x {max_model_len} tokens needs {need / 2**30:.1f} GiB "

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
 
+from .engine_api import QueueFullError
+
 __all__ = [
     "FinishReason",
     "QueueFullError",
@@ -40,10 +42,6 @@ __all__ = [
     "SequenceStatus",
     "SlotMove",
 ]
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at `max_queue`; the caller should answer 429/503 and retry later."""
 
 
 class SequenceStatus(Enum):

@@ -499,3 +499,75 @@ async def test_cancellation_storm_keeps_survivors_correct(loaded, reference):
         assert eng.check_health()
     finally:
         await eng.stop()
+
+
+async def test_event_loop_never_waits_on_a_step(loaded):
+    """Admission, abort and stats are handed to the engine thread: while a step is stuck (here in
+    `prepare`, which used to run under a lock the event loop also took), the loop carries on."""
+    import threading
+
+    eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
+    inst = eng._current
+    entered, release = threading.Event(), threading.Event()
+    real_prepare = inst.runner.prepare
+
+    def stuck_prepare(*args, **kwargs):
+        entered.set()
+        release.wait()
+        return real_prepare(*args, **kwargs)
+
+    inst.runner.prepare = stuck_prepare
+    await eng.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        first = asyncio.create_task(collect(eng, "first", [5, 6, 7], params))
+        assert await asyncio.to_thread(entered.wait, 30)  # the engine thread is inside a step now
+        # None of these may wait for the step (each would hang the loop, and this test, if it did):
+        assert eng.stats().num_running == 1 and eng.check_health()
+        second = asyncio.create_task(eng.add_request("second", [5, 6], params))
+        eng.abort("first")
+        await asyncio.sleep(0)
+        assert not second.done()  # admission is applied between steps, and this one has not ended
+        release.set()
+        stream = await second
+        outs = [o async for o in stream]
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        _, _, last = await first
+        assert last.finish_reason == "abort"
+    finally:
+        release.set()
+        await eng.stop()
+
+
+async def test_kv_cache_and_reload_respect_the_cgroup_memory_limit(tiny_model_dir, tmp_path, loaded, monkeypatch):
+    from autoglm_runtime.loader import InsufficientMemoryError
+    from autoglm_runtime.memory import CGROUP_ROOT_ENV, checkpoint_bytes
+    from autoglm_runtime.model_runner import KVCacheTooLargeError, kv_cache_bytes_for, text_config
+
+    cg = tmp_path / "cgroup"
+    cg.mkdir()
+    (cg / "memory.current").write_text("0\n")
+    monkeypatch.setenv(CGROUP_ROOT_ENV, str(cg))
+    kv = kv_cache_bytes_for(text_config(loaded.config), 4, 256, 4)
+    weights = checkpoint_bytes(tiny_model_dir, 4, 4)
+    assert kv > 0 and weights > 0
+    # The host has GBs free; the container's limit is what counts.
+    (cg / "memory.max").write_text(f"{kv}\n")
+    with pytest.raises(KVCacheTooLargeError, match="available"):
+        Engine(loaded, max_batch_size=4, max_model_len=256)
+    # Room for one KV cache and half a model: the engine starts; a reload (both models live) is refused.
+    (cg / "memory.max").write_text(f"{int((kv + weights // 2) / 0.9)}\n")
+    eng = Engine(loaded, max_batch_size=4, max_model_len=256)
+    await eng.start()
+    try:
+        with pytest.raises(InsufficientMemoryError, match="restart"):
+            await eng.reload(tiny_model_dir, revision="v2")
+        assert eng.stats().num_models == 1 and eng.revision == ""
+        _, _, last = await collect(eng, "still-serving", [5, 6], SamplingParams(max_tokens=2, temperature=0,
+                                                                                 ignore_eos=True))
+        assert last.finish_reason == "length"
+        (cg / "memory.max").write_text("max\n")
+        await eng.reload(tiny_model_dir, revision="v2")
+        assert eng.revision == "v2"
+    finally:
+        await eng.stop()

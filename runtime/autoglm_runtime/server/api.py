@@ -10,14 +10,14 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autoglm_runtime.metrics import CONTENT_TYPE
 from autoglm_runtime.server import errors
 from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, ReloadRequest
-from autoglm_runtime.server.serving import OpenAIServing, ServerState
+from autoglm_runtime.server.serving import EventStream, OpenAIServing, ServerState
 
 log = logging.getLogger("autoglm_runtime.server")
 
@@ -92,19 +92,61 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         return task.result()
     task.cancel()
     try:
-        await task
+        result = await task
     except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone; nobody reads it
-        pass
+        result = None
+    if isinstance(result, EventStream):  # it finished starting just as the client left
+        await result.close()
     log.info("Aborted request after client disconnect, request_id=%s", request.scope["state"].get("request_id"))
     return Response(status_code=499)
+
+
+class EventStreamResponse(Response):
+    """Server-sent events of a started generation. Headers go out at once (the request is admitted, maybe
+    still queued); a client that leaves is noticed while no chunk is due; and the generation is closed
+    (engine slot freed, in-flight count released) however this ends, even if the body never started."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, stream: EventStream) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no")]
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def body() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.stream.body:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        sender = asyncio.ensure_future(body())
+        watcher = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done():
+                try:
+                    sender.result()
+                except OSError:  # the client went away while we wrote
+                    pass
+        finally:
+            for task in (sender, watcher):
+                task.cancel()
+            await asyncio.gather(sender, watcher, return_exceptions=True)
+            await self.stream.close()
 
 
 def _respond(result: Any) -> Response:
     if isinstance(result, Response):
         return result
-    if hasattr(result, "__aiter__"):
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if isinstance(result, EventStream):
+        return EventStreamResponse(result)
     return JSONResponse(result.model_dump(mode="json"))
 
 
@@ -154,6 +196,9 @@ async def metrics(request: Request) -> Response:
 
 @router.post("/admin/reload", dependencies=authed)
 async def reload(request: Request) -> Response:
+    if not _state(request).settings.enable_reload:
+        raise errors.PermissionDeniedError("Hot reload over HTTP is disabled (start the server with --enable-reload).",
+                                           code="reload_disabled")
     raw = await request.body()
     try:
         body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
@@ -177,11 +222,13 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             state.started = False
             await state.engine.stop()
+            serving.shutdown()
             log.info("Stopped engine")
 
     app = FastAPI(title="autoglm-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    serving = OpenAIServing(state)
     app.state.runtime = state
-    app.state.serving = OpenAIServing(state)
+    app.state.serving = serving
     errors.install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(RequestIdMiddleware)

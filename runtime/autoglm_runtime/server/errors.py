@@ -2,6 +2,8 @@
 
 Every error body is OpenAI's: ``{"error": {"message", "type", "param", "code"}}``. User input never
 produces a 500: request validation and malformed JSON are 400; only real bugs reach the catch-all.
+The engine's typed errors (``engine_api.EngineError``, ``loader.ModelLoadError``) become API errors in
+``from_engine`` and nowhere else.
 """
 
 from __future__ import annotations
@@ -13,6 +15,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from autoglm_runtime.engine_api import (
+    EngineDeadError,
+    EngineDrainingError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from autoglm_runtime.loader import InsufficientMemoryError, ModelLoadError
 
 log = logging.getLogger("autoglm_runtime.server")
 
@@ -51,6 +62,16 @@ class AuthenticationError(APIError):
 
     def __init__(self, message: str = "Invalid or missing API key (expected `Authorization: Bearer <key>`).") -> None:
         super().__init__(message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class PermissionDeniedError(APIError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class ConflictError(APIError):
+    status_code = 409
+    error_type = "conflict_error"
 
 
 class NotFoundError(APIError):
@@ -93,6 +114,24 @@ class RequestTimeoutError(APIError):
 class InternalError(APIError):
     status_code = 500
     error_type = "internal_error"
+
+
+def from_engine(exc: EngineError | ModelLoadError) -> APIError:
+    """The HTTP error for one of the engine's documented errors (the only such mapping)."""
+    if isinstance(exc, QueueFullError):
+        return QueueFullAPIError()
+    if isinstance(exc, InvalidRequestError):
+        return BadRequestError(str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, EngineDrainingError):
+        return DrainingError()
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError(f"The inference engine is not running: {exc}", code="engine_dead")
+    # Reload only (ModelLoadError): the old model keeps serving.
+    if isinstance(exc, InsufficientMemoryError):
+        return ConflictError(f"Cannot load the model: {exc}", param="model", code="insufficient_memory")
+    if isinstance(exc, ModelLoadError):
+        return BadRequestError(f"Cannot load the model: {exc}", param="model", code="model_load_failed")
+    return InternalError(f"Unexpected engine error: {type(exc).__name__}")
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:

@@ -1,24 +1,36 @@
 """Serving logic: OpenAI requests in, engine calls out.
 
 The HTTP layer (``api.py``) only parses and routes; everything that knows about tokens lives here:
-tokenization and chat templates, ``max_tokens`` against ``max_model_len``, sampling parameters,
-stop strings, usage counts, finish reasons, metrics per request, and the server's lifecycle state
-(readiness, draining, in-flight requests, hot reload).
+tokenization and chat templates (on one worker thread, off the event loop), ``max_tokens`` against
+``max_model_len`` (``engine_api.check_lengths``), sampling parameters, usage counts, finish reasons,
+metrics per request, one SSE streaming function for both endpoints, and the server's lifecycle state
+(readiness, draining, in-flight requests, hot reload). Stop strings are matched by the engine only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from autoglm_runtime.config import RuntimeSettings
+from autoglm_runtime.engine_api import (
+    EngineClient,
+    EngineDrainingError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestStream,
+    check_lengths,
+)
+from autoglm_runtime.loader import ModelLoadError
 from autoglm_runtime.metrics import RequestTimer, RuntimeMetrics
+from autoglm_runtime.sampling import SamplingParams
 from autoglm_runtime.server import errors
 from autoglm_runtime.server.protocol import (
     ChatChoice,
@@ -40,62 +52,7 @@ from autoglm_runtime.server.protocol import (
 
 log = logging.getLogger("autoglm_runtime.server")
 
-
-class EngineClient(Protocol):
-    """What the HTTP layer needs from the engine (``autoglm_runtime.engine.Engine`` provides it)."""
-
-    tokenizer: Any
-
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: Any, priority: int = 0) -> Any: ...
-    def abort(self, request_id: str) -> Any: ...
-    def check_health(self) -> bool: ...
-    async def start(self) -> None: ...
-    async def reload(self, model_dir: Any, revision: str = "") -> Any: ...
-    async def drain(self, timeout: float) -> Any: ...
-    async def stop(self) -> None: ...
-    def stats(self) -> Any: ...  # .num_running, .num_waiting, .kv_cache_usage
-
-
-def _queue_full_types() -> tuple[type[BaseException], ...]:
-    try:
-        from autoglm_runtime.scheduler import QueueFullError
-    except ImportError:  # engine not built yet: nothing can be raised
-        return ()
-    return (QueueFullError,)
-
-
-def _model_load_error_types() -> tuple[type[BaseException], ...]:
-    try:
-        from autoglm_runtime.loader import ModelLoadError
-    except ImportError:
-        return ()
-    return (ModelLoadError,)
-
-
-def _engine_error(exc: BaseException) -> errors.APIError | None:
-    """The HTTP error for an engine exception, or None when it is not one the engine documents."""
-    name = type(exc).__name__
-    if name == "EngineDrainingError":
-        return errors.DrainingError()
-    if name == "EngineDeadError":
-        return errors.ServiceUnavailableError(f"The inference engine is not running: {exc}", code="engine_dead")
-    return None
-
-
-def _sampling_params_class() -> Any:
-    from autoglm_runtime.sampling import SamplingParams
-
-    return SamplingParams
-
-
-def _accepted_fields(cls: Any) -> set[str]:
-    if dataclasses.is_dataclass(cls):
-        return {f.name for f in dataclasses.fields(cls)}
-    fields = getattr(cls, "model_fields", None)
-    if fields is not None:
-        return set(fields)
-    return set(inspect.signature(cls).parameters)
-
+T = TypeVar("T")
 
 # ------------------------------------------------------------------ server state
 
@@ -163,13 +120,24 @@ class ServerState:
         return True
 
     # ---- hot reload ----
+    def _allowed_model_dir(self, model: str) -> Path:
+        root = self.settings.reload_root
+        assert root is not None  # settings default it to the model's parent
+        model_dir = Path(model).resolve()
+        if not model_dir.is_relative_to(root.resolve()):
+            raise errors.PermissionDeniedError(f"Reload accepts only model folders under {root}.", param="model",
+                                               code="model_not_allowed")
+        return model_dir
+
     async def reload(self, model: str | None = None, revision: str | None = None) -> dict[str, Any]:
+        """Loads ``model`` (a folder under ``--reload-root``; default: the current one) next to the serving
+        model. Raises APIError: 403 outside the root, 400 not loadable, 409 not enough memory for both."""
         if self.draining:
             raise errors.DrainingError()
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
-            model_dir = Path(model) if model else self.settings.model
+            model_dir = self._allowed_model_dir(model) if model else self.settings.model
             if not model_dir.is_dir():
                 raise errors.BadRequestError(f"Model directory {model_dir} does not exist.", param="model",
                                              code="model_not_found")
@@ -177,15 +145,12 @@ class ServerState:
             log.info("Started hot reload, model=%s", model_dir)
             try:
                 await self.engine.reload(model_dir, revision=revision or self.metrics.revision)
-            except _model_load_error_types() as exc:
+            except ModelLoadError as exc:
                 self.metrics.reloads_total.labels(*self.metrics.labels, "error").inc()
                 log.error("Failed hot reload, model=%s error=%s", model_dir, exc)
-                raise errors.BadRequestError(f"Cannot load model from {model_dir}: {exc}", param="model",
-                                             code="model_load_failed") from None
+                raise errors.from_engine(exc) from None
             self.settings.model = model_dir
-            new_len = getattr(self.engine, "max_model_len", None)
-            if isinstance(new_len, int) and new_len > 0:
-                self.max_model_len = new_len
+            self.max_model_len = self.engine.max_model_len
             self.metrics.set_labels(revision=revision)
             self.metrics.reloads_total.labels(*self.metrics.labels, "success").inc()
             seconds = time.monotonic() - started
@@ -209,35 +174,6 @@ class _Slot:
             self.state._release()
 
 
-# ------------------------------------------------------------------ stop strings
-
-
-class StopChecker:
-    """Finds stop strings in streamed text, holding back just enough text to never emit part of one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was found — generation ends there)."""
-        if not self.stops:
-            return text, False
-        buf = self.pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return buf[: min(hits)], True
-        cut = max(0, len(buf) - self.hold)
-        self.pending = buf[cut:]
-        return buf[:cut], False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 # ------------------------------------------------------------------ generation
 
 
@@ -248,34 +184,35 @@ class Delta:
     finish_reason: str | None
 
 
-_FINISH_REASONS = {"stop": "stop", "eos": "stop", "stop_string": "stop", "stop_token": "stop", "length": "length",
-                   "max_tokens": "length", "abort": "abort", "aborted": "abort", "cancelled": "abort"}
+def _status_of(exc: EngineError) -> str:
+    if isinstance(exc, (QueueFullError, EngineDrainingError)):
+        return "rejected"
+    if isinstance(exc, InvalidRequestError):
+        return "invalid"
+    return "error"
 
 
 class Generation:
-    """One admitted request in the engine: first output awaited at start (so 429 comes before a stream
-    starts), then deltas with stop strings applied; usage and metrics are kept as it goes."""
+    """One request in the engine. ``start()`` returns once the engine admitted it (so a 429 comes before a
+    stream starts, and a stream's headers go out while it is still queued); ``deltas()`` then yields its
+    output. ``close()`` (idempotent) aborts it if unfinished, frees its slot and counts it."""
 
-    def __init__(self, serving: "OpenAIServing", request_id: str, prompt_ids: list[int], params: Any,
-                 priority: int, stops: list[str], slot: _Slot) -> None:
-        self.serving = serving
-        self.engine = serving.state.engine
+    def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 priority: int, slot: _Slot) -> None:
+        self.state = state
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self.priority = priority
-        self.stopper = StopChecker(stops)
         self.slot = slot
         self.arrival = time.monotonic()
-        self.timer = RequestTimer(serving.state.metrics, self.arrival)
+        self.timer = RequestTimer(state.metrics, self.arrival)
         self.completion_tokens = 0
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self._it: Any = None
-        self._first: Any = None
+        self._stream: RequestStream | None = None
         self._closed = False
-        self._engine_finished = False
-        timeout = serving.state.settings.request_timeout_seconds
+        timeout = state.settings.request_timeout_seconds
         self.deadline = self.arrival + timeout if timeout else None
 
     @property
@@ -283,117 +220,74 @@ class Generation:
         return UsageInfo(prompt_tokens=len(self.prompt_ids), completion_tokens=self.completion_tokens,
                          total_tokens=len(self.prompt_ids) + self.completion_tokens)
 
-    async def start(self) -> None:
+    async def _within_deadline(self, work: Awaitable[T]) -> T:
+        if self.deadline is None:
+            return await work
         try:
-            gen = self.engine.generate(self.request_id, self.prompt_ids, self.params, priority=self.priority)
-            if inspect.isawaitable(gen):
-                gen = await gen
-            self._it = gen.__aiter__()
-            self._first = await self._next()
-        except _queue_full_types():
-            await self.close("rejected")
-            raise errors.QueueFullAPIError() from None
-        except errors.RequestTimeoutError:
-            await self.close("aborted")  # timed out before the first output (e.g. while queued)
-            raise
-        except errors.APIError:
-            await self.close("error")
-            raise
-        except ValueError as exc:  # InvalidRequestError: the engine refused the request's parameters
-            await self.close("invalid")
-            raise errors.BadRequestError(str(exc)) from None
-        except BaseException as exc:
-            mapped = _engine_error(exc)
-            await self.close("aborted" if isinstance(exc, asyncio.CancelledError) else
-                             "rejected" if isinstance(mapped, errors.DrainingError) else "error")
-            if mapped is not None:
-                raise mapped from None
-            raise
-
-    async def _next(self) -> Any:
-        try:
-            if self.deadline is None:
-                return await self._it.__anext__()
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            return await asyncio.wait_for(self._it.__anext__(), remaining)
-        except StopAsyncIteration:
-            return None
+            return await asyncio.wait_for(work, max(0.0, self.deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise errors.RequestTimeoutError(
-                f"The request ran longer than {self.serving.state.settings.request_timeout_seconds}s.") from None
+                f"The request ran longer than {self.state.settings.request_timeout_seconds}s.") from None
+
+    async def start(self) -> None:
+        try:
+            self._stream = await self._within_deadline(
+                self.state.engine.add_request(self.request_id, self.prompt_ids, self.params, self.priority))
+        except EngineError as exc:
+            await self.close(_status_of(exc))
+            raise errors.from_engine(exc) from None
+        except BaseException:  # timeout, cancellation (client gone) or a bug
+            await self.close("aborted")
+            raise
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """Yields deltas until finished; always ends with a delta that carries a finish reason."""
+        """Yields deltas until finished; the last one carries the finish reason."""
+        assert self._stream is not None, "start() first"
         status = "error"
         try:
-            out = self._first
-            self._first = None
-            while out is not None:
-                ids = list(getattr(out, "new_token_ids", None) or [])
+            while True:
+                try:
+                    out = await self._within_deadline(self._stream.__anext__())
+                except StopAsyncIteration:  # ended without a finished output
+                    self.finish_reason, status = "abort", "aborted"
+                    yield Delta("", [], "abort")
+                    return
+                ids = list(out.new_token_ids)
                 self.timer.tokens(time.monotonic(), len(ids))
                 self.completion_tokens += len(ids)
                 self.token_ids.extend(ids)
-                text, stopped = self.stopper.feed(getattr(out, "new_text", "") or "")
-                if stopped:
-                    self.finish_reason = "stop"
-                    status = "success"
-                    yield Delta(text, ids, "stop")
-                    return
-                if getattr(out, "finished", False):
-                    self._engine_finished = True
-                    reason = getattr(out, "finish_reason", None) or "stop"
-                    self.finish_reason = _FINISH_REASONS.get(str(reason), str(reason))
+                if out.finished:
+                    self.finish_reason = out.finish_reason or "stop"
                     status = "aborted" if self.finish_reason == "abort" else "success"
-                    yield Delta(text + self.stopper.flush(), ids, self.finish_reason)
+                    yield Delta(out.new_text, ids, self.finish_reason)
                     return
-                if text or ids:
-                    yield Delta(text, ids, None)
-                out = await self._next()
-            # The engine's iterator ended without a finished output: treat as aborted.
-            self.finish_reason = "abort"
+                if out.new_text or ids:
+                    yield Delta(out.new_text, ids, None)
+        except EngineError as exc:
+            status = _status_of(exc)
+            raise errors.from_engine(exc) from None
+        except BaseException:  # timeout, cancellation (client gone), consumer left (GeneratorExit)
             status = "aborted"
-            yield Delta(self.stopper.flush(), [], "abort")
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "aborted"
-            raise
-        except errors.RequestTimeoutError:
-            status = "aborted"
-            raise
-        except Exception as exc:
-            mapped = _engine_error(exc)
-            if mapped is not None:
-                raise mapped from None
             raise
         finally:
             await self.close(status)
 
-    async def close(self, status: str) -> None:
+    async def close(self, status: str = "aborted") -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            if not self._engine_finished:
-                # Abandoned, failed or stopped by a stop string here: free the engine slot now.
-                try:
-                    self.engine.abort(self.request_id)
-                except Exception:  # noqa: BLE001 - an unknown or finished id is fine
-                    pass
-            if self._it is not None and hasattr(self._it, "aclose"):
-                try:
-                    await asyncio.shield(self._it.aclose())
-                except (Exception, asyncio.CancelledError):  # noqa: BLE001
-                    pass
+            if self._stream is not None:
+                await self._stream.aclose()  # aborts it when unfinished; returns once its slot is free
         finally:
-            if status != "rejected":
-                self.timer.done(time.monotonic(), len(self.prompt_ids), self.completion_tokens, status)
+            if status == "rejected":
+                self.state.metrics.request_finished("rejected")
             else:
-                self.serving.state.metrics.request_finished("rejected")
+                self.timer.done(time.monotonic(), len(self.prompt_ids), self.completion_tokens, status)
             self.slot.release()
 
 
-# ------------------------------------------------------------------ OpenAI serving
+# ------------------------------------------------------------------ streaming (both endpoints)
 
 
 def _sse(obj: Any) -> str:
@@ -404,17 +298,54 @@ def _sse(obj: Any) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+@dataclasses.dataclass
+class EventStream:
+    """A started generation as server-sent events. ``close`` must run however the response ends (even if
+    the body is never iterated: a client gone before the first chunk); ``api.py`` guarantees it."""
+
+    body: AsyncIterator[str]
+    close: Callable[[], Awaitable[None]]
+
+
+async def _stream_events(gen: Generation, first: list[str], chunk: Callable[[Delta, list[int]], str],
+                         usage_chunk: Callable[[], str] | None) -> AsyncIterator[str]:
+    """The one SSE loop: ``first`` chunks, one chunk per delta with text or a finish reason (token ids of
+    text-less deltas ride on the next one), an optional usage chunk, an error event for an API error,
+    then ``[DONE]``."""
+    try:
+        for c in first:
+            yield c
+        pending: list[int] = []  # ids of deltas without text yet (e.g. half a UTF-8 character)
+        async for d in gen.deltas():
+            pending.extend(d.token_ids)
+            if not d.text and d.finish_reason is None:
+                continue
+            yield chunk(d, pending)
+            pending = []
+        if usage_chunk is not None:
+            yield usage_chunk()
+    except errors.APIError as exc:
+        yield _sse(errors.error_body(exc.message, exc.error_type, exc.param, exc.code))
+    yield SSE_DONE
+
+
+# ------------------------------------------------------------------ OpenAI serving
+
+
 class OpenAIServing:
     """Completions and chat completions on top of one engine."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self._sampling_cls: Any = None
-        self._sampling_fields: set[str] = set()
+        # Tokenizers are not safe to call from several threads at once; one worker keeps them off the loop.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoglm-tokenize")
 
     @property
     def model_name(self) -> str:
         return self.state.settings.model_name
+
+    def shutdown(self) -> None:
+        self._cpu.shutdown(wait=False, cancel_futures=True)
 
     # ---- shared steps ----
     def check_model(self, model: str | None) -> None:
@@ -425,168 +356,129 @@ class OpenAIServing:
         return ModelList(data=[ModelCard(id=self.model_name, root=str(self.state.settings.model),
                                          max_model_len=self.state.max_model_len)])
 
-    def _tokenizer(self) -> Any:
-        return self.state.engine.tokenizer
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
-    def _tokenize(self, prompt: str | list[int], *, add_special_tokens: bool = True) -> list[int]:
+    def _tokenize(self, tok: Any, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, list):
-            vocab = getattr(self._tokenizer(), "vocab_size", None)
-            if vocab is not None and any(t < 0 or t >= len(self._tokenizer()) for t in prompt):
-                raise errors.BadRequestError("prompt contains token ids outside the vocabulary.", param="prompt")
-            return list(prompt)
-        ids = self._tokenizer()(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-        if not ids:
-            raise errors.BadRequestError("prompt is empty after tokenization.", param="prompt")
-        return list(ids)
+            return list(prompt)  # token ids: the engine checks them against its vocabulary
+        return list(tok(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        tok = self._tokenizer()
-        try:
-            messages = [m.to_template() for m in req.messages]
-        except ValueError as exc:
-            raise errors.BadRequestError(str(exc), param="messages") from None
-        if not getattr(tok, "chat_template", None):
-            raise errors.BadRequestError("This model has no chat template; use /v1/completions.",
-                                         param="messages", code="no_chat_template")
+    def _chat_tokens(self, tok: Any, messages: list[dict[str, Any]]) -> list[int]:
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template that rejects the messages is bad input
             raise errors.BadRequestError(f"Cannot apply the chat template to these messages: {exc}",
                                          param="messages") from None
-        return self._tokenize(text, add_special_tokens=False)
+        return self._tokenize(tok, text, add_special_tokens=False)
 
-    def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
-        limit = self.state.max_model_len
-        if prompt_len >= limit:
-            raise errors.BadRequestError(
-                f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len} tokens.",
-                param="prompt", code="context_length_exceeded")
-        if requested is None:
-            return limit - prompt_len
-        if prompt_len + requested > limit:
-            raise errors.BadRequestError(
-                f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len} tokens and "
-                f"max_tokens is {requested} ({prompt_len + requested} in total).",
-                param="max_tokens", code="context_length_exceeded")
-        return requested
-
-    def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> Any:
-        if self._sampling_cls is None:
-            self._sampling_cls = _sampling_params_class()
-            self._sampling_fields = _accepted_fields(self._sampling_cls)
-        wanted: dict[str, Any] = {"max_tokens": max_tokens, "stop": req.stop_list or None}
-        if req.temperature is not None:
-            wanted["temperature"] = req.temperature
-        if req.top_p is not None:
-            wanted["top_p"] = req.top_p
-        if req.top_k is not None:
-            wanted["top_k"] = req.top_k
-        if req.seed is not None:
-            wanted["seed"] = req.seed
-        for name in ("ignore_eos", "min_tokens"):
-            value = getattr(req, name)
-            if value:
-                if name not in self._sampling_fields:
-                    raise errors.BadRequestError(f"{name} is not supported by this engine.", param=name)
-                wanted[name] = value
-        kwargs = {k: v for k, v in wanted.items() if k in self._sampling_fields}
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        tok = self.state.engine.tokenizer
         try:
-            return self._sampling_cls(**kwargs)
-        except (ValueError, TypeError) as exc:
-            raise errors.BadRequestError(f"Invalid sampling parameters: {exc}") from None
+            messages = [m.to_template() for m in req.messages]
+        except ValueError as exc:  # to_template's own refusal of a content part
+            raise errors.BadRequestError(str(exc), param="messages") from None
+        if not getattr(tok, "chat_template", None):
+            raise errors.BadRequestError("This model has no chat template; use /v1/completions.",
+                                         param="messages", code="no_chat_template")
+        return await self._off_loop(self._chat_tokens, tok, messages)
+
+    def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+        if req.min_tokens > max_tokens:
+            raise errors.BadRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
+        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "stop": req.stop_list, "ignore_eos": req.ignore_eos,
+                                  "min_tokens": req.min_tokens}
+        for name in ("temperature", "top_p", "top_k", "seed"):
+            value = getattr(req, name)
+            if value is not None:
+                kwargs[name] = value
+        return SamplingParams(**kwargs)  # the protocol's ranges are within SamplingParams'
+
+    def _priority(self, req: CompletionRequest | ChatCompletionRequest) -> int:
+        if req.priority and not self.state.settings.allow_client_priority:
+            raise errors.BadRequestError("priority is not enabled on this server (--allow-client-priority).",
+                                         param="priority", code="priority_not_allowed")
+        return req.priority
 
     async def _start(self, prompt_ids: list[int], req: CompletionRequest | ChatCompletionRequest,
                      requested_max_tokens: int | None, id_prefix: str) -> Generation:
-        """Validate lengths, admit the request and start generating; shared by both endpoints."""
-        max_tokens = self._max_tokens(requested_max_tokens, len(prompt_ids))
-        if req.min_tokens > max_tokens:
-            raise errors.BadRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
-        request_id = random_id(id_prefix)
+        """Validate lengths, admit the request and start it; shared by both endpoints."""
+        priority = self._priority(req)
+        try:
+            max_tokens = check_lengths(len(prompt_ids), requested_max_tokens, self.state.max_model_len)
+        except InvalidRequestError as exc:
+            raise errors.from_engine(exc) from None
         params = self._sampling_params(req, max_tokens)
-        # An engine that takes `stop` matches stop strings itself (and, as vLLM, not before min_tokens
-        # tokens); only for one that does not are they matched here.
-        stops = [] if "stop" in self._sampling_fields else req.stop_list
         slot = self.state.admit()
-        gen = Generation(self, request_id, prompt_ids, params, req.priority, stops, slot)
+        gen = Generation(self.state, random_id(id_prefix), prompt_ids, params, priority, slot)
         await gen.start()
         return gen
 
+    async def _collect(self, gen: Generation) -> str:
+        texts = [d.text async for d in gen.deltas()]
+        return "".join(texts)
+
     # ---- /v1/completions ----
-    async def create_completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def create_completion(self, req: CompletionRequest) -> CompletionResponse | EventStream:
         self.check_model(req.model)
-        prompt_ids = self._tokenize(req.prompt)
+        prompt_ids = await self._off_loop(self._tokenize, self.state.engine.tokenizer, req.prompt)
         gen = await self._start(prompt_ids, req, req.max_tokens, "cmpl")
         if req.stream:
             return self._completion_stream(gen, req)
-        texts: list[str] = []
-        async for d in gen.deltas():
-            texts.append(d.text)
-        choice = CompletionChoice(text="".join(texts), finish_reason=gen.finish_reason,
+        try:
+            text = await self._collect(gen)
+        finally:
+            await gen.close()
+        choice = CompletionChoice(text=text, finish_reason=gen.finish_reason,
                                   token_ids=gen.token_ids if req.return_token_ids else None,
                                   prompt_token_ids=prompt_ids if req.return_token_ids else None)
         return CompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
 
-    async def _completion_stream(self, gen: Generation, req: CompletionRequest) -> AsyncIterator[str]:
+    def _completion_stream(self, gen: Generation, req: CompletionRequest) -> EventStream:
         created = int(time.time())
+
+        def chunk(d: Delta, ids: list[int]) -> str:
+            choice = CompletionChoice(text=d.text, finish_reason=d.finish_reason,
+                                      token_ids=ids if req.return_token_ids else None)
+            return _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
+                                                 choices=[choice]))
+
+        def usage() -> str:
+            return _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
+                                                 choices=[], usage=gen.usage))
+
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        try:
-            pending: list[int] = []  # ids of deltas without text yet (e.g. half a UTF-8 character)
-            async for d in gen.deltas():
-                pending.extend(d.token_ids)
-                if not d.text and d.finish_reason is None:
-                    continue
-                choice = CompletionChoice(text=d.text, finish_reason=d.finish_reason,
-                                          token_ids=pending if req.return_token_ids else None)
-                pending = []
-                yield _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
-                                                    choices=[choice]))
-            if include_usage:
-                yield _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
-                                                    choices=[], usage=gen.usage))
-        except errors.APIError as exc:
-            yield _sse(errors.error_body(exc.message, exc.error_type, exc.param, exc.code))
-        finally:
-            await gen.close("aborted")  # no-op when it finished; frees the slot if the client went away
-        yield SSE_DONE
+        return EventStream(_stream_events(gen, [], chunk, usage if include_usage else None), gen.close)
 
     # ---- /v1/chat/completions ----
-    async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | EventStream:
         self.check_model(req.model)
-        prompt_ids = self._chat_prompt(req)
+        prompt_ids = await self._chat_prompt(req)
         gen = await self._start(prompt_ids, req, req.requested_max_tokens, "chatcmpl")
         if req.stream:
             return self._chat_stream(gen, req)
-        texts: list[str] = []
-        async for d in gen.deltas():
-            texts.append(d.text)
-        choice = ChatChoice(message=ChatMessageOut(content="".join(texts)), finish_reason=gen.finish_reason,
+        try:
+            text = await self._collect(gen)
+        finally:
+            await gen.close()
+        choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=gen.finish_reason,
                             token_ids=gen.token_ids if req.return_token_ids else None,
                             prompt_token_ids=prompt_ids if req.return_token_ids else None)
         return ChatCompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
 
-    async def _chat_stream(self, gen: Generation, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    def _chat_stream(self, gen: Generation, req: ChatCompletionRequest) -> EventStream:
         created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        def sse(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return _sse(ChatCompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
                                                      choices=choices, usage=usage))
 
-        try:
-            yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
-            pending: list[int] = []
-            async for d in gen.deltas():
-                pending.extend(d.token_ids)
-                if not d.text and d.finish_reason is None:
-                    continue
-                yield chunk([ChatStreamChoice(delta=DeltaMessage(content=d.text or None),
-                                              finish_reason=d.finish_reason,
-                                              token_ids=pending if req.return_token_ids else None)])
-                pending = []
-            if include_usage:
-                yield chunk([], gen.usage)
-        except errors.APIError as exc:
-            yield _sse(errors.error_body(exc.message, exc.error_type, exc.param, exc.code))
-        finally:
-            await gen.close("aborted")  # no-op when it finished; frees the slot if the client went away
-        yield SSE_DONE
+        def chunk(d: Delta, ids: list[int]) -> str:
+            return sse([ChatStreamChoice(delta=DeltaMessage(content=d.text or None), finish_reason=d.finish_reason,
+                                         token_ids=ids if req.return_token_ids else None)])
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        first = [sse([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])]
+        return EventStream(_stream_events(gen, first, chunk, (lambda: sse([], gen.usage)) if include_usage else None),
+                           gen.close)
+
