@@ -72,7 +72,7 @@ from .engine_api import (
 from .loader import InsufficientMemoryError, LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
 from .memory import checkpoint_bytes
 from .model_runner import ModelRunner, available_memory, kv_cache_bytes_for, text_config
-from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState, byte_level_token_bytes
+from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState
 from .scheduler import FinishReason, Scheduler, Sequence
 
 __all__ = [
@@ -117,14 +117,10 @@ class _Instance:
         self.runner = runner
         self.scheduler = scheduler
         self.revision = revision
-        tok = loaded.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None:
-            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
-        else:
-            self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
-        # Raw bytes per token id for exact incremental UTF-8 detokenization (None: decode via the tokenizer).
-        self.token_bytes = byte_level_token_bytes(tok)
+        backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ModelLoadError("the runtime needs a fast tokenizer (tokenizer.json)")
+        self.backend_tokenizer = backend
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
 
@@ -135,7 +131,7 @@ class _Request:
     def __init__(self, seq: Sequence, instance: _Instance, params: SamplingParams) -> None:
         self.seq = seq
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.detok = IncrementalDetokenizer(instance.decode, params.stop, instance.token_bytes)
+        self.detok = IncrementalDetokenizer(instance.backend_tokenizer, params.stop)
         self.sampling = SamplingState(params, instance.loaded.device)
         self.instance = instance
         self.first_token_time: float | None = None

@@ -349,10 +349,12 @@ async def test_drain_stops_admission(loaded):
     eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
     await eng.start()
     try:
-        task = asyncio.create_task(collect(eng, "a", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
-        await until(lambda: eng.stats().num_running + eng.stats().num_waiting == 1, message="admitted")
-        assert await eng.drain(timeout=30)
-        assert (await task)[2].finish_reason == "length"
+        agen = eng.generate("a", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        assert not (await agen.__anext__()).finished  # admitted and running
+        drain = asyncio.create_task(eng.drain(timeout=30))
+        outs = [o async for o in agen]
+        assert outs[-1].finish_reason == "length"
+        assert await drain
         with pytest.raises(EngineDrainingError):
             await eng.generate("b", [5], SamplingParams(max_tokens=1)).__anext__()
     finally:
@@ -461,12 +463,12 @@ def test_incremental_detokenizer_holds_back_and_cuts_stop(reference):
     from autoglm_runtime.sampling import IncrementalDetokenizer
 
     tok = reference.tokenizer
+    backend = tok.backend_tokenizer
     text = "Hello world, the server streams tokens. Ünïcödé 你好 END of story"
     ids = tok.encode(text, add_special_tokens=False)
-    dec = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
-    d = IncrementalDetokenizer(dec, [])
+    d = IncrementalDetokenizer(backend, [])
     assert "".join(d.step(ids[: i + 1], final=i == len(ids) - 1) for i in range(len(ids))) == text
-    d = IncrementalDetokenizer(dec, [" END"])
+    d = IncrementalDetokenizer(backend, [" END"])
     pieces = []
     for i in range(len(ids)):
         pieces.append(d.step(ids[: i + 1], final=False))
@@ -474,6 +476,21 @@ def test_incremental_detokenizer_holds_back_and_cuts_stop(reference):
             break
     assert d.stopped and "".join(pieces) == text[: text.index(" END")]
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_incremental_detokenizer_adds_up_to_decode_for_any_ids(reference):
+    """Random ids (lone UTF-8 continuation bytes, half characters, special tokens): the deltas add up to
+    the tokenizer's own decode, and no delta carries half a character that a later token completes."""
+    from autoglm_runtime.sampling import IncrementalDetokenizer
+
+    backend = reference.tokenizer.backend_tokenizer
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        d = IncrementalDetokenizer(backend, [])
+        deltas = [d.step(ids[: i + 1], final=i == len(ids) - 1) for i in range(len(ids))]
+        assert "".join(deltas) == backend.decode(ids, skip_special_tokens=True), ids
 
 
 async def test_cancellation_storm_keeps_survivors_correct(loaded, reference):
