@@ -10,8 +10,8 @@ PYTEST := $(VENV)/bin/pytest
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-venv:  ## Create .venv with the runtime, test and bench extras (torch included)
-	@bash scripts/venv.sh runtime,test,bench
+venv:  ## Create .venv with the runtime, test, bench and lint extras (torch included)
+	@bash scripts/venv.sh runtime,test,bench,lint
 
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash tests/cluster/gobuild/build.sh >/dev/null
