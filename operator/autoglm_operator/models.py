@@ -115,7 +115,7 @@ class AutoGLMDeploymentSpec(_Model):
     auth: AuthSpec = Field(default_factory=AuthSpec)
 
     @model_validator(mode="after")
-    def _source(self) -> "AutoGLMDeploymentSpec":
+    def _source(self) -> AutoGLMDeploymentSpec:
         parse_model_uri(self.model.uri)  # raises ValueError with a readable message
         return self
 

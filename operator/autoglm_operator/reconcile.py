@@ -69,7 +69,7 @@ class Revision:
         return self.current and self.ready >= self.desired and self.updated >= self.desired
 
     @classmethod
-    def from_deployment(cls, d: dict[str, Any]) -> "Revision":
+    def from_deployment(cls, d: dict[str, Any]) -> Revision:
         meta, spec, st = d["metadata"], d.get("spec") or {}, d.get("status") or {}
         labels = meta.get("labels") or {}
         deadline = ""
@@ -116,14 +116,15 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
     async def none() -> None:
         return None
 
-    deps, pods, svc, hpa, pdb, pvc, secret = await asyncio.gather(
-        kube.list("Deployment", ns, selector),
-        kube.list("Pod", ns, selector),
-        kube.get("Service", ns, name),
-        kube.get("HorizontalPodAutoscaler", ns, name),
-        kube.get("PodDisruptionBudget", ns, name),
-        kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
-        kube.get("Secret", ns, ref.name) if ref else none(),
+    (deps, pods), (svc, hpa, pdb, pvc, secret) = await asyncio.gather(
+        asyncio.gather(kube.list("Deployment", ns, selector), kube.list("Pod", ns, selector)),
+        asyncio.gather(
+            kube.get("Service", ns, name),
+            kube.get("HorizontalPodAutoscaler", ns, name),
+            kube.get("PodDisruptionBudget", ns, name),
+            kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
+            kube.get("Secret", ns, ref.name) if ref else none(),
+        ),
     )
     revisions: dict[str, Revision] = {}
     for d in deps:
@@ -308,6 +309,7 @@ def compute_status(
     else:
         conds = set_condition(conds, DEGRADED, False, "AsExpected", "", observed_generation=generation, now=now)
 
+    stable_version: str | None
     if stable is not None:
         stable_version = stable.version
     elif decision.stable == desired_hash:

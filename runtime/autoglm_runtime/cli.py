@@ -18,8 +18,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -144,7 +145,7 @@ class _Server:
 
         class Server(uvicorn.Server):
             @contextmanager
-            def capture_signals(self) -> Iterator[None]:  # type: ignore[override]
+            def capture_signals(self) -> Iterator[None]:
                 yield
 
             def install_signal_handlers(self) -> None:  # uvicorn < 0.29

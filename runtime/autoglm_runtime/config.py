@@ -64,7 +64,7 @@ class RuntimeSettings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _resolve(self) -> "RuntimeSettings":
+    def _resolve(self) -> RuntimeSettings:
         if self.api_key_file is not None:
             if self.api_key is not None:
                 raise ValueError("set api_key or api_key_file, not both")

@@ -56,7 +56,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -68,6 +68,9 @@ from .engine_api import (
     QueueFullError,
     RequestOutput,
     check_lengths,
+)
+from .engine_api import (
+    FinishReason as OutputFinishReason,
 )
 from .loader import InsufficientMemoryError, LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
 from .memory import checkpoint_bytes
@@ -151,14 +154,14 @@ def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
 class _RequestStream:
     """The outputs of one admitted request (``EngineClient.add_request``'s answer)."""
 
-    def __init__(self, engine: "Engine", req: _Request) -> None:
+    def __init__(self, engine: Engine, req: _Request) -> None:
         self._engine = engine
         self._req = req
         self.request_id = req.seq.request_id
         self._done = False
         self._closed = False
 
-    def __aiter__(self) -> "_RequestStream":
+    def __aiter__(self) -> _RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
@@ -486,7 +489,7 @@ class Engine:
             new_token_ids=new_ids,
             new_text=text,
             finished=finished,
-            finish_reason=seq.finish_reason if finished else None,
+            finish_reason=cast(OutputFinishReason, seq.finish_reason) if finished else None,
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_token_ids),
             arrival_time=seq.arrival_time,
@@ -585,7 +588,7 @@ class Engine:
         sched = inst.scheduler
         updated = sched.update_from_output(out, tokens)
         now = time.monotonic()
-        items = []
+        items: list[tuple[_Request, object]] = []
         stop_hits = []
         texts = []
         for seq in updated:

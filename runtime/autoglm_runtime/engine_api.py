@@ -14,9 +14,10 @@ Torch-free, so the server (and its fake-engine tests) import it without loading 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Literal, Protocol
 
 __all__ = [
     "EngineClient",
@@ -24,6 +25,7 @@ __all__ = [
     "EngineDrainingError",
     "EngineError",
     "EngineStats",
+    "FinishReason",
     "InvalidRequestError",
     "QueueFullError",
     "RequestOutput",
@@ -79,13 +81,16 @@ def check_lengths(prompt_len: int, max_tokens: int | None, max_model_len: int) -
     return max_tokens
 
 
+FinishReason = Literal["stop", "length", "abort"]
+
+
 @dataclass
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" when finished
+    finish_reason: FinishReason | None  # set when finished
     prompt_tokens: int
     completion_tokens: int
     arrival_time: float

@@ -47,7 +47,7 @@ _ctx = threading.local()  # .step: the _Step running on this thread (None outsid
 
 @dataclass
 class _Step:
-    runner: "ModelRunner"
+    runner: ModelRunner
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
     w_slots: torch.Tensor  # [T] slot of each token
@@ -252,7 +252,7 @@ class ModelRunner:
         return sample(logits, step.states, self.generator, step.suppress)
 
     # ------------------------------------------------------------------ attention
-    def attend(self, step: _Step, layer: int, query, key, value, scaling) -> torch.Tensor:
+    def attend(self, step: _Step, layer: int, query, key, value, scaling) -> tuple[torch.Tensor, None]:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         k_new = key[0].transpose(0, 1)  # [T, KV, D]
         v_new = value[0].transpose(0, 1)

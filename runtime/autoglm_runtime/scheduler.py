@@ -26,9 +26,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any
 
 from .engine_api import QueueFullError
 
@@ -275,9 +276,10 @@ class Scheduler:
 
         now = time.monotonic()
         while budget > 0 and len(self._slots) < self.max_batch_size:
-            seq = self._pop_waiting()
-            if seq is None:
+            waiting = self._pop_waiting()
+            if waiting is None:
                 break
+            seq = waiting
             remaining = seq.prompt_len - seq.num_computed_tokens
             if remaining > budget and not self.chunked_prefill:
                 # Without chunking a prompt waits for a step with enough budget; one that can

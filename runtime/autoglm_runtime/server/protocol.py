@@ -137,7 +137,7 @@ class CompletionRequest(_SamplingRequest):
         return v
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
+    def _unsupported(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported")
         if self.logprobs is not None:
@@ -180,7 +180,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
+    def _unsupported(self) -> ChatCompletionRequest:
         if self.logprobs:
             raise ValueError("logprobs are not supported")
         if self.tools:

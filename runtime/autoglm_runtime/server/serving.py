@@ -14,15 +14,17 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 from autoglm_runtime.config import RuntimeSettings
 from autoglm_runtime.engine_api import (
     EngineClient,
     EngineDrainingError,
     EngineError,
+    FinishReason,
     InvalidRequestError,
     QueueFullError,
     RequestStream,
@@ -86,7 +88,7 @@ class ServerState:
         return self.started and not self.draining and self.healthy()
 
     # ---- in-flight accounting ----
-    def admit(self) -> "_Slot":
+    def admit(self) -> _Slot:
         if self.draining:
             raise errors.DrainingError()
         if not self.started:
@@ -108,13 +110,13 @@ class ServerState:
         log.info("Started draining, in_flight=%d timeout_s=%.1f", self.inflight, timeout)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("Drain timed out, in_flight=%d", self.inflight)
             return False
         try:
             await asyncio.wait_for(self.engine.drain(max(0.0, deadline - time.monotonic())),
                                    timeout=max(0.1, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         log.info("Drained all requests")
         return True
@@ -181,7 +183,7 @@ class _Slot:
 class Delta:
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
 
 
 def _status_of(exc: EngineError) -> str:
@@ -209,7 +211,7 @@ class Generation:
         self.timer = RequestTimer(state.metrics, self.arrival)
         self.completion_tokens = 0
         self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self._stream: RequestStream | None = None
         self._closed = False
         timeout = state.settings.request_timeout_seconds
@@ -225,7 +227,7 @@ class Generation:
             return await work
         try:
             return await asyncio.wait_for(work, max(0.0, self.deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.RequestTimeoutError(
                 f"The request ran longer than {self.state.settings.request_timeout_seconds}s.") from None
 
