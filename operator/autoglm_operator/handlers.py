@@ -55,15 +55,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # (a peering object is PATCHed every ~50 s, which the zero-idle-writes figure excludes).
     settings.posting.enabled = False  # our own events go through kube.py, on transitions only
     for child in CHILDREN:
-        settings.watching.label_selectors[_selector(*child)] = (
-            f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
-        )
+        settings.watching.label_selectors[_selector(*child)] = f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
     kube = Kube(threads=op.api_threads)
     memo.kube = kube
     memo.reconciler = Reconciler(kube, op, logger=log)
     memo.resync_task = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(), name="resync")
-    log.info("Started autoglm-operator: namespaces=%s resync=%ss image=%s:%s.",
-             ",".join(op.namespaces) or "*", op.resync_seconds, op.default_runtime_image, op.default_runtime_version)
+    log.info(
+        "Started autoglm-operator: namespaces=%s resync=%ss image=%s:%s.",
+        ",".join(op.namespaces) or "*",
+        op.resync_seconds,
+        op.default_runtime_image,
+        op.default_runtime_version,
+    )
 
 
 @kopf.on.cleanup()

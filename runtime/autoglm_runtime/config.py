@@ -29,7 +29,9 @@ class RuntimeSettings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, description="Most sequences decoded together in one step.")
     max_queue: int = Field(default=256, ge=0, description="Most requests waiting; more get 429.")
     max_batch_tokens: int | None = Field(default=None, ge=1, description="Token budget per step (chunked prefill).")
-    max_model_len: int | None = Field(default=None, ge=1, description="Prompt + completion limit; default: the model's.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Prompt + completion limit; default: the model's."
+    )
     dtype: Dtype = "auto"
     device: str = "auto"
 
@@ -40,10 +42,13 @@ class RuntimeSettings(BaseSettings):
     request_timeout_seconds: float | None = Field(default=None, gt=0, description="Abort a request running longer.")
     revision: str = Field(default="unknown", description="Label of the deployed revision in metrics.")
     enable_reload: bool = Field(default=False, description="Serve POST /admin/reload (off: 403).")
-    reload_root: Path | None = Field(default=None, description="Reload accepts only model folders under this "
-                                     "directory; default: the parent of --model.")
-    allow_client_priority: bool = Field(default=False, description="Honour a request's `priority` (off: a "
-                                        "non-zero priority is refused with 400).")
+    reload_root: Path | None = Field(
+        default=None,
+        description="Reload accepts only model folders under this directory; default: the parent of --model.",
+    )
+    allow_client_priority: bool = Field(
+        default=False, description="Honour a request's `priority` (off: a non-zero priority is refused with 400)."
+    )
     log_level: LogLevel = "info"
 
     @field_validator("log_level", mode="before")

@@ -333,18 +333,23 @@ class Engine:
         want = getattr(cfg, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
         ckpt_dtype = getattr(torch, str(want).removeprefix("torch."), torch.float32)
         ckpt_itemsize = ckpt_dtype.itemsize if isinstance(ckpt_dtype, torch.dtype) else 4
-        max_len = min(getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN,
-                      self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN)
-        need = (checkpoint_bytes(model_dir, torch_dtype.itemsize, ckpt_itemsize)
-                + kv_cache_bytes_for(cfg, self.max_batch_size, max_len, torch_dtype.itemsize))
+        max_len = min(
+            getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN,
+            self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN,
+        )
+        need = checkpoint_bytes(model_dir, torch_dtype.itemsize, ckpt_itemsize) + kv_cache_bytes_for(
+            cfg, self.max_batch_size, max_len, torch_dtype.itemsize
+        )
         avail = available_memory(dev)
         if avail is not None and need > RELOAD_MEMORY_FRACTION * avail:
             raise InsufficientMemoryError(
                 f"the new model and its KV cache need {need / 2**20:.1f} MiB next to the serving model, but "
-                f"{avail / 2**20:.1f} MiB is available; restart the pod with the new model instead")
+                f"{avail / 2**20:.1f} MiB is available; restart the pod with the new model instead"
+            )
 
-    async def reload(self, model_dir: str | Path, revision: str = "", *, dtype: str | None = None,
-                     device: str | None = None) -> None:
+    async def reload(
+        self, model_dir: str | Path, revision: str = "", *, dtype: str | None = None, device: str | None = None
+    ) -> None:
         """Loads a model next to the serving one; new requests go to it, admitted ones finish on the old
         one. Raises ModelLoadError (InsufficientMemoryError when both would not fit): the old one serves."""
         assert self._reload_lock is not None, "call start() first"
@@ -378,8 +383,9 @@ class Engine:
         ids = list(inst.loaded.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
         max_tokens = check_lengths(len(ids), params.max_tokens, inst.scheduler.max_model_len)
         if min(ids) < 0 or max(ids) >= inst.vocab_size:
-            raise InvalidRequestError(f"prompt has token ids outside the vocabulary [0, {inst.vocab_size})",
-                                      param="prompt")
+            raise InvalidRequestError(
+                f"prompt has token ids outside the vocabulary [0, {inst.vocab_size})", param="prompt"
+            )
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -393,8 +399,9 @@ class Engine:
         seq.data = req
         return req
 
-    async def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams,
-                          priority: int = 0) -> _RequestStream:
+    async def add_request(
+        self, request_id: str, prompt: list[int] | str, params: SamplingParams, priority: int = 0
+    ) -> _RequestStream:
         """Admits a request (returns once it is in the engine's queue, before any token). Raises
         InvalidRequestError, QueueFullError, EngineDrainingError, EngineDeadError."""
         req = self._new_request(request_id, prompt, params, priority)

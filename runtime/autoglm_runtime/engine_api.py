@@ -70,14 +70,18 @@ def check_lengths(prompt_len: int, max_tokens: int | None, max_model_len: int) -
     if prompt_len >= max_model_len:
         raise InvalidRequestError(
             f"This model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len} tokens.",
-            param="prompt", code="context_length_exceeded")
+            param="prompt",
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         return max_model_len - prompt_len
     if prompt_len + max_tokens > max_model_len:
         raise InvalidRequestError(
             f"This model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len} tokens "
             f"and max_tokens is {max_tokens} ({prompt_len + max_tokens} in total).",
-            param="max_tokens", code="context_length_exceeded")
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return max_tokens
 
 
@@ -145,8 +149,9 @@ class EngineClient(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
-    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any,
-                          priority: int = 0) -> RequestStream: ...
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: Any, priority: int = 0
+    ) -> RequestStream: ...
     def check_health(self) -> bool: ...
     def stats(self) -> EngineStats: ...
     async def start(self) -> None: ...

@@ -88,8 +88,9 @@ def cpu_available_memory(root: str | Path | None = None) -> int:
     return host if cg is None else min(host, cg.available)
 
 
-def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_model_len: int,
-                   itemsize: int) -> int:
+def kv_cache_bytes(
+    num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_model_len: int, itemsize: int
+) -> int:
     """K and V for every layer, ``max_batch_size`` slots of ``max_model_len`` positions."""
     return 2 * num_layers * max_batch_size * kv_heads * max_model_len * head_dim * itemsize
 

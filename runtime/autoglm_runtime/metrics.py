@@ -18,12 +18,71 @@ from prometheus_client.registry import Collector
 
 LABELS = ("model", "revision")
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
-                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                50.0, 60.0, 120.0, 240.0, 480.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+_E2E_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 REQUEST_STATUSES = ("success", "error", "aborted", "rejected", "invalid")
@@ -39,25 +98,48 @@ class RuntimeMetrics:
         self.model = model
         self.revision = revision
         r = self.registry
-        self.ttft = Histogram("autoglm_time_to_first_token_seconds", "Arrival to first generated token.",
-                              LABELS, buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("autoglm_inter_token_latency_seconds", "Time between generated tokens of a request.",
-                             LABELS, buckets=_ITL_BUCKETS, registry=r)
-        self.duration = Histogram("autoglm_request_duration_seconds", "Arrival to last token (end to end).",
-                                  LABELS, buckets=_E2E_BUCKETS, registry=r)
-        self.batch_size = Histogram("autoglm_batch_size", "Sequences per engine step.", LABELS,
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.step_prefill_tokens = Histogram("autoglm_step_prefill_tokens", "Prompt tokens processed per engine step.",
-                                             LABELS, buckets=(0, 1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-                                             registry=r)
-        self.step_seconds = Histogram("autoglm_step_duration_seconds", "Duration of one engine step.", LABELS,
-                                      buckets=_ITL_BUCKETS, registry=r)
-        self.requests_total = Counter("autoglm_requests", "Finished requests by outcome.", (*LABELS, "status"),
-                                      registry=r)
+        self.ttft = Histogram(
+            "autoglm_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "autoglm_inter_token_latency_seconds",
+            "Time between generated tokens of a request.",
+            LABELS,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "autoglm_request_duration_seconds",
+            "Arrival to last token (end to end).",
+            LABELS,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "autoglm_batch_size", "Sequences per engine step.", LABELS, buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.step_prefill_tokens = Histogram(
+            "autoglm_step_prefill_tokens",
+            "Prompt tokens processed per engine step.",
+            LABELS,
+            buckets=(0, 1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "autoglm_step_duration_seconds", "Duration of one engine step.", LABELS, buckets=_ITL_BUCKETS, registry=r
+        )
+        self.requests_total = Counter(
+            "autoglm_requests", "Finished requests by outcome.", (*LABELS, "status"), registry=r
+        )
         self.prompt_tokens = Counter("autoglm_prompt_tokens", "Prompt tokens of admitted requests.", LABELS, registry=r)
         self.generation_tokens = Counter("autoglm_generation_tokens", "Generated tokens.", LABELS, registry=r)
-        self.reloads_total = Counter("autoglm_reloads", "Model hot reloads by outcome.", (*LABELS, "status"),
-                                     registry=r)
+        self.reloads_total = Counter(
+            "autoglm_reloads", "Model hot reloads by outcome.", (*LABELS, "status"), registry=r
+        )
         self._stats: Callable[[], Any] | None = None
         r.register(_EngineGauges(self))
         self._init_series()

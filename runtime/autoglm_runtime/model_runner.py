@@ -41,6 +41,7 @@ __all__ = ["ModelRunner", "ATTN_IMPL", "KVCacheTooLargeError"]
 class KVCacheTooLargeError(ModelLoadError, ValueError):
     """max_batch_size x max_model_len slots do not fit in the memory available for the KV cache."""
 
+
 ATTN_IMPL = "autoglm_slots"
 _ctx = threading.local()  # .step: the _Step running on this thread (None outside a step)
 
@@ -68,7 +69,9 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if step is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return step.runner.attend(step, module.layer_idx, query, key, value, scaling)
 
 
@@ -118,9 +121,13 @@ class ModelRunner:
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ModelLoadError(f"unsupported model: layer types {sorted(set(layer_types))} (only full attention)")
-        attn_layers = [m for m in self.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+        attn_layers = [
+            m for m in self.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
+        ]
         if len(attn_layers) != self.num_layers:
-            raise ModelLoadError(f"unsupported model: found {len(attn_layers)} attention modules for {self.num_layers} layers")
+            raise ModelLoadError(
+                f"unsupported model: found {len(attn_layers)} attention modules for {self.num_layers} layers"
+            )
         shape = (max_batch_size, self.kv_heads, max_model_len, self.head_dim)
         need = kv_cache_bytes_for(cfg, max_batch_size, max_model_len, self.dtype.itemsize)
         avail = available_memory(self.device)
@@ -144,7 +151,10 @@ class ModelRunner:
         try:
             self.model.set_attn_implementation(ATTN_IMPL)
         except Exception:  # noqa: BLE001 - older/odd models: set the config field directly
-            for c in {id(self.model.config): self.model.config, **{id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}}.values():
+            for c in {
+                id(self.model.config): self.model.config,
+                **{id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")},
+            }.values():
                 c._attn_implementation = ATTN_IMPL
         if self.model.config._attn_implementation != ATTN_IMPL:
             raise ModelLoadError(f"unsupported model: cannot route its attention through {ATTN_IMPL}")
@@ -190,8 +200,13 @@ class ModelRunner:
         suppress = None
         if any(st.params.min_tokens for st in states):  # only then: the common step pays one scan
             seqs = out.sampled_sequences
-            suppress = min_tokens_suppression(states, [len(s.output_token_ids) for s in seqs],
-                                              [s.eos_token_ids for s in seqs], self.vocab_size, self.device)
+            suppress = min_tokens_suppression(
+                states,
+                [len(s.output_token_ids) for s in seqs],
+                [s.eos_token_ids for s in seqs],
+                self.vocab_size,
+                self.device,
+            )
 
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long)

@@ -73,8 +73,11 @@ class SamplingState:
 
 
 def min_tokens_suppression(
-    states: list[SamplingState], num_output_tokens: list[int], eos_token_ids: list[frozenset[int] | set[int]],
-    vocab_size: int, device: torch.device,
+    states: list[SamplingState],
+    num_output_tokens: list[int],
+    eos_token_ids: list[frozenset[int] | set[int]],
+    vocab_size: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows, token ids) whose logits `sample` must set to -inf: for every row that has generated fewer
     than its `min_tokens`, its stop token ids and (unless `ignore_eos`) its EOS ids. None when no row
@@ -93,12 +96,18 @@ def min_tokens_suppression(
         cols.extend(sorted(banned))
     if not rows:
         return None
-    return (torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
-            torch.tensor(cols, dtype=torch.long).to(device, non_blocking=True))
+    return (
+        torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
+        torch.tensor(cols, dtype=torch.long).to(device, non_blocking=True),
+    )
 
 
-def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.Generator | None = None,
-           suppress: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    states: list[SamplingState],
+    generator: torch.Generator | None = None,
+    suppress: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """One token per row of `logits` ([n, V]); `states[i]` holds row i's params. `suppress`:
     (rows, token ids) set to -inf first (see `min_tokens_suppression`); `logits` is modified."""
     if suppress is not None:

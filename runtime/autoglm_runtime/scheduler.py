@@ -271,7 +271,9 @@ class Scheduler:
             if budget <= 0:
                 break
             n = min(seq.prompt_len - seq.num_computed_tokens, budget)
-            prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == seq.prompt_len - seq.num_computed_tokens))
+            prefills.append(
+                ScheduledChunk(seq, seq.num_computed_tokens, n, n == seq.prompt_len - seq.num_computed_tokens)
+            )
             budget -= n
 
         now = time.monotonic()

@@ -112,8 +112,11 @@ class EventStreamResponse(Response):
     def __init__(self, stream: EventStream) -> None:
         self.status_code = 200
         self.background = None
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                            (b"x-accel-buffering", b"no")]
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
         self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -198,8 +201,9 @@ async def metrics(request: Request) -> Response:
 @router.post("/admin/reload", dependencies=authed)
 async def reload(request: Request) -> Response:
     if not _state(request).settings.enable_reload:
-        raise errors.PermissionDeniedError("Hot reload over HTTP is disabled (start the server with --enable-reload).",
-                                           code="reload_disabled")
+        raise errors.PermissionDeniedError(
+            "Hot reload over HTTP is disabled (start the server with --enable-reload).", code="reload_disabled"
+        )
     raw = await request.body()
     try:
         body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()

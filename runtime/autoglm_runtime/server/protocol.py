@@ -79,8 +79,12 @@ class _SamplingRequest(_Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     # Extensions (vLLM-style):
-    priority: int = Field(default=0, ge=-PRIORITY_BOUND, le=PRIORITY_BOUND,
-                          description="Lower values are scheduled first (only with --allow-client-priority).")
+    priority: int = Field(
+        default=0,
+        ge=-PRIORITY_BOUND,
+        le=PRIORITY_BOUND,
+        description="Lower values are scheduled first (only with --allow-client-priority).",
+    )
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     return_token_ids: bool = Field(default=False, description="Add `token_ids` (and `prompt_token_ids`) to choices.")

@@ -62,8 +62,9 @@ T = TypeVar("T")
 class ServerState:
     """Lifecycle of one server: readiness, draining, in-flight requests, hot reload."""
 
-    def __init__(self, settings: RuntimeSettings, engine: EngineClient, metrics: RuntimeMetrics,
-                 max_model_len: int) -> None:
+    def __init__(
+        self, settings: RuntimeSettings, engine: EngineClient, metrics: RuntimeMetrics, max_model_len: int
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
@@ -114,8 +115,9 @@ class ServerState:
             log.warning("Drain timed out, in_flight=%d", self.inflight)
             return False
         try:
-            await asyncio.wait_for(self.engine.drain(max(0.0, deadline - time.monotonic())),
-                                   timeout=max(0.1, deadline - time.monotonic()))
+            await asyncio.wait_for(
+                self.engine.drain(max(0.0, deadline - time.monotonic())), timeout=max(0.1, deadline - time.monotonic())
+            )
         except TimeoutError:
             return False
         log.info("Drained all requests")
@@ -127,8 +129,9 @@ class ServerState:
         assert root is not None  # settings default it to the model's parent
         model_dir = Path(model).resolve()
         if not model_dir.is_relative_to(root.resolve()):
-            raise errors.PermissionDeniedError(f"Reload accepts only model folders under {root}.", param="model",
-                                               code="model_not_allowed")
+            raise errors.PermissionDeniedError(
+                f"Reload accepts only model folders under {root}.", param="model", code="model_not_allowed"
+            )
         return model_dir
 
     async def reload(self, model: str | None = None, revision: str | None = None) -> dict[str, Any]:
@@ -141,8 +144,9 @@ class ServerState:
         async with self._reload_lock:
             model_dir = self._allowed_model_dir(model) if model else self.settings.model
             if not model_dir.is_dir():
-                raise errors.BadRequestError(f"Model directory {model_dir} does not exist.", param="model",
-                                             code="model_not_found")
+                raise errors.BadRequestError(
+                    f"Model directory {model_dir} does not exist.", param="model", code="model_not_found"
+                )
             started = time.monotonic()
             log.info("Started hot reload, model=%s", model_dir)
             try:
@@ -157,8 +161,12 @@ class ServerState:
             self.metrics.reloads_total.labels(*self.metrics.labels, "success").inc()
             seconds = time.monotonic() - started
             log.info("Finished hot reload, model=%s seconds=%.2f", model_dir, seconds)
-            return {"status": "reloaded", "model": str(model_dir), "revision": self.metrics.revision,
-                    "seconds": round(seconds, 3)}
+            return {
+                "status": "reloaded",
+                "model": str(model_dir),
+                "revision": self.metrics.revision,
+                "seconds": round(seconds, 3),
+            }
 
 
 class _Slot:
@@ -199,8 +207,15 @@ class Generation:
     stream starts, and a stream's headers go out while it is still queued); ``deltas()`` then yields its
     output. ``close()`` (idempotent) aborts it if unfinished, frees its slot and counts it."""
 
-    def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 priority: int, slot: _Slot) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        priority: int,
+        slot: _Slot,
+    ) -> None:
         self.state = state
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -219,8 +234,11 @@ class Generation:
 
     @property
     def usage(self) -> UsageInfo:
-        return UsageInfo(prompt_tokens=len(self.prompt_ids), completion_tokens=self.completion_tokens,
-                         total_tokens=len(self.prompt_ids) + self.completion_tokens)
+        return UsageInfo(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.completion_tokens,
+            total_tokens=len(self.prompt_ids) + self.completion_tokens,
+        )
 
     async def _within_deadline(self, work: Awaitable[T]) -> T:
         if self.deadline is None:
@@ -229,12 +247,14 @@ class Generation:
             return await asyncio.wait_for(work, max(0.0, self.deadline - time.monotonic()))
         except TimeoutError:
             raise errors.RequestTimeoutError(
-                f"The request ran longer than {self.state.settings.request_timeout_seconds}s.") from None
+                f"The request ran longer than {self.state.settings.request_timeout_seconds}s."
+            ) from None
 
     async def start(self) -> None:
         try:
             self._stream = await self._within_deadline(
-                self.state.engine.add_request(self.request_id, self.prompt_ids, self.params, self.priority))
+                self.state.engine.add_request(self.request_id, self.prompt_ids, self.params, self.priority)
+            )
         except EngineError as exc:
             await self.close(_status_of(exc))
             raise errors.from_engine(exc) from None
@@ -309,8 +329,9 @@ class EventStream:
     close: Callable[[], Awaitable[None]]
 
 
-async def _stream_events(gen: Generation, first: list[str], chunk: Callable[[Delta, list[int]], str],
-                         usage_chunk: Callable[[], str] | None) -> AsyncIterator[str]:
+async def _stream_events(
+    gen: Generation, first: list[str], chunk: Callable[[Delta, list[int]], str], usage_chunk: Callable[[], str] | None
+) -> AsyncIterator[str]:
     """The one SSE loop: ``first`` chunks, one chunk per delta with text or a finish reason (token ids of
     text-less deltas ride on the next one), an optional usage chunk, an error event for an API error,
     then ``[DONE]``."""
@@ -355,8 +376,13 @@ class OpenAIServing:
             raise errors.ModelNotFoundError(model, self.model_name)
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, root=str(self.state.settings.model),
-                                         max_model_len=self.state.max_model_len)])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=self.model_name, root=str(self.state.settings.model), max_model_len=self.state.max_model_len
+                )
+            ]
+        )
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
@@ -370,8 +396,9 @@ class OpenAIServing:
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template that rejects the messages is bad input
-            raise errors.BadRequestError(f"Cannot apply the chat template to these messages: {exc}",
-                                         param="messages") from None
+            raise errors.BadRequestError(
+                f"Cannot apply the chat template to these messages: {exc}", param="messages"
+            ) from None
         return self._tokenize(tok, text, add_special_tokens=False)
 
     async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
@@ -381,15 +408,20 @@ class OpenAIServing:
         except ValueError as exc:  # to_template's own refusal of a content part
             raise errors.BadRequestError(str(exc), param="messages") from None
         if not getattr(tok, "chat_template", None):
-            raise errors.BadRequestError("This model has no chat template; use /v1/completions.",
-                                         param="messages", code="no_chat_template")
+            raise errors.BadRequestError(
+                "This model has no chat template; use /v1/completions.", param="messages", code="no_chat_template"
+            )
         return await self._off_loop(self._chat_tokens, tok, messages)
 
     def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
         if req.min_tokens > max_tokens:
             raise errors.BadRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "stop": req.stop_list, "ignore_eos": req.ignore_eos,
-                                  "min_tokens": req.min_tokens}
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "stop": req.stop_list,
+            "ignore_eos": req.ignore_eos,
+            "min_tokens": req.min_tokens,
+        }
         for name in ("temperature", "top_p", "top_k", "seed"):
             value = getattr(req, name)
             if value is not None:
@@ -398,12 +430,20 @@ class OpenAIServing:
 
     def _priority(self, req: CompletionRequest | ChatCompletionRequest) -> int:
         if req.priority and not self.state.settings.allow_client_priority:
-            raise errors.BadRequestError("priority is not enabled on this server (--allow-client-priority).",
-                                         param="priority", code="priority_not_allowed")
+            raise errors.BadRequestError(
+                "priority is not enabled on this server (--allow-client-priority).",
+                param="priority",
+                code="priority_not_allowed",
+            )
         return req.priority
 
-    async def _start(self, prompt_ids: list[int], req: CompletionRequest | ChatCompletionRequest,
-                     requested_max_tokens: int | None, id_prefix: str) -> Generation:
+    async def _start(
+        self,
+        prompt_ids: list[int],
+        req: CompletionRequest | ChatCompletionRequest,
+        requested_max_tokens: int | None,
+        id_prefix: str,
+    ) -> Generation:
         """Validate lengths, admit the request and start it; shared by both endpoints."""
         priority = self._priority(req)
         try:
@@ -431,23 +471,31 @@ class OpenAIServing:
             text = await self._collect(gen)
         finally:
             await gen.close()
-        choice = CompletionChoice(text=text, finish_reason=gen.finish_reason,
-                                  token_ids=gen.token_ids if req.return_token_ids else None,
-                                  prompt_token_ids=prompt_ids if req.return_token_ids else None)
+        choice = CompletionChoice(
+            text=text,
+            finish_reason=gen.finish_reason,
+            token_ids=gen.token_ids if req.return_token_ids else None,
+            prompt_token_ids=prompt_ids if req.return_token_ids else None,
+        )
         return CompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
 
     def _completion_stream(self, gen: Generation, req: CompletionRequest) -> EventStream:
         created = int(time.time())
 
         def chunk(d: Delta, ids: list[int]) -> str:
-            choice = CompletionChoice(text=d.text, finish_reason=d.finish_reason,
-                                      token_ids=ids if req.return_token_ids else None)
-            return _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
-                                                 choices=[choice]))
+            choice = CompletionChoice(
+                text=d.text, finish_reason=d.finish_reason, token_ids=ids if req.return_token_ids else None
+            )
+            return _sse(
+                CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name, choices=[choice])
+            )
 
         def usage() -> str:
-            return _sse(CompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
-                                                 choices=[], usage=gen.usage))
+            return _sse(
+                CompletionStreamResponse(
+                    id=gen.request_id, created=created, model=self.model_name, choices=[], usage=gen.usage
+                )
+            )
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventStream(_stream_events(gen, [], chunk, usage if include_usage else None), gen.close)
@@ -463,24 +511,37 @@ class OpenAIServing:
             text = await self._collect(gen)
         finally:
             await gen.close()
-        choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=gen.finish_reason,
-                            token_ids=gen.token_ids if req.return_token_ids else None,
-                            prompt_token_ids=prompt_ids if req.return_token_ids else None)
+        choice = ChatChoice(
+            message=ChatMessageOut(content=text),
+            finish_reason=gen.finish_reason,
+            token_ids=gen.token_ids if req.return_token_ids else None,
+            prompt_token_ids=prompt_ids if req.return_token_ids else None,
+        )
         return ChatCompletionResponse(id=gen.request_id, model=self.model_name, choices=[choice], usage=gen.usage)
 
     def _chat_stream(self, gen: Generation, req: ChatCompletionRequest) -> EventStream:
         created = int(time.time())
 
         def sse(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-            return _sse(ChatCompletionStreamResponse(id=gen.request_id, created=created, model=self.model_name,
-                                                     choices=choices, usage=usage))
+            return _sse(
+                ChatCompletionStreamResponse(
+                    id=gen.request_id, created=created, model=self.model_name, choices=choices, usage=usage
+                )
+            )
 
         def chunk(d: Delta, ids: list[int]) -> str:
-            return sse([ChatStreamChoice(delta=DeltaMessage(content=d.text or None), finish_reason=d.finish_reason,
-                                         token_ids=ids if req.return_token_ids else None)])
+            return sse(
+                [
+                    ChatStreamChoice(
+                        delta=DeltaMessage(content=d.text or None),
+                        finish_reason=d.finish_reason,
+                        token_ids=ids if req.return_token_ids else None,
+                    )
+                ]
+            )
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         first = [sse([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])]
-        return EventStream(_stream_events(gen, first, chunk, (lambda: sse([], gen.usage)) if include_usage else None),
-                           gen.close)
-
+        return EventStream(
+            _stream_events(gen, first, chunk, (lambda: sse([], gen.usage)) if include_usage else None), gen.close
+        )
