@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv venv-operator bins test test-fast cluster-up cluster-down demo \
+.PHONY: help venv venv-operator bins lint test test-fast cluster-up cluster-down demo \
         bench-runtime bench-runtime-gpu bench-operator golden clean
 
 help:
@@ -15,6 +15,11 @@ venv:  ## Create .venv with the runtime, test, bench and lint extras (torch incl
 
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash tests/cluster/gobuild/build.sh >/dev/null
+
+lint: venv  ## ruff (lint + format check) and mypy on operator/ and runtime/ (config in pyproject.toml)
+	$(VENV)/bin/ruff check operator runtime
+	$(VENV)/bin/ruff format --check operator runtime
+	$(VENV)/bin/mypy
 
 test: venv bins  ## The test command: both tiers (unit + runtime + real control plane)
 	$(PYTEST)

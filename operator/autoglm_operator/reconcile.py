@@ -443,7 +443,7 @@ def _subset(desired: Any, actual: Any) -> bool:
         return (
             isinstance(actual, list)
             and len(desired) == len(actual)
-            and all(_subset(d, a) for d, a in zip(desired, actual))
+            and all(_subset(d, a) for d, a in zip(desired, actual, strict=True))
         )
     return desired == actual
 

@@ -609,7 +609,7 @@ class Engine:
                 stop_hits.append(seq)
         for seq in stop_hits:
             sched.finish(seq, FinishReason.STOP)
-        for seq, text in zip(updated, texts):
+        for seq, text in zip(updated, texts, strict=True):
             req = seq.data
             if seq.finish_reason == FinishReason.ABORT:
                 continue  # abort() already delivered the final output

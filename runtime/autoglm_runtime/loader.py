@@ -109,11 +109,7 @@ def _check_dir(model_dir: Path) -> dict:
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     model_dir = Path(model_dir)
     _check_dir(model_dir)
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    except ImportError as exc:  # pragma: no cover - runtime extra missing
-        raise ModelLoadError(f"the runtime needs torch and transformers: {exc}") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     try:

@@ -167,7 +167,7 @@ class ModelRunner:
     def apply_moves(self, moves: list[SlotMove]) -> None:
         for m in moves:
             n = min(self.max_model_len, m.seq.num_computed_tokens + 1)
-            for kc, vc in zip(self.k_cache, self.v_cache):
+            for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
                 kc[m.dst, :, :n].copy_(kc[m.src, :, :n])
                 vc[m.dst, :, :n].copy_(vc[m.src, :, :n])
 
@@ -218,7 +218,7 @@ class ModelRunner:
             dec_range = max(dec_slots) + 1
             dec_len = max(dec_lens)
             lens = [1] * dec_range  # hole rows attend to one (ignored) position
-            for s, n in zip(dec_slots, dec_lens):
+            for s, n in zip(dec_slots, dec_lens, strict=True):
                 lens[s] = n
             lens_t = torch.tensor(lens, dtype=torch.long)
             valid = torch.arange(dec_len).unsqueeze(0) < lens_t.unsqueeze(1)
