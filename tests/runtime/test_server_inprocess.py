@@ -394,3 +394,31 @@ async def test_reload_drops_the_old_revisions_gauges(tmp_path):
         for gauge in ("autoglm_requests_running", "autoglm_requests_waiting", "autoglm_kv_cache_usage_ratio"):
             assert f'{gauge}{{model="fake",revision="r2"}}' in text
             assert f'{gauge}{{model="fake",revision="r1"}}' not in text
+
+
+async def test_a_request_being_tokenized_when_drain_starts_is_served(tmp_path):
+    """In-flight accounting starts before tokenization (which runs off the event loop): a drain waits for it."""
+    import threading
+
+    engine = FakeEngine()
+    engine.auto_tokens = 2
+    entered, release = threading.Event(), threading.Event()
+    real = engine.tokenizer.__call__
+
+    class SlowTokenizer(type(engine.tokenizer)):
+        def __call__(self, text, add_special_tokens=True):
+            entered.set()
+            release.wait(LIVENESS)
+            return real(text, add_special_tokens)
+
+    engine.tokenizer = SlowTokenizer()
+    async with serve(tmp_path, engine) as s:
+        call = asyncio.create_task(s.client.post("/v1/completions", json=COMPLETION))
+        assert await asyncio.to_thread(entered.wait, LIVENESS)
+        drain = asyncio.create_task(s.state.drain(timeout=3600))
+        await asyncio.sleep(0)
+        assert not drain.done() and s.state.inflight == 1
+        release.set()
+        r = await within(call, "request")
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "xx"
+        assert await within(drain, "drain") is True

@@ -439,21 +439,28 @@ class OpenAIServing:
 
     async def _start(
         self,
-        prompt_ids: list[int],
         req: CompletionRequest | ChatCompletionRequest,
+        prompt: Callable[[], Awaitable[list[int]]],
         requested_max_tokens: int | None,
         id_prefix: str,
     ) -> Generation:
-        """Validate lengths, admit the request and start it; shared by both endpoints."""
+        """Count the request in flight (so a drain that starts now waits for it), tokenize (``prompt``),
+        validate lengths, and start it in the engine; shared by both endpoints."""
+        self.check_model(req.model)
         priority = self._priority(req)
-        try:
-            max_tokens = check_lengths(len(prompt_ids), requested_max_tokens, self.state.max_model_len)
-        except InvalidRequestError as exc:
-            raise errors.from_engine(exc) from None
-        params = self._sampling_params(req, max_tokens)
         slot = self.state.admit()
-        gen = Generation(self.state, random_id(id_prefix), prompt_ids, params, priority, slot)
-        await gen.start()
+        try:
+            prompt_ids = await prompt()
+            try:
+                max_tokens = check_lengths(len(prompt_ids), requested_max_tokens, self.state.max_model_len)
+            except InvalidRequestError as exc:
+                raise errors.from_engine(exc) from None
+            params = self._sampling_params(req, max_tokens)
+            gen = Generation(self.state, random_id(id_prefix), prompt_ids, params, priority, slot)
+        except BaseException:
+            slot.release()
+            raise
+        await gen.start()  # closes itself (and releases the slot) when it fails
         return gen
 
     async def _collect(self, gen: Generation) -> str:
@@ -462,9 +469,13 @@ class OpenAIServing:
 
     # ---- /v1/completions ----
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | EventStream:
-        self.check_model(req.model)
-        prompt_ids = await self._off_loop(self._tokenize, self.state.engine.tokenizer, req.prompt)
-        gen = await self._start(prompt_ids, req, req.max_tokens, "cmpl")
+        gen = await self._start(
+            req,
+            lambda: self._off_loop(self._tokenize, self.state.engine.tokenizer, req.prompt),
+            req.max_tokens,
+            "cmpl",
+        )
+        prompt_ids = gen.prompt_ids
         if req.stream:
             return self._completion_stream(gen, req)
         try:
@@ -502,9 +513,8 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ----
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | EventStream:
-        self.check_model(req.model)
-        prompt_ids = await self._chat_prompt(req)
-        gen = await self._start(prompt_ids, req, req.requested_max_tokens, "chatcmpl")
+        gen = await self._start(req, lambda: self._chat_prompt(req), req.requested_max_tokens, "chatcmpl")
+        prompt_ids = gen.prompt_ids
         if req.stream:
             return self._chat_stream(gen, req)
         try:
