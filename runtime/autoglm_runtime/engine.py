@@ -9,6 +9,11 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
     # a ModelLoadError) when that does not fit in memory. num_threads: torch intra-op threads (CPU).
     await engine.start()
 
+    stream = await engine.add_request(request_id, prompt, params, priority=0)
+    # returns once the request is ADMITTED (in the engine's queue), before any token; raises
+    # the errors below. `async for out in stream`, then `await stream.aclose()` (aborts it if
+    # unfinished and returns once its slot is free). This is `engine_api.EngineClient`, which the
+    # server uses. `generate()` wraps it for tests and scripts:
     async for out in engine.generate(request_id, prompt, params, priority=0):
         # prompt: list[int] token ids, or a str (tokenized as `tokenizer.encode(prompt)` with the
         #         tokenizer of the model that will serve it, which matters only around reload())
@@ -16,11 +21,12 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
         #                    prompt_tokens, completion_tokens, arrival_time, first_scheduled_time,
         #                    first_token_time, finish_time)   # times: time.monotonic()
         ...
-    # Raised at the first `__anext__()`, before any output:
-    #   QueueFullError      the waiting queue holds max_queue requests        -> 429/503
-    #   InvalidRequestError empty/too-long prompt, duplicate id (ValueError)  -> 400
+    # Raised by add_request (generate: at the first `__anext__()`), before any output; all are
+    # `engine_api.EngineError`s, mapped to HTTP codes in `server/errors.from_engine`:
+    #   QueueFullError      the waiting queue holds max_queue requests        -> 429
+    #   InvalidRequestError empty/too-long prompt, unknown ids, duplicate id  -> 400
     #   EngineDrainingError drain()/stop() was called                         -> 503
-    #   EngineDeadError     the step loop died (also raised mid-stream)       -> 500/503
+    #   EngineDeadError     the step loop died (also raised mid-stream)       -> 503
     # Leaving the loop early (break, client disconnect -> CancelledError/GeneratorExit) aborts the
     # request and frees its slot; wrap in `contextlib.aclosing()` so that happens immediately.
 
@@ -30,7 +36,9 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
     await engine.reload(model_dir, revision="")  # load in a thread, then new requests go to the new
                                       # model; requests already admitted finish on the old one, which
                                       # is freed when it has drained. Raises ModelLoadError (old model
-                                      # keeps serving).
+                                      # keeps serving); InsufficientMemoryError first when the new
+                                      # weights + KV cache do not fit next to the serving model
+                                      # (cgroup-aware, see memory.py).
     await engine.drain(timeout) -> bool   # stop admitting; wait until in-flight requests finish
     await engine.stop()               # stop the loop; unfinished requests end with "abort"
     engine.tokenizer, engine.model_dir, engine.model_name, engine.revision, engine.max_model_len,
@@ -40,10 +48,13 @@ Metrics hook (no prometheus import here): `on_step(StepStats)` is called on the 
 every step (keep it fast and thread-safe; prometheus_client metrics are). Per-request timings come
 with every RequestOutput.
 
-Threading: one dedicated thread runs the step loop (torch releases the GIL inside kernels). Per
-step: schedule + build inputs under a lock, one forward + sampling without it, one host sync
-(`.tolist()`), then update/detokenize and hand all outputs of the step to the event loop with a
-single `call_soon_threadsafe`.
+Threading: one dedicated thread runs the step loop (torch releases the GIL inside kernels) and owns
+the schedulers. The event loop never takes a lock that thread holds: admissions, aborts and reloads
+are appended to an inbox (a deque) and applied by the engine thread between steps; answers (admitted
+or QueueFullError, abort done, outputs) come back with `call_soon_threadsafe`; `stats()` reads a
+snapshot the engine thread publishes after every change. Per step: apply the inbox, schedule, build
+inputs, one forward + sampling, one host sync (`.tolist()`), then update/detokenize (with
+`tokenizers.decoders.DecodeStream`) and hand all outputs of the step to the event loop at once.
 """
 
 from __future__ import annotations
