@@ -188,7 +188,7 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
     from autoglm_runtime.engine import Engine
     from autoglm_runtime.metrics import RuntimeMetrics
     from autoglm_runtime.server.api import create_app
-    from autoglm_runtime.server.serving import ServerState
+    from autoglm_runtime.server.state import ServerState
 
     if settings.max_model_len and settings.max_model_len > int(loaded.max_model_len):
         log.warning(

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .engine_api import QueueFullError
+from .engine_api import QueueFullError, check_lengths
 
 __all__ = [
     "FinishReason",
@@ -206,10 +206,7 @@ class Scheduler:
     def add_request(self, seq: Sequence) -> None:
         if seq.request_id in self._by_id:
             raise ValueError(f"duplicate request id {seq.request_id!r}")
-        if not seq.prompt_token_ids:
-            raise ValueError("prompt must have at least one token")
-        if seq.prompt_len >= self.max_model_len:
-            raise ValueError(f"prompt has {seq.prompt_len} tokens; the maximum is {self.max_model_len - 1}")
+        check_lengths(seq.prompt_len, None, self.max_model_len)  # InvalidRequestError (a ValueError)
         if len(self._waiting_by_id) >= self.max_queue:
             raise QueueFullError(f"queue is full ({self.max_queue} waiting requests)")
         seq.status = SequenceStatus.WAITING

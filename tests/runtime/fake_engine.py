@@ -46,13 +46,13 @@ class FakeRequest:
 
 
 class FakeStream:
-    def __init__(self, engine: "FakeEngine", req: FakeRequest) -> None:
+    def __init__(self, engine: FakeEngine, req: FakeRequest) -> None:
         self.engine = engine
         self.req = req
         self.request_id = req.request_id
         self._done = False
 
-    def __aiter__(self) -> "FakeStream":
+    def __aiter__(self) -> FakeStream:
         return self
 
     async def __anext__(self) -> RequestOutput:

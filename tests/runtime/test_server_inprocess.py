@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import httpx
 import pytest
@@ -24,7 +24,8 @@ from autoglm_runtime.engine_api import EngineDeadError, EngineDrainingError, Inv
 from autoglm_runtime.loader import InsufficientMemoryError, ModelLoadError
 from autoglm_runtime.metrics import RuntimeMetrics
 from autoglm_runtime.server.api import EventStreamResponse, create_app
-from autoglm_runtime.server.serving import EventStream, ServerState
+from autoglm_runtime.server.generation import EventStream
+from autoglm_runtime.server.state import ServerState
 from tests.runtime.fake_engine import FakeEngine
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
@@ -73,7 +74,7 @@ async def serve(root: Path, engine: FakeEngine | None = None, **overrides) -> As
 async def within(aw, what: str):
     try:
         return await asyncio.wait_for(aw, LIVENESS)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"hung: {what}") from None
 
 

@@ -17,8 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autoglm_runtime.metrics import CONTENT_TYPE
 from autoglm_runtime.server import errors
+from autoglm_runtime.server.chat import OpenAIServingChat
+from autoglm_runtime.server.completions import OpenAIServingCompletion
+from autoglm_runtime.server.generation import EventStream
 from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, ReloadRequest
-from autoglm_runtime.server.serving import EventStream, OpenAIServing, ServerState
+from autoglm_runtime.server.state import ServerState
 
 log = logging.getLogger("autoglm_runtime.server")
 
@@ -57,8 +60,12 @@ def _state(request: Request) -> ServerState:
     return request.app.state.runtime
 
 
-def _serving(request: Request) -> OpenAIServing:
-    return request.app.state.serving
+def _completions(request: Request) -> OpenAIServingCompletion:
+    return request.app.state.completions
+
+
+def _chat(request: Request) -> OpenAIServingChat:
+    return request.app.state.chat
 
 
 async def require_api_key(request: Request) -> None:
@@ -164,17 +171,17 @@ authed = [Depends(require_api_key)]
 
 @router.post("/v1/completions", dependencies=authed)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return _respond(await _cancel_on_disconnect(request, _serving(request).create_completion(body)))
+    return _respond(await _cancel_on_disconnect(request, _completions(request).create_completion(body)))
 
 
 @router.post("/v1/chat/completions", dependencies=authed)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return _respond(await _cancel_on_disconnect(request, _serving(request).create_chat_completion(body)))
+    return _respond(await _cancel_on_disconnect(request, _chat(request).create_chat_completion(body)))
 
 
 @router.get("/v1/models", dependencies=authed)
 async def models(request: Request) -> Response:
-    return _json(_serving(request).models())
+    return _json(_completions(request).models())
 
 
 @router.get("/health")
@@ -227,13 +234,13 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             state.started = False
             await state.engine.stop()
-            serving.shutdown()
+            state.close()
             log.info("Stopped engine")
 
     app = FastAPI(title="autoglm-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    serving = OpenAIServing(state)
     app.state.runtime = state
-    app.state.serving = serving
+    app.state.completions = OpenAIServingCompletion(state)
+    app.state.chat = OpenAIServingChat(state)
     errors.install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(RequestIdMiddleware)
