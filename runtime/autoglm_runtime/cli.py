@@ -186,7 +186,9 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
     import uvicorn
 
     from autoglm_runtime.engine import Engine
+    from autoglm_runtime.loader import ModelLoadError
     from autoglm_runtime.metrics import RuntimeMetrics
+    from autoglm_runtime.model_runner import KVCacheTooLargeError
     from autoglm_runtime.server.api import create_app
     from autoglm_runtime.server.state import ServerState
 
@@ -208,8 +210,10 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
             revision=settings.revision,
             on_step=metrics.on_step,
         )
-    except ValueError as exc:
+    except KVCacheTooLargeError as exc:
         return _fail(f"invalid engine settings: {exc}", 2)
+    except ModelLoadError as exc:  # e.g. an architecture the model runner does not support
+        return _fail(f"cannot load model from {settings.model}: {exc}")
     state = ServerState(settings, engine, metrics, max_model_len=int(engine.max_model_len))
     app = create_app(state)
 
