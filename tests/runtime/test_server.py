@@ -70,7 +70,8 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None = None, name: str = "server") -> Server:
+def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None = None, name: str = "server",
+                 env: dict[str, str] | None = None) -> Server:
     port = free_port()
     argv = [str(CLI), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--device", "cpu", "--served-model-name", "tiny", *extra]
@@ -79,7 +80,7 @@ def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None
         key_file.write_text(api_key + "\n")
         argv += ["--api-key-file", str(key_file)]
     log = logdir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_RUNTIME_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_RUNTIME_")}, **(env or {})}
     proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     srv = Server(proc, port, log, api_key, {"Authorization": f"Bearer {api_key}"} if api_key else {})
 
@@ -628,6 +629,42 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, logdir
         asyncio.run(main())
         assert results == [128] * 32, [r for r in results if r != 128][:3]
         assert srv.proc.wait(60) == 0, srv.log_text()[-2000:]
+    finally:
+        srv.stop()
+
+
+def _fake_cgroup_v2(root: Path, limit: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "memory.max").write_text(limit + "\n")
+    (root / "memory.current").write_text("0\n")
+    return root
+
+
+def test_kv_cache_larger_than_the_container_limit_exits_2(tiny_model_dir, tmp_path):
+    """The host has GBs free; a 1 MiB cgroup limit is what the KV cache must fit in."""
+    cg = _fake_cgroup_v2(tmp_path / "cgroup", str(1 << 20))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_RUNTIME_")},
+           "AUTOGLM_RUNTIME_CGROUP_ROOT": str(cg)}
+    proc = subprocess.run([str(CLI), "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port",
+                           str(free_port()), "--host", "127.0.0.1"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "KV cache" in proc.stderr and "available" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reload_that_does_not_fit_next_to_the_serving_model_is_409(tiny_model_dir, other_model_dir, logdir, tmp_path):
+    cg = _fake_cgroup_v2(tmp_path / "cgroup", "max")
+    srv = start_server(tiny_model_dir, logdir, "--enable-reload", "--revision", "r1", name="reload-memory",
+                       env={"AUTOGLM_RUNTIME_CGROUP_ROOT": str(cg)})
+    try:
+        (cg / "memory.max").write_text(f"{1 << 20}\n")  # the pod's limit, with the first model already loaded
+        r = srv.post("/admin/reload", {"model": str(other_model_dir), "revision": "r2"})
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "insufficient_memory"
+        assert srv.get("/ready").status_code == 200
+        assert srv.post("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert metric(srv.metrics(), "autoglm_reloads_total", status="error", revision="r1") == 1
+        (cg / "memory.max").write_text("max\n")
+        assert srv.post("/admin/reload", {"model": str(other_model_dir), "revision": "r2"}).status_code == 200
     finally:
         srv.stop()
 
