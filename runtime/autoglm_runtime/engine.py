@@ -543,7 +543,9 @@ class Engine:
 
     # ------------------------------------------------------------------ step loop (engine thread)
     def _handle_inbox(self, refuse: BaseException | None = None) -> None:
-        """Applies the commands the event loop sent (in order). With ``refuse``, admissions fail with it."""
+        """Applies the commands the event loop sent (in order), publishes the stats, then answers: whoever
+        was told "admitted" or "aborted" reads stats that include it. With ``refuse``, admissions fail with it."""
+        replies: list[tuple[asyncio.Future, BaseException | None]] = []
         while self._inbox:
             cmd = self._inbox.popleft()
             if cmd[0] == "add":
@@ -554,15 +556,17 @@ class Engine:
                         req.instance.scheduler.add_request(req.seq)
                     except QueueFullError as exc:
                         error = exc
-                self._call_on_loop(_resolve, admitted, error)
+                replies.append((admitted, error))
             elif cmd[0] == "abort":
                 _, req, done = cmd
                 self._abort_now(req)
                 if done is not None:
-                    self._call_on_loop(_resolve, done, None)
+                    replies.append((done, None))
             elif cmd[0] == "reload":
                 self._instances.append(cmd[1])
         self._publish_stats()
+        for fut, error in replies:
+            self._call_on_loop(_resolve, fut, error)
 
     def _release_idle_models(self) -> None:
         if len(self._instances) > 1:  # an old model with no work left after a reload is released
