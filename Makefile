@@ -4,20 +4,25 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv venv-operator bins sysdeps test test-fast cluster-up cluster-down demo \
+.PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
         bench-runtime bench-runtime-gpu bench-operator bench-autoscale golden clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-venv:  ## Create .venv with the runtime, test and bench extras (torch included)
-	@bash scripts/venv.sh runtime,test,bench
+venv:  ## Create .venv with the runtime, test, bench and lint extras (torch included)
+	@bash scripts/venv.sh runtime,test,bench,lint
 
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash tests/cluster/gobuild/build.sh >/dev/null
 
 sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables) if missing
 	@bash scripts/system-deps.sh
+
+lint: venv  ## ruff (lint + format check) and mypy on operator/ and runtime/ (config in pyproject.toml)
+	$(VENV)/bin/ruff check operator runtime
+	$(VENV)/bin/ruff format --check operator runtime
+	$(VENV)/bin/mypy
 
 test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real control plane)
 	$(PYTEST)

@@ -121,7 +121,7 @@ class AutoGLMDeploymentSpec(_Model):
     auth: AuthSpec = Field(default_factory=AuthSpec)
 
     @model_validator(mode="after")
-    def _source(self) -> "AutoGLMDeploymentSpec":
+    def _source(self) -> AutoGLMDeploymentSpec:
         parse_model_uri(self.model.uri)  # raises ValueError with a readable message
         return self
 
@@ -136,10 +136,10 @@ class ModelSource:
     """Where the weights come from. ``scheme`` is pvc, file or hf."""
 
     scheme: Literal["pvc", "file", "hf"]
-    claim: str = ""      # pvc: the PersistentVolumeClaim
-    path: str = ""       # pvc: sub-path inside the claim; file: host path
-    repo: str = ""       # hf: ORG/NAME
-    revision: str = ""   # hf: optional @revision
+    claim: str = ""  # pvc: the PersistentVolumeClaim
+    path: str = ""  # pvc: sub-path inside the claim; file: host path
+    repo: str = ""  # hf: ORG/NAME
+    revision: str = ""  # hf: optional @revision
 
 
 _PVC = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(/(?P<path>.*))?$")
@@ -151,7 +151,7 @@ def parse_model_uri(uri: str) -> ModelSource:
     if m := _PVC.match(uri):
         return ModelSource("pvc", claim=m["claim"], path=(m["path"] or "").strip("/"))
     if uri.startswith("file:///"):
-        return ModelSource("file", path="/" + uri[len("file:///"):].strip("/"))
+        return ModelSource("file", path="/" + uri[len("file:///") :].strip("/"))
     if m := _HF.match(uri):
         return ModelSource("hf", repo=m["repo"], revision=m["rev"] or "")
     raise ValueError(f"model.uri {uri!r} is not pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME")

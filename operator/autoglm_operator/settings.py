@@ -31,7 +31,9 @@ class OperatorSettings(BaseSettings):
         description="Comma-separated namespaces to watch; empty = all namespaces.",
     )
     resync_seconds: float = Field(
-        default=60.0, ge=1.0, le=86400.0,
+        default=60.0,
+        ge=1.0,
+        le=86400.0,
         description="Period of the one background safety-net resync over every known resource.",
     )
     default_runtime_image: str = Field(
@@ -48,7 +50,8 @@ class OperatorSettings(BaseSettings):
     max_concurrent_reconciles: int = Field(default=16, ge=1, le=1024)
     api_threads: int = Field(default=16, ge=1, le=256, description="Threads for the blocking API client.")
     liveness_endpoint: str | None = Field(
-        default=None, description="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
+        default=None,
+        description="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
     )
 
     @field_validator("namespaces", mode="before")

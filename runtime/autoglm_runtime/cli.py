@@ -6,7 +6,8 @@ exits 1), then uvicorn serves the app with OUR signal handlers:
 - SIGTERM / SIGINT: readiness turns false at once and new requests get 503; in-flight requests
   finish (bounded by ``--drain-timeout``); then the server stops and the process exits 0.
   A second signal exits at once.
-- SIGHUP: hot reload of the model directory (``engine.reload``), same as ``POST /admin/reload``.
+- SIGHUP: hot reload of the model directory (``engine.reload``); ``POST /admin/reload`` (only with
+  ``--enable-reload``) can also name another folder under ``--reload-root``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -66,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", help="revision label on metrics")
     s.add_argument("--drain-timeout", dest="drain_timeout_seconds", type=float, metavar="SECONDS")
     s.add_argument("--request-timeout", dest="request_timeout_seconds", type=float, metavar="SECONDS")
+    s.add_argument(
+        "--enable-reload",
+        action="store_const",
+        const=True,
+        help="serve POST /admin/reload (off by default) [env AUTOGLM_RUNTIME_ENABLE_RELOAD]",
+    )
+    s.add_argument(
+        "--reload-root",
+        metavar="DIR",
+        help="reload accepts only model folders under DIR (default: the parent of --model)",
+    )
+    s.add_argument(
+        "--allow-client-priority",
+        action="store_const",
+        const=True,
+        help="honour the `priority` request field (off: a non-zero priority gets 400)",
+    )
     s.add_argument("--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"])
 
     m = sub.add_parser("make-model", help="Write a randomly initialised GLM model and tokenizer to a directory.")
@@ -78,9 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
     """Environment first, then every flag that was given on top."""
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "served_model_name", "max_batch_size", "max_queue", "max_batch_tokens",
-                 "max_model_len", "dtype", "device", "api_key_file", "revision", "drain_timeout_seconds",
-                 "request_timeout_seconds", "log_level"):
+    for name in (
+        "host",
+        "port",
+        "served_model_name",
+        "max_batch_size",
+        "max_queue",
+        "max_batch_tokens",
+        "max_model_len",
+        "dtype",
+        "device",
+        "api_key_file",
+        "revision",
+        "drain_timeout_seconds",
+        "request_timeout_seconds",
+        "log_level",
+        "enable_reload",
+        "reload_root",
+        "allow_client_priority",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -115,8 +150,9 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -149,7 +185,7 @@ class _Server:
 
         class Server(uvicorn.Server):
             @contextmanager
-            def capture_signals(self) -> Iterator[None]:  # type: ignore[override]
+            def capture_signals(self) -> Iterator[None]:
                 yield
 
             def install_signal_handlers(self) -> None:  # uvicorn < 0.29
@@ -162,27 +198,47 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
     import uvicorn
 
     from autoglm_runtime.engine import Engine
+    from autoglm_runtime.loader import ModelLoadError
     from autoglm_runtime.metrics import RuntimeMetrics
+    from autoglm_runtime.model_runner import KVCacheTooLargeError
     from autoglm_runtime.server.api import create_app
-    from autoglm_runtime.server.serving import ServerState
+    from autoglm_runtime.server.state import ServerState
 
     if settings.max_model_len and settings.max_model_len > int(loaded.max_model_len):
-        log.warning("Capped max_model_len at the model's, model_max=%s max_model_len=%s",
-                    loaded.max_model_len, settings.max_model_len)
+        log.warning(
+            "Capped max_model_len at the model's, model_max=%s max_model_len=%s",
+            loaded.max_model_len,
+            settings.max_model_len,
+        )
     max_batch_tokens = settings.max_batch_tokens or max(2048, settings.max_batch_size)
     metrics = RuntimeMetrics(settings.model_name, settings.revision)
     try:
-        engine = Engine(loaded, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                        max_batch_tokens=max_batch_tokens, max_model_len=settings.max_model_len,
-                        revision=settings.revision, on_step=metrics.on_step)
-    except ValueError as exc:
+        engine = Engine(
+            loaded,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_batch_tokens=max_batch_tokens,
+            max_model_len=settings.max_model_len,
+            revision=settings.revision,
+            on_step=metrics.on_step,
+        )
+    except KVCacheTooLargeError as exc:
         return _fail(f"invalid engine settings: {exc}", 2)
+    except ModelLoadError as exc:  # e.g. an architecture the model runner does not support
+        return _fail(f"cannot load model from {settings.model}: {exc}")
     state = ServerState(settings, engine, metrics, max_model_len=int(engine.max_model_len))
     app = create_app(state)
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.log_level == "debug", lifespan="on",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
+    )
     server = _Server.make(config)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()

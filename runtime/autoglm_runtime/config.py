@@ -29,7 +29,9 @@ class RuntimeSettings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, description="Most sequences decoded together in one step.")
     max_queue: int = Field(default=256, ge=0, description="Most requests waiting; more get 429.")
     max_batch_tokens: int | None = Field(default=None, ge=1, description="Token budget per step (chunked prefill).")
-    max_model_len: int | None = Field(default=None, ge=1, description="Prompt + completion limit; default: the model's.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Prompt + completion limit; default: the model's."
+    )
     dtype: Dtype = "auto"
     device: str = "auto"
 
@@ -39,6 +41,14 @@ class RuntimeSettings(BaseSettings):
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     request_timeout_seconds: float | None = Field(default=None, gt=0, description="Abort a request running longer.")
     revision: str = Field(default="unknown", description="Label of the deployed revision in metrics.")
+    enable_reload: bool = Field(default=False, description="Serve POST /admin/reload (off: 403).")
+    reload_root: Path | None = Field(
+        default=None,
+        description="Reload accepts only model folders under this directory; default: the parent of --model.",
+    )
+    allow_client_priority: bool = Field(
+        default=False, description="Honour a request's `priority` (off: a non-zero priority is refused with 400)."
+    )
     log_level: LogLevel = "info"
 
     @field_validator("log_level", mode="before")
@@ -59,7 +69,7 @@ class RuntimeSettings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _resolve(self) -> "RuntimeSettings":
+    def _resolve(self) -> RuntimeSettings:
         if self.api_key_file is not None:
             if self.api_key is not None:
                 raise ValueError("set api_key or api_key_file, not both")
@@ -72,6 +82,8 @@ class RuntimeSettings(BaseSettings):
             self.api_key = key
         if self.served_model_name is None:
             self.served_model_name = self.model.resolve().name or str(self.model)
+        if self.reload_root is None:
+            self.reload_root = self.model.resolve().parent
         return self
 
     @property
