@@ -4,31 +4,39 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv venv-operator bins test test-fast cluster-up cluster-down demo \
-        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator golden clean
+.PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
+        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-venv:  ## Create .venv with the runtime, test and bench extras (torch included)
-	@bash scripts/venv.sh runtime,test,bench
+venv:  ## Create .venv with the runtime, test, bench and lint extras (torch included)
+	@bash scripts/venv.sh runtime,test,bench,lint
 
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash tests/cluster/gobuild/build.sh >/dev/null
 
-test: venv bins  ## The test command: both tiers (unit + runtime + real control plane)
+sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables) if missing
+	@bash scripts/system-deps.sh
+
+lint: venv  ## ruff (lint + format check) and mypy on operator/ and runtime/ (config in pyproject.toml)
+	$(VENV)/bin/ruff check operator runtime
+	$(VENV)/bin/ruff format --check operator runtime
+	$(VENV)/bin/mypy
+
+test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real control plane)
 	$(PYTEST)
 
 test-fast: venv  ## Tests that need no cluster
 	$(PYTEST) -m "not cluster"
 
-cluster-up: bins  ## Start the local cluster in the background; prints `export KUBECONFIG=...` last
+cluster-up: sysdeps venv bins  ## Start the local cluster in the background; prints `export KUBECONFIG=...` last
 	@python3 -m tests.cluster up
 
 cluster-down:  ## Stop the local cluster
 	@python3 -m tests.cluster down
 
-demo: venv bins  ## Local demo: cluster + CRD + operator + example resource + runtime on the tiny model
+demo: sysdeps venv bins  ## Local demo: cluster + CRD + operator + example resource + runtime on the tiny model
 	@bash scripts/demo.sh
 
 bench-runtime: venv  ## Runtime throughput vs generate and transformers serve (CPU, small model)
@@ -40,8 +48,11 @@ bench-runtime-vl: venv  ## Phone-agent workload (screenshots) on small-vl: ours 
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py
 
-bench-operator: venv bins  ## Operator latency and idle writes on the local cluster
+bench-operator: sysdeps venv bins  ## Operator latency and idle writes on the local cluster
 	$(PY) bench/bench_operator.py
+
+bench-autoscale: sysdeps venv bins  ## Step load through KEDA autoscaling on the local cluster: table + PNG plot
+	$(PY) bench/bench_autoscale.py
 
 golden: venv  ## Regenerate the builders' golden YAML
 	UPDATE_GOLDEN=1 $(PYTEST) tests/operator/test_builders.py -q

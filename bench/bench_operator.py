@@ -36,6 +36,9 @@ spec:
   runtime: {{image: registry.example.com/autoglm/runtime, version: "0.1.0"}}
   resources: {{gpus: 0, cpu: "1", memory: 2Gi}}
   replicas: 1
+  # Simulated pods (kwok-cpu-0): the benchmark measures the operator, not hundreds of real runtimes.
+  nodeSelector: {{kubernetes.io/hostname: kwok-cpu-0}}
+  tolerations: [{{key: autoglm.io/simulated, operator: Exists, effect: NoSchedule}}]
 """
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -41,8 +43,7 @@ def kube(tmp_path_factory) -> Cluster:
     if external:
         from tests.cluster.harness import build_binaries
 
-        kc = Path(external)
-        yield Cluster(dir=kc.parent, bin_dir=build_binaries(), kubeconfig=kc, api_port=0)
+        yield Cluster.attach(Path(external), build_binaries())
         return
     c = Cluster.start(tmp_path_factory.mktemp("cluster"))
     try:
@@ -59,3 +60,23 @@ def namespace(kube: Cluster, request) -> str:
     kube.kubectl("create", "namespace", name)
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def node_models(kube) -> Path:
+    """The process node's /models (hostPath prefix mapped to a folder here) holding the embedded
+    ``tiny`` model (what examples/tiny-cpu.yaml mounts) and ``broken`` (a model that cannot load)."""
+    root = kube.models_dir
+    if not (root / "tiny" / "config.json").exists():
+        subprocess.run([str(Path(sys.executable).parent / "autoglm-runtime"), "make-model", "--size", "tiny",
+                        "--out", str(root / "tiny")], check=True, capture_output=True)
+    broken = root / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text('{"model_type": "glm", "architectures": ["GlmForCausalLM"]}')
+    return root
+
+
+@pytest.fixture(scope="session")
+def keda(kube) -> float:
+    """KEDA installed in the session's cluster (only for the tests that need it); its start seconds."""
+    return kube.start_keda()

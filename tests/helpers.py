@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from typing import Callable, TypeVar
 
@@ -33,3 +34,8 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def report(message: str) -> None:
+    """A measured figure, printed even while a KopfRunner has swapped sys.stdout (shown with -s)."""
+    print(message, file=sys.__stdout__, flush=True)

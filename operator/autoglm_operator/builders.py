@@ -186,15 +186,24 @@ def _runtime_args(r: ResolvedSpec, rev_hash: str) -> list[str]:
     s = r.spec
     args = [
         "serve",
-        "--model", MODEL_DIR,
-        "--host", "0.0.0.0",
-        "--port", str(PORT),
-        "--served-model-name", r.model_name,
-        "--max-batch-size", str(s.runtime.max_batch_size),
-        "--max-queue", str(s.runtime.max_queue),
-        "--dtype", s.model.dtype,
-        "--device", "cuda" if s.resources.gpus > 0 else "cpu",
-        "--revision", rev_hash,
+        "--model",
+        MODEL_DIR,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORT),
+        "--served-model-name",
+        r.model_name,
+        "--max-batch-size",
+        str(s.runtime.max_batch_size),
+        "--max-queue",
+        str(s.runtime.max_queue),
+        "--dtype",
+        s.model.dtype,
+        "--device",
+        "cuda" if s.resources.gpus > 0 else "cpu",
+        "--revision",
+        rev_hash,
     ]
     if s.model.max_model_len:
         args += ["--max-model-len", str(s.model.max_model_len)]
@@ -226,10 +235,12 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
     ]
     ref = s.auth.api_key_secret_ref
     if ref is not None:
-        env.append({
-            "name": "AUTOGLM_RUNTIME_API_KEY",
-            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-        })
+        env.append(
+            {
+                "name": "AUTOGLM_RUNTIME_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
     env += [dict(e) for e in s.runtime.env]  # user env last: it wins over ours
 
     container = {
@@ -244,16 +255,22 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
         "volumeMounts": mounts,
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": "http"},
-            "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3,
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
         },
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
-            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
         },
         # Model load can take many minutes: up to 10 s x 180 = 30 min before liveness takes over.
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http"},
-            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 180,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 180,
         },
         # Keep serving while the endpoints controller removes the pod, then SIGTERM drains.
         "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
@@ -346,18 +363,25 @@ def build_service(cr: dict[str, Any], r: ResolvedSpec, serving_hashes: list[str]
 def build_hpa(cr: dict[str, Any], r: ResolvedSpec, target_deployment: str) -> dict[str, Any]:
     a = r.spec.autoscaling
     lo, hi = a.bounds
-    metrics: list[dict[str, Any]] = [{
-        "type": "Pods",
-        "pods": {
-            "metric": {"name": "autoglm_requests_waiting"},
-            "target": {"type": "AverageValue", "averageValue": str(a.target_queue_depth)},
-        },
-    }]
+    metrics: list[dict[str, Any]] = [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "autoglm_requests_waiting"},
+                "target": {"type": "AverageValue", "averageValue": str(a.target_queue_depth)},
+            },
+        }
+    ]
     if a.target_cpu_utilization > 0:
-        metrics.append({
-            "type": "Resource",
-            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": a.target_cpu_utilization}},
-        })
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": a.target_cpu_utilization},
+                },
+            }
+        )
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -368,6 +392,62 @@ def build_hpa(cr: dict[str, Any], r: ResolvedSpec, target_deployment: str) -> di
             "maxReplicas": hi,
             "metrics": metrics,
             "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}},
+        },
+    }
+
+
+def queue_depth_query(namespace: str, served_model: str, revision: str) -> str:
+    """PromQL for a revision's requests waiting, summed over its pods: what KEDA divides by the
+    per-pod target (``targetQueueDepth``) to get the replica count. Series carry the runtime's own
+    ``model`` and ``revision`` labels, so the query does not depend on how Prometheus relabels pods."""
+    return (
+        f'sum(autoglm_requests_waiting{{namespace="{namespace}",model="{served_model}",'
+        f'revision="{revision}"}}) or vector(0)'
+    )
+
+
+def keda_hpa_name(name: str) -> str:
+    """The HorizontalPodAutoscaler KEDA creates for a resource's ScaledObject."""
+    return f"{name}-keda"
+
+
+def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prometheus: str) -> dict[str, Any]:
+    """KEDA ScaledObject on the serving revision's Deployment: Prometheus trigger on its queue depth
+    (and CPU when asked); KEDA creates and owns the HPA, the operator never touches spec.replicas."""
+    a = r.spec.autoscaling
+    lo, hi = a.bounds
+    triggers: list[dict[str, Any]] = [
+        {
+            "type": "prometheus",
+            "name": "queue-depth",
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": prometheus,
+                "query": queue_depth_query(r.namespace, r.model_name, revision),
+                "threshold": str(a.target_queue_depth),
+            },
+        }
+    ]
+    if a.target_cpu_utilization > 0:
+        triggers.append(
+            {"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(a.target_cpu_utilization)}}
+        )
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": revision_name(r.name, revision)},
+            "minReplicaCount": lo,
+            "maxReplicaCount": hi,
+            "pollingInterval": 5,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "name": keda_hpa_name(r.name),
+                    "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}},
+                }
+            },
+            "triggers": triggers,
         },
     }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -37,10 +38,10 @@ CHILDREN: list[tuple[str, str, str]] = [
     ("autoscaling", "v2", "horizontalpodautoscalers"),
     ("policy", "v1", "poddisruptionbudgets"),
 ]
-CHILD_LABELS = {b.LABEL_MANAGED_BY: b.MANAGER, b.LABEL_DEPLOYMENT: kopf.PRESENT}
+CHILD_LABELS: dict[str, Any] = {b.LABEL_MANAGED_BY: b.MANAGER, b.LABEL_DEPLOYMENT: kopf.PRESENT}
 
 
-def _selector(group: str, version: str, plural: str) -> tuple[str, ...]:
+def _selector(group: str, version: str, plural: str) -> tuple[str, str] | tuple[str, str, str]:
     return (version, plural) if group == "" else (group, version, plural)
 
 
@@ -54,15 +55,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # (a peering object is PATCHed every ~50 s, which the zero-idle-writes figure excludes).
     settings.posting.enabled = False  # our own events go through kube.py, on transitions only
     for child in CHILDREN:
-        settings.watching.label_selectors[_selector(*child)] = (
-            f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
-        )
+        settings.watching.label_selectors[_selector(*child)] = f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
     kube = Kube(threads=op.api_threads)
     memo.kube = kube
     memo.reconciler = Reconciler(kube, op, logger=log)
     memo.resync_task = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(), name="resync")
-    log.info("Started autoglm-operator: namespaces=%s resync=%ss image=%s:%s.",
-             ",".join(op.namespaces) or "*", op.resync_seconds, op.default_runtime_image, op.default_runtime_version)
+    log.info(
+        "Started autoglm-operator: namespaces=%s resync=%ss image=%s:%s.",
+        ",".join(op.namespaces) or "*",
+        op.resync_seconds,
+        op.default_runtime_image,
+        op.default_runtime_version,
+    )
 
 
 @kopf.on.cleanup()
@@ -82,11 +86,13 @@ def probe(memo: kopf.Memo, **_: Any) -> int:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_autoglmdeployment(type: str | None, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def on_autoglmdeployment(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # the resource is namespaced
     memo.reconciler.observe_event(namespace, name, deleted=(type == "DELETED"))
 
 
-async def on_child(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def on_child(labels: Mapping[str, str], namespace: str | None, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # every child kind is namespaced
     memo.reconciler.trigger(namespace, labels[b.LABEL_DEPLOYMENT])
 
 

@@ -32,6 +32,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Service": ("/api/v1", "services"),
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Secret": ("/api/v1", "secrets"),
     "Event": ("/api/v1", "events"),
@@ -50,7 +51,9 @@ class KubeAPI(Protocol):
     """What reconcile needs; ``Kube`` talks to a cluster, tests may pass an in-memory fake."""
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
-    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]: ...
+    async def list(
+        self, kind: str, namespace: str | None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]: ...
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None: ...
     async def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
     async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
@@ -103,12 +106,23 @@ class Kube:
 
     # ------------------------------------------------------------ transport
 
-    def _call(self, method: str, path: str, *, query: dict[str, str] | None = None,
-              body: Any = None, content_type: str = "application/json") -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self._api.param_serialize(
-            method=method, resource_path=path, query_params=list((query or {}).items()) or None,
-            header_params=headers, body=body, auth_settings=["BearerToken"],
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()) or None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
         )
         resp = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=self._timeout)
         data = resp.read()
@@ -144,23 +158,28 @@ class Kube:
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Create; ``None`` when it already exists (409 is an expected outcome)."""
         try:
-            return await self._request("POST", _path(kind, namespace), kind, body=body,
-                                       query={"fieldManager": MANAGER})
+            return await self._request("POST", _path(kind, namespace), kind, body=body, query={"fieldManager": MANAGER})
         except ApiError as exc:
             if exc.status == 409:
                 return None
             raise
 
     async def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._request("PUT", _path(kind, namespace, name), kind, body=body,
-                                   query={"fieldManager": MANAGER})
+        return await self._request(
+            "PUT", _path(kind, namespace, name), kind, body=body, query={"fieldManager": MANAGER}
+        )
 
     async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         """JSON merge patch; ``None`` when the object is gone."""
         try:
-            return await self._request("PATCH", _path(kind, namespace, name), kind, body=patch,
-                                       content_type="application/merge-patch+json",
-                                       query={"fieldManager": MANAGER})
+            return await self._request(
+                "PATCH",
+                _path(kind, namespace, name),
+                kind,
+                body=patch,
+                content_type="application/merge-patch+json",
+                query={"fieldManager": MANAGER},
+            )
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -169,9 +188,14 @@ class Kube:
     async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply (creates or updates; fields we stop sending are removed)."""
         name = body["metadata"]["name"]
-        return await self._request("PATCH", _path(kind, namespace, name), kind, body=body,
-                                   content_type="application/apply-patch+yaml",
-                                   query={"fieldManager": MANAGER, "force": "true"})
+        return await self._request(
+            "PATCH",
+            _path(kind, namespace, name),
+            kind,
+            body=body,
+            content_type="application/apply-patch+yaml",
+            query={"fieldManager": MANAGER, "force": "true"},
+        )
 
     async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
         """Delete in the background; ``False`` when it was already gone."""
@@ -189,8 +213,11 @@ class Kube:
     async def patch_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any] | None:
         try:
             return await self._request(
-                "PATCH", _path("AutoGLMDeployment", namespace, name, "status"), "AutoGLMDeployment/status",
-                body={"status": status_patch}, content_type="application/merge-patch+json",
+                "PATCH",
+                _path("AutoGLMDeployment", namespace, name, "status"),
+                "AutoGLMDeployment/status",
+                body={"status": status_patch},
+                content_type="application/merge-patch+json",
                 query={"fieldManager": MANAGER},
             )
         except ApiError as exc:
@@ -200,15 +227,18 @@ class Kube:
 
     async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj["metadata"]
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
-                "apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
-                "namespace": meta["namespace"], "uid": meta.get("uid"),
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
             },
             "type": type_,
             "reason": reason,

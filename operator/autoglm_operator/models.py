@@ -62,8 +62,14 @@ class ResourcesSpec(_Model):
         return self.memory or ("32Gi" if self.gpus > 0 else "2Gi")
 
 
+class PrometheusRef(_Model):
+    address: str | None = None
+
+
 class AutoscalingSpec(_Model):
     enabled: bool = False
+    provider: Literal["HPA", "KEDA"] = "HPA"
+    prometheus: PrometheusRef = Field(default_factory=PrometheusRef)
     min_replicas: int = Field(default=1, ge=1)
     max_replicas: int | None = Field(default=None, ge=1)
     target_queue_depth: int = Field(default=8, ge=1)
@@ -115,7 +121,7 @@ class AutoGLMDeploymentSpec(_Model):
     auth: AuthSpec = Field(default_factory=AuthSpec)
 
     @model_validator(mode="after")
-    def _source(self) -> "AutoGLMDeploymentSpec":
+    def _source(self) -> AutoGLMDeploymentSpec:
         parse_model_uri(self.model.uri)  # raises ValueError with a readable message
         return self
 
@@ -130,10 +136,10 @@ class ModelSource:
     """Where the weights come from. ``scheme`` is pvc, file or hf."""
 
     scheme: Literal["pvc", "file", "hf"]
-    claim: str = ""      # pvc: the PersistentVolumeClaim
-    path: str = ""       # pvc: sub-path inside the claim; file: host path
-    repo: str = ""       # hf: ORG/NAME
-    revision: str = ""   # hf: optional @revision
+    claim: str = ""  # pvc: the PersistentVolumeClaim
+    path: str = ""  # pvc: sub-path inside the claim; file: host path
+    repo: str = ""  # hf: ORG/NAME
+    revision: str = ""  # hf: optional @revision
 
 
 _PVC = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(/(?P<path>.*))?$")
@@ -145,7 +151,7 @@ def parse_model_uri(uri: str) -> ModelSource:
     if m := _PVC.match(uri):
         return ModelSource("pvc", claim=m["claim"], path=(m["path"] or "").strip("/"))
     if uri.startswith("file:///"):
-        return ModelSource("file", path="/" + uri[len("file:///"):].strip("/"))
+        return ModelSource("file", path="/" + uri[len("file:///") :].strip("/"))
     if m := _HF.match(uri):
         return ModelSource("hf", repo=m["repo"], revision=m["rev"] or "")
     raise ValueError(f"model.uri {uri!r} is not pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME")

@@ -54,27 +54,31 @@ class Revision:
     hash: str
     name: str
     version: str
-    desired: int      # spec.replicas (ours, or the HPA's choice)
-    replicas: int     # status.replicas
-    ready: int        # status.readyReplicas
-    updated: int      # status.updatedReplicas
-    current: bool     # status describes the current generation
+    desired: int  # spec.replicas (ours, or the HPA's choice)
+    replicas: int  # status.replicas
+    ready: int  # status.readyReplicas
+    updated: int  # status.updatedReplicas
+    current: bool  # status describes the current generation
     created: str
     uid: str
     spec_hash: str
-    deadline_exceeded: str = ""   # message of Progressing=False/ProgressDeadlineExceeded
+    deadline_exceeded: str = ""  # message of Progressing=False/ProgressDeadlineExceeded
 
     @property
     def is_ready(self) -> bool:
         return self.current and self.ready >= self.desired and self.updated >= self.desired
 
     @classmethod
-    def from_deployment(cls, d: dict[str, Any]) -> "Revision":
+    def from_deployment(cls, d: dict[str, Any]) -> Revision:
         meta, spec, st = d["metadata"], d.get("spec") or {}, d.get("status") or {}
         labels = meta.get("labels") or {}
         deadline = ""
         for c in st.get("conditions") or []:
-            if c.get("type") == "Progressing" and c.get("status") == "False" and c.get("reason") == "ProgressDeadlineExceeded":
+            if (
+                c.get("type") == "Progressing"
+                and c.get("status") == "False"
+                and c.get("reason") == "ProgressDeadlineExceeded"
+            ):
                 deadline = c.get("message") or "progress deadline exceeded"
         return cls(
             hash=labels.get(b.LABEL_REVISION, ""),
@@ -100,6 +104,8 @@ class Observed:
     hpa: dict[str, Any] | None
     pdb: dict[str, Any] | None
     preconditions: list[Problem]
+    scaled_object: dict[str, Any] | None = None
+    keda_hpa: dict[str, Any] | None = None  # the HPA KEDA made for our ScaledObject
 
 
 def _controlled_by(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -116,14 +122,20 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
     async def none() -> None:
         return None
 
-    deps, pods, svc, hpa, pdb, pvc, secret = await asyncio.gather(
-        kube.list("Deployment", ns, selector),
-        kube.list("Pod", ns, selector),
-        kube.get("Service", ns, name),
-        kube.get("HorizontalPodAutoscaler", ns, name),
-        kube.get("PodDisruptionBudget", ns, name),
-        kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
-        kube.get("Secret", ns, ref.name) if ref else none(),
+    keda = uses_keda(r) or (cr.get("status") or {}).get("autoscaler", {}).get("provider") == "KEDA"
+    (deps, pods), (svc, hpa, pdb, pvc, secret), (so, keda_hpa) = await asyncio.gather(
+        asyncio.gather(kube.list("Deployment", ns, selector), kube.list("Pod", ns, selector)),
+        asyncio.gather(
+            kube.get("Service", ns, name),
+            kube.get("HorizontalPodAutoscaler", ns, name),
+            kube.get("PodDisruptionBudget", ns, name),
+            kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
+            kube.get("Secret", ns, ref.name) if ref else none(),
+        ),
+        asyncio.gather(
+            kube.get("ScaledObject", ns, name) if keda else none(),
+            kube.get("HorizontalPodAutoscaler", ns, b.keda_hpa_name(name)) if keda else none(),
+        ),
     )
     revisions: dict[str, Revision] = {}
     for d in deps:
@@ -134,8 +146,9 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             revisions[rev.hash] = rev
     problems: list[Problem] = []
     if pvc_name and pvc is None:
-        problems.append(Problem("PersistentVolumeClaimNotFound",
-                                f"PersistentVolumeClaim {pvc_name} not found in namespace {ns}"))
+        problems.append(
+            Problem("PersistentVolumeClaimNotFound", f"PersistentVolumeClaim {pvc_name} not found in namespace {ns}")
+        )
     if ref is not None:
         if secret is None:
             problems.append(Problem("SecretNotFound", f"Secret {ref.name} not found in namespace {ns}"))
@@ -145,8 +158,44 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         revisions=revisions,
         pods=[p for p in pods if _controlled_by_revision(p, revisions)],
         service=svc,
-        hpa=hpa, pdb=pdb, preconditions=problems,
+        hpa=hpa,
+        pdb=pdb,
+        preconditions=problems,
+        scaled_object=so,
+        keda_hpa=keda_hpa,
     )
+
+
+def uses_keda(r: ResolvedSpec) -> bool:
+    return r.spec.autoscaling.enabled and r.spec.autoscaling.provider == "KEDA"
+
+
+def autoscaler_status(r: ResolvedSpec, obs: Observed) -> dict[str, Any] | None:
+    """What the HPA (ours, or KEDA's) reports: replicas, the last metric value, why it cannot scale."""
+    if not r.spec.autoscaling.enabled:
+        return None
+    keda = uses_keda(r)
+    hpa = obs.keda_hpa if keda else obs.hpa
+    out: dict[str, Any] = {"provider": r.spec.autoscaling.provider, "name": b.keda_hpa_name(r.name) if keda else r.name}
+    st = (hpa or {}).get("status") or {}
+    if "currentReplicas" in st:
+        out["currentReplicas"] = st["currentReplicas"]
+    if "desiredReplicas" in st:
+        out["desiredReplicas"] = st["desiredReplicas"]
+    for m in st.get("currentMetrics") or []:
+        key = {"Pods": "pods", "External": "external"}.get(m.get("type", ""))
+        current = ((m.get(key) or {}).get("current") or {}) if key else {}
+        value = current.get("averageValue") or current.get("value")
+        if value is not None:
+            out["metric"] = str(value)
+            break
+    for c in st.get("conditions") or []:
+        if c.get("status") == "False" and c.get("type") in ("ScalingActive", "AbleToScale"):
+            out["message"] = f"{c.get('reason')}: {c.get('message', '')}".strip()[:500]
+            break
+    if hpa is None:
+        out["message"] = "the HorizontalPodAutoscaler does not exist yet"
+    return out
 
 
 def _controlled_by_revision(pod: dict[str, Any], revisions: dict[str, Revision]) -> bool:
@@ -158,10 +207,10 @@ def _controlled_by_revision(pod: dict[str, Any], revisions: dict[str, Revision])
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    stable: str                 # hash of the revision that serves (may not exist yet on first rollout)
-    candidate: str | None       # hash rolling out, not yet serving
-    promote: bool               # the desired revision just became Ready and takes over now
-    delete: tuple[str, ...]     # hashes whose Deployments go
+    stable: str  # hash of the revision that serves (may not exist yet on first rollout)
+    candidate: str | None  # hash rolling out, not yet serving
+    promote: bool  # the desired revision just became Ready and takes over now
+    delete: tuple[str, ...]  # hashes whose Deployments go
 
 
 def decide_revisions(desired: str, revisions: dict[str, Revision], previous_stable: str | None) -> Decision:
@@ -181,8 +230,7 @@ def decide_revisions(desired: str, revisions: dict[str, Revision], previous_stab
     prev = next((h for h, rv in others.items() if rv.name == previous_stable), None)
     if prev is None:
         prev = max(others.values(), key=lambda rv: (rv.ready, rv.created, rv.name)).hash
-    return Decision(stable=prev, candidate=desired, promote=False,
-                    delete=tuple(sorted(h for h in others if h != prev)))
+    return Decision(stable=prev, candidate=desired, promote=False, delete=tuple(sorted(h for h in others if h != prev)))
 
 
 def wanted_replicas(r: ResolvedSpec, rev_hash: str, decision: Decision, revisions: dict[str, Revision]) -> int | None:
@@ -222,7 +270,14 @@ def pod_problems(pods: Iterable[dict[str, Any]], revisions: dict[str, Revision])
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = BAD_WAITING.get(waiting.get("reason", ""))
             if reason:
-                by_reason.setdefault(reason, []).append((pod["metadata"]["name"], rev, waiting.get("message") or reason))
+                msg = waiting.get("message") or reason
+                last = ((cs.get("lastState") or {}).get("terminated")) or {}
+                if reason == "CrashLoopBackOff" and last:
+                    # The container's own words (termination message, or its log tail) beat "back-off 10s".
+                    said = [ln for ln in (last.get("message") or "").splitlines() if ln.strip()]
+                    msg = f"container {cs.get('name')} exited with code {last.get('exitCode')}"
+                    msg += f": {said[-1].strip()[:300]}" if said else ""
+                by_reason.setdefault(reason, []).append((pod["metadata"]["name"], rev, msg))
     problems = []
     for reason in ("Unschedulable", *dict.fromkeys(BAD_WAITING.values())):
         hits = by_reason.get(reason)
@@ -233,8 +288,11 @@ def pod_problems(pods: Iterable[dict[str, Any]], revisions: dict[str, Revision])
 
 
 def deployment_problems(revisions: Iterable[Revision]) -> list[Problem]:
-    return [Problem("ProgressDeadlineExceeded", f"Deployment {rv.name}: {rv.deadline_exceeded}")
-            for rv in sorted(revisions, key=lambda rv: rv.name) if rv.deadline_exceeded]
+    return [
+        Problem("ProgressDeadlineExceeded", f"Deployment {rv.name}: {rv.deadline_exceeded}")
+        for rv in sorted(revisions, key=lambda rv: rv.name)
+        if rv.deadline_exceeded
+    ]
 
 
 def _strip_none(value: Any) -> Any:
@@ -284,30 +342,60 @@ def compute_status(
     conds = old.get("conditions") or []
     ready_msg = f"{ready}/{desired} replicas of revision {stable_name} are ready"
     if stable is None:
-        conds = set_condition(conds, READY, False, "RevisionNotCreated", f"Deployment {stable_name} does not exist yet",
-                              observed_generation=generation, now=now)
+        conds = set_condition(
+            conds,
+            READY,
+            False,
+            "RevisionNotCreated",
+            f"Deployment {stable_name} does not exist yet",
+            observed_generation=generation,
+            now=now,
+        )
     elif ready_ok:
         conds = set_condition(conds, READY, True, "ReplicasReady", ready_msg, observed_generation=generation, now=now)
     else:
-        conds = set_condition(conds, READY, False, "ReplicasNotReady", ready_msg, observed_generation=generation, now=now)
+        conds = set_condition(
+            conds, READY, False, "ReplicasNotReady", ready_msg, observed_generation=generation, now=now
+        )
 
     if decision.candidate:
         c_ready, c_desired = (cand.ready, cand.desired) if cand else (0, 0)
-        msg = (f"Revision {cand_name} is rolling out ({c_ready}/{c_desired} ready); "
-               f"revision {stable_name} serves until it is ready")
-        conds = set_condition(conds, PROGRESSING, True, "RolloutInProgress", msg, observed_generation=generation, now=now)
+        msg = (
+            f"Revision {cand_name} is rolling out ({c_ready}/{c_desired} ready); "
+            f"revision {stable_name} serves until it is ready"
+        )
+        conds = set_condition(
+            conds, PROGRESSING, True, "RolloutInProgress", msg, observed_generation=generation, now=now
+        )
     elif not (ready_ok and stable is not None and stable.is_ready):
-        conds = set_condition(conds, PROGRESSING, True, "WaitingForReplicas",
-                              f"Waiting for revision {stable_name}: {ready_msg}", observed_generation=generation, now=now)
+        conds = set_condition(
+            conds,
+            PROGRESSING,
+            True,
+            "WaitingForReplicas",
+            f"Waiting for revision {stable_name}: {ready_msg}",
+            observed_generation=generation,
+            now=now,
+        )
     else:
-        conds = set_condition(conds, PROGRESSING, False, "RolloutComplete", f"Revision {stable_name} is serving",
-                              observed_generation=generation, now=now)
+        conds = set_condition(
+            conds,
+            PROGRESSING,
+            False,
+            "RolloutComplete",
+            f"Revision {stable_name} is serving",
+            observed_generation=generation,
+            now=now,
+        )
 
     if problem:
-        conds = set_condition(conds, DEGRADED, True, problem.reason, problem.message, observed_generation=generation, now=now)
+        conds = set_condition(
+            conds, DEGRADED, True, problem.reason, problem.message, observed_generation=generation, now=now
+        )
     else:
         conds = set_condition(conds, DEGRADED, False, "AsExpected", "", observed_generation=generation, now=now)
 
+    stable_version: str | None
     if stable is not None:
         stable_version = stable.version
     elif decision.stable == desired_hash:
@@ -342,7 +430,9 @@ def invalid_status(cr: dict[str, Any], message: str, now: str | None = None) -> 
     """Status for a spec the operator cannot act on: Degraded/InvalidSpec, children untouched."""
     old = dict(cr.get("status") or {})
     gen = cr["metadata"].get("generation")
-    conds = set_condition(old.get("conditions"), DEGRADED, True, "InvalidSpec", message, observed_generation=gen, now=now)
+    conds = set_condition(
+        old.get("conditions"), DEGRADED, True, "InvalidSpec", message, observed_generation=gen, now=now
+    )
     return _strip_none({**old, "phase": "Degraded", "observedGeneration": gen, "conditions": conds})
 
 
@@ -351,7 +441,10 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | N
     if old == new:
         return None
     patch: dict[str, Any] = {k: None for k in old if k not in new}
-    patch.update({k: v for k, v in new.items() if old.get(k) != v})
+    for k, v in new.items():
+        if old.get(k) != v:
+            o = old.get(k)
+            patch[k] = status_patch(o, v) if isinstance(o, dict) and isinstance(v, dict) else v
     return patch
 
 
@@ -374,8 +467,13 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
         events.append(("Normal", reason, f"Desired replicas changed from {o_des} to {n_des}"))
     o_st, n_st = old.get("stableRevision"), new.get("stableRevision")
     if o_st and n_st and o_st != n_st:
-        events.append(("Normal", "RevisionPromoted", f"Revision {n_st} (version {new.get('stableVersion')}) "
-                                                       f"replaced {o_st} and serves all traffic"))
+        events.append(
+            (
+                "Normal",
+                "RevisionPromoted",
+                f"Revision {n_st} (version {new.get('stableVersion')}) replaced {o_st} and serves all traffic",
+            )
+        )
     return events
 
 
@@ -391,12 +489,17 @@ def _subset(desired: Any, actual: Any) -> bool:
     if isinstance(desired, dict):
         return isinstance(actual, dict) and all(k in actual and _subset(v, actual[k]) for k, v in desired.items())
     if isinstance(desired, list):
-        return isinstance(actual, list) and len(desired) == len(actual) and all(
-            _subset(d, a) for d, a in zip(desired, actual))
+        return (
+            isinstance(actual, list)
+            and len(desired) == len(actual)
+            and all(_subset(d, a) for d, a in zip(desired, actual, strict=True))
+        )
     return desired == actual
 
 
-def _child_differs(desired: dict[str, Any], actual: dict[str, Any] | None, exact: Callable[[dict], Any] | None = None) -> bool:
+def _child_differs(
+    desired: dict[str, Any], actual: dict[str, Any] | None, exact: Callable[[dict], Any] | None = None
+) -> bool:
     if actual is None:
         return True
     keys = {"metadata": {k: desired["metadata"][k] for k in ("labels", "ownerReferences")}, "spec": desired["spec"]}
@@ -416,8 +519,13 @@ class Outcome:
     requeue_after: float | None = None  # poll again (for state we do not watch: PVCs, Secrets)
 
 
-async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, name: str,
-                    logger: logging.Logger | logging.LoggerAdapter = log) -> Outcome:
+async def reconcile(
+    kube: KubeAPI,
+    settings: OperatorSettings,
+    namespace: str,
+    name: str,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> Outcome:
     out = Outcome()
     cr = await kube.get(CR_KIND, namespace, name)
     if cr is None or cr["metadata"].get("deletionTimestamp"):
@@ -428,8 +536,13 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
     old_status = cr.get("status") or {}
 
     try:
-        r = resolve_spec(name, namespace, cr.get("spec"), default_image=settings.default_runtime_image,
-                         default_version=settings.default_runtime_version)
+        r = resolve_spec(
+            name,
+            namespace,
+            cr.get("spec"),
+            default_image=settings.default_runtime_image,
+            default_version=settings.default_runtime_version,
+        )
     except InvalidSpec as exc:
         await _write_status(kube, cr, old_status, invalid_status(cr, str(exc)), out, logger)
         return out
@@ -453,8 +566,13 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
                 out.writes += 1
                 if await kube.create("Deployment", namespace, body) is not None:
                     logger.info("Created revision %s (version %s).", body["metadata"]["name"], r.version)
-                    events.append(("Normal", "RevisionCreated",
-                                   f"Created revision {body['metadata']['name']} (version {r.version})"))
+                    events.append(
+                        (
+                            "Normal",
+                            "RevisionCreated",
+                            f"Created revision {body['metadata']['name']} (version {r.version})",
+                        )
+                    )
                 continue
             if existing.spec_hash != body["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH]:
                 body["spec"]["replicas"] = existing.desired if want is None else want
@@ -477,9 +595,41 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
         await kube.apply("Service", namespace, svc)
         logger.info("Applied service %s selecting revision %s.", name, b.revision_name(name, decision.stable))
 
-    # 3. HPA on the serving revision, only when autoscaling.
-    hpa = b.build_hpa(cr, r, b.revision_name(name, decision.stable)) if r.spec.autoscaling.enabled else None
+    # 3. The autoscaler on the serving revision: our HPA, or a KEDA ScaledObject (KEDA makes the HPA).
+    a = r.spec.autoscaling
+    hpa = b.build_hpa(cr, r, b.revision_name(name, decision.stable)) if a.enabled and a.provider == "HPA" else None
     await _sync_optional_child(kube, cr, "HorizontalPodAutoscaler", "autoscaler", hpa, obs.hpa, out, logger)
+    autoscaler_problems: list[Problem] = []
+    prometheus = a.prometheus.address or settings.prometheus_address
+    so = None
+    if uses_keda(r):
+        if prometheus:
+            so = b.build_scaled_object(cr, r, decision.stable, prometheus)
+        else:
+            autoscaler_problems.append(
+                Problem(
+                    "PrometheusAddressMissing",
+                    (
+                        "autoscaling.provider KEDA needs a Prometheus: set spec.autoscaling.prometheus.address "
+                        "or the operator's AUTOGLM_OPERATOR_PROMETHEUS_ADDRESS"
+                    ),
+                )
+            )
+    if so is not None or obs.scaled_object is not None:
+        try:
+            await _sync_optional_child(kube, cr, "ScaledObject", "scaled object", so, obs.scaled_object, out, logger)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            autoscaler_problems.append(
+                Problem(
+                    "KEDANotInstalled",
+                    (
+                        "autoscaling.provider is KEDA but this cluster has no scaledobjects.keda.sh "
+                        "(install KEDA, or use provider HPA)"
+                    ),
+                )
+            )
 
     # 4. PDB when more than one replica is wanted.
     pdb = b.build_pdb(cr, r) if desired_replicas(r, decision, obs.revisions) > 1 else None
@@ -497,9 +647,18 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
     if out.writes:
         obs = await observe(kube, cr, r)
         decision = decide_revisions(desired_hash, obs.revisions, b.revision_name(name, decision.stable))
-    problems = obs.preconditions + pod_problems(obs.pods, obs.revisions) + deployment_problems(obs.revisions.values())
-    new_status = compute_status(cr=cr, r=r, desired_hash=desired_hash, decision=decision,
-                                revisions=obs.revisions, problems=problems)
+    problems = (
+        obs.preconditions
+        + autoscaler_problems
+        + pod_problems(obs.pods, obs.revisions)
+        + deployment_problems(obs.revisions.values())
+    )
+    new_status = compute_status(
+        cr=cr, r=r, desired_hash=desired_hash, decision=decision, revisions=obs.revisions, problems=problems
+    )
+    autoscaler = autoscaler_status(r, obs)
+    if autoscaler is not None:
+        new_status["autoscaler"] = autoscaler
     if obs.preconditions:
         # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): poll.
         out.requeue_after = PRECONDITION_POLL_SECONDS
@@ -507,9 +666,16 @@ async def reconcile(kube: KubeAPI, settings: OperatorSettings, namespace: str, n
     return out
 
 
-async def _sync_optional_child(kube: Any, cr: dict[str, Any], kind: str, what: str,
-                               desired: dict[str, Any] | None, observed: dict[str, Any] | None,
-                               out: Outcome, logger: Any) -> None:
+async def _sync_optional_child(
+    kube: Any,
+    cr: dict[str, Any],
+    kind: str,
+    what: str,
+    desired: dict[str, Any] | None,
+    observed: dict[str, Any] | None,
+    out: Outcome,
+    logger: Any,
+) -> None:
     """A child that exists only when wanted: apply it when it differs, delete it (if ours) when not wanted."""
     namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
     if desired is not None:
@@ -523,8 +689,15 @@ async def _sync_optional_child(kube: Any, cr: dict[str, Any], kind: str, what: s
         logger.info("Deleted %s %s.", what, name)
 
 
-async def _write_status(kube: KubeAPI, cr: dict[str, Any], old: dict[str, Any], new: dict[str, Any],
-                        out: Outcome, logger: Any, events: list[tuple[str, str, str]] | None = None) -> None:
+async def _write_status(
+    kube: KubeAPI,
+    cr: dict[str, Any],
+    old: dict[str, Any],
+    new: dict[str, Any],
+    out: Outcome,
+    logger: Any,
+    events: list[tuple[str, str, str]] | None = None,
+) -> None:
     events = list(events or [])
     patch = status_patch(old, new)
     if patch is not None:
@@ -533,7 +706,9 @@ async def _write_status(kube: KubeAPI, cr: dict[str, Any], old: dict[str, Any], 
         if await kube.patch_status(cr["metadata"]["namespace"], cr["metadata"]["name"], patch) is None:
             return
         if old.get("phase") != new.get("phase"):
-            logger.info("Changed phase of %s from %s to %s.", cr["metadata"]["name"], old.get("phase"), new.get("phase"))
+            logger.info(
+                "Changed phase of %s from %s to %s.", cr["metadata"]["name"], old.get("phase"), new.get("phase")
+            )
         events += transition_events(old, new)
     for type_, reason, message in events:
         out.writes += 1
@@ -623,8 +798,15 @@ class Reconciler:
         self._failures[key] = n
         delay = min(60.0, 0.5 * 2 ** (n - 1))
         level = logging.INFO if isinstance(exc, ApiError) and exc.status == 409 else logging.WARNING
-        self.log.log(level, "Failed to reconcile %s/%s (attempt %d), retrying in %.1fs: %s", *key, n, delay, exc,
-                     exc_info=not isinstance(exc, ApiError))
+        self.log.log(
+            level,
+            "Failed to reconcile %s/%s (attempt %d), retrying in %.1fs: %s",
+            *key,
+            n,
+            delay,
+            exc,
+            exc_info=not isinstance(exc, ApiError),
+        )
         self._schedule(key, delay)
 
     def _schedule(self, key: tuple[str, str], delay: float) -> None:

@@ -31,7 +31,9 @@ class OperatorSettings(BaseSettings):
         description="Comma-separated namespaces to watch; empty = all namespaces.",
     )
     resync_seconds: float = Field(
-        default=60.0, ge=1.0, le=86400.0,
+        default=60.0,
+        ge=1.0,
+        le=86400.0,
         description="Period of the one background safety-net resync over every known resource.",
     )
     default_runtime_image: str = Field(
@@ -41,10 +43,15 @@ class OperatorSettings(BaseSettings):
     default_runtime_version: str = Field(
         default="0.1.0", description="Runtime image tag used when spec.runtime.version is unset."
     )
+    prometheus_address: str | None = Field(
+        default=None,
+        description="Prometheus that KEDA queries for queue depth when spec.autoscaling.prometheus.address is unset.",
+    )
     max_concurrent_reconciles: int = Field(default=16, ge=1, le=1024)
     api_threads: int = Field(default=16, ge=1, le=256, description="Threads for the blocking API client.")
     liveness_endpoint: str | None = Field(
-        default=None, description="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
+        default=None,
+        description="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
     )
 
     @field_validator("namespaces", mode="before")

@@ -6,7 +6,8 @@ exits 1), then uvicorn serves the app with OUR signal handlers:
 - SIGTERM / SIGINT: readiness turns false at once and new requests get 503; in-flight requests
   finish (bounded by ``--drain-timeout``); then the server stops and the process exits 0.
   A second signal exits at once.
-- SIGHUP: hot reload of the model directory (``engine.reload``), same as ``POST /admin/reload``.
+- SIGHUP: hot reload of the model directory (``engine.reload``); ``POST /admin/reload`` (only with
+  ``--enable-reload``) can also name another folder under ``--reload-root``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -29,8 +31,20 @@ log = logging.getLogger("autoglm_runtime")
 PROG = "autoglm-runtime"
 
 
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
+
+
 def _fail(message: str, code: int = 1) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    """Print one line and, in a pod, leave it as the container's termination message."""
+    line = f"{PROG}: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("AUTOGLM_TERMINATION_LOG", TERMINATION_LOG)
+    if os.path.isfile(path):
+        try:
+            with open(path, "w") as f:
+                f.write(line[:4096])
+        except OSError:
+            pass
     return code
 
 
@@ -56,13 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", dest="request_timeout_seconds", type=float, metavar="SECONDS")
     s.add_argument("--max-image-pixels", type=int, help="most pixels of one image (default 5000000)")
     s.add_argument("--max-images-per-request", type=int, help="most images in one request (default 10)")
-    s.add_argument("--allowed-media-domains", metavar="HOST[,HOST...]",
-                   help="hosts whose http(s) image URLs may be fetched (default: none, data: URIs only)")
+    s.add_argument(
+        "--allowed-media-domains",
+        metavar="HOST[,HOST...]",
+        help="hosts whose http(s) image URLs may be fetched (default: none, data: URIs only)",
+    )
+    s.add_argument(
+        "--enable-reload",
+        action="store_const",
+        const=True,
+        help="serve POST /admin/reload (off by default) [env AUTOGLM_RUNTIME_ENABLE_RELOAD]",
+    )
+    s.add_argument(
+        "--reload-root",
+        metavar="DIR",
+        help="reload accepts only model folders under DIR (default: the parent of --model)",
+    )
+    s.add_argument(
+        "--allow-client-priority",
+        action="store_const",
+        const=True,
+        help="honour the `priority` request field (off: a non-zero priority gets 400)",
+    )
     s.add_argument("--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"])
 
     m = sub.add_parser("make-model", help="Write a randomly initialised GLM model and tokenizer to a directory.")
-    m.add_argument("--size", choices=["tiny", "small", "tiny-vl", "small-vl"], default="tiny",
-                   help="tiny/small: GLM text models; tiny-vl/small-vl: GLM-4.1V-shaped vision-language models")
+    m.add_argument(
+        "--size",
+        choices=["tiny", "small", "tiny-vl", "small-vl"],
+        default="tiny",
+        help="tiny/small: GLM text models; tiny-vl/small-vl: GLM-4.1V-shaped vision-language models",
+    )
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     return parser
@@ -71,10 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
     """Environment first, then every flag that was given on top."""
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "served_model_name", "max_batch_size", "max_queue", "max_batch_tokens",
-                 "max_model_len", "dtype", "device", "api_key_file", "revision", "drain_timeout_seconds",
-                 "request_timeout_seconds", "log_level", "max_image_pixels", "max_images_per_request",
-                 "allowed_media_domains"):
+    for name in (
+        "host",
+        "port",
+        "served_model_name",
+        "max_batch_size",
+        "max_queue",
+        "max_batch_tokens",
+        "max_model_len",
+        "dtype",
+        "device",
+        "api_key_file",
+        "revision",
+        "drain_timeout_seconds",
+        "request_timeout_seconds",
+        "log_level",
+        "enable_reload",
+        "reload_root",
+        "allow_client_priority",
+        "max_image_pixels",
+        "max_images_per_request",
+        "allowed_media_domains",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -111,8 +167,9 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -145,7 +202,7 @@ class _Server:
 
         class Server(uvicorn.Server):
             @contextmanager
-            def capture_signals(self) -> Iterator[None]:  # type: ignore[override]
+            def capture_signals(self) -> Iterator[None]:
                 yield
 
             def install_signal_handlers(self) -> None:  # uvicorn < 0.29
@@ -158,29 +215,49 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
     import uvicorn
 
     from autoglm_runtime.engine import Engine
+    from autoglm_runtime.loader import ModelLoadError
     from autoglm_runtime.metrics import RuntimeMetrics
+    from autoglm_runtime.model_runner import KVCacheTooLargeError
     from autoglm_runtime.server.api import create_app
-    from autoglm_runtime.server.serving import ServerState
+    from autoglm_runtime.server.state import ServerState
     from autoglm_runtime.vision import VisionMetrics
 
     if settings.max_model_len and settings.max_model_len > int(loaded.max_model_len):
-        log.warning("Capped max_model_len at the model's, model_max=%s max_model_len=%s",
-                    loaded.max_model_len, settings.max_model_len)
+        log.warning(
+            "Capped max_model_len at the model's, model_max=%s max_model_len=%s",
+            loaded.max_model_len,
+            settings.max_model_len,
+        )
     max_batch_tokens = settings.max_batch_tokens or max(2048, settings.max_batch_size)
     metrics = RuntimeMetrics(settings.model_name, settings.revision)
     try:
-        engine = Engine(loaded, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                        max_batch_tokens=max_batch_tokens, max_model_len=settings.max_model_len,
-                        revision=settings.revision, on_step=metrics.on_step)
-    except ValueError as exc:
+        engine = Engine(
+            loaded,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_batch_tokens=max_batch_tokens,
+            max_model_len=settings.max_model_len,
+            revision=settings.revision,
+            on_step=metrics.on_step,
+        )
+    except KVCacheTooLargeError as exc:
         return _fail(f"invalid engine settings: {exc}", 2)
+    except ModelLoadError as exc:  # e.g. an architecture the model runner does not support
+        return _fail(f"cannot load model from {settings.model}: {exc}")
     metrics.registry.register(VisionMetrics(engine, lambda: metrics.labels))
     state = ServerState(settings, engine, metrics, max_model_len=int(engine.max_model_len))
     app = create_app(state)
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.log_level == "debug", lifespan="on",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
+    )
     server = _Server.make(config)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()

@@ -7,10 +7,13 @@ validated once, at start, and a bad value fails fast with a message naming the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from autoglm_runtime.multimodal import MediaLimits
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -29,7 +32,9 @@ class RuntimeSettings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, description="Most sequences decoded together in one step.")
     max_queue: int = Field(default=256, ge=0, description="Most requests waiting; more get 429.")
     max_batch_tokens: int | None = Field(default=None, ge=1, description="Token budget per step (chunked prefill).")
-    max_model_len: int | None = Field(default=None, ge=1, description="Prompt + completion limit; default: the model's.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Prompt + completion limit; default: the model's."
+    )
     dtype: Dtype = "auto"
     device: str = "auto"
 
@@ -39,12 +44,21 @@ class RuntimeSettings(BaseSettings):
     max_image_pixels: int = Field(default=5_000_000, ge=1, description="Most pixels of one image (before resizing).")
     max_images_per_request: int = Field(default=10, ge=0, description="Most images in one request.")
     # NoDecode: the environment gives "a.example,b.example" (comma-separated), not JSON.
-    allowed_media_domains: Annotated[list[str], NoDecode] = Field(default_factory=list,
-                                             description="Hosts whose http(s) image URLs are fetched; none by default.")
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts whose http(s) image URLs are fetched; none by default."
+    )
 
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     request_timeout_seconds: float | None = Field(default=None, gt=0, description="Abort a request running longer.")
     revision: str = Field(default="unknown", description="Label of the deployed revision in metrics.")
+    enable_reload: bool = Field(default=False, description="Serve POST /admin/reload (off: 403).")
+    reload_root: Path | None = Field(
+        default=None,
+        description="Reload accepts only model folders under this directory; default: the parent of --model.",
+    )
+    allow_client_priority: bool = Field(
+        default=False, description="Honour a request's `priority` (off: a non-zero priority is refused with 400)."
+    )
     log_level: LogLevel = "info"
 
     @field_validator("log_level", mode="before")
@@ -65,7 +79,7 @@ class RuntimeSettings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _resolve(self) -> "RuntimeSettings":
+    def _resolve(self) -> RuntimeSettings:
         if self.api_key_file is not None:
             if self.api_key is not None:
                 raise ValueError("set api_key or api_key_file, not both")
@@ -78,6 +92,8 @@ class RuntimeSettings(BaseSettings):
             self.api_key = key
         if self.served_model_name is None:
             self.served_model_name = self.model.resolve().name or str(self.model)
+        if self.reload_root is None:
+            self.reload_root = self.model.resolve().parent
         return self
 
     @field_validator("allowed_media_domains", mode="before")
@@ -88,11 +104,14 @@ class RuntimeSettings(BaseSettings):
         return v
 
     @property
-    def media_limits(self) -> "MediaLimits":
+    def media_limits(self) -> MediaLimits:
         from autoglm_runtime.multimodal import MediaLimits
 
-        return MediaLimits(max_image_pixels=self.max_image_pixels, max_images_per_request=self.max_images_per_request,
-                           allowed_media_domains=tuple(self.allowed_media_domains))
+        return MediaLimits(
+            max_image_pixels=self.max_image_pixels,
+            max_images_per_request=self.max_images_per_request,
+            allowed_media_domains=tuple(self.allowed_media_domains),
+        )
 
     @property
     def model_name(self) -> str:

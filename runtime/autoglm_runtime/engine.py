@@ -9,18 +9,29 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
     # a ModelLoadError) when that does not fit in memory. num_threads: torch intra-op threads (CPU).
     await engine.start()
 
+    stream = await engine.add_request(request_id, prompt, params, priority=0, mm=None)
+    # mm: the prompt's images (`vision.MultiModalInputs`, from `engine.vision.process`) for a
+    # vision-language model; InvalidRequestError when the model takes none.
+    # returns once the request is ADMITTED (in the engine's queue), before any token; raises
+    # the errors below. `async for out in stream`, then `await stream.aclose()` (aborts it if
+    # unfinished and returns once its slot is free). This is `engine_api.EngineClient`, which the
+    # server uses. `generate()` wraps it for tests and scripts:
     async for out in engine.generate(request_id, prompt, params, priority=0):
         # prompt: list[int] token ids, or a str (tokenized as `tokenizer.encode(prompt)` with the
         #         tokenizer of the model that will serve it, which matters only around reload())
         # out: RequestOutput(request_id, new_token_ids, new_text, finished, finish_reason,
         #                    prompt_tokens, completion_tokens, arrival_time, first_scheduled_time,
-        #                    first_token_time, finish_time)   # times: time.monotonic()
+        #                    first_token_time, finish_time, logprobs)   # times: time.monotonic()
+        # logprobs: a logprobs.TokenLogprob per new token when params.logprobs is set, else None
         ...
-    # Raised at the first `__anext__()`, before any output:
-    #   QueueFullError      the waiting queue holds max_queue requests        -> 429/503
-    #   InvalidRequestError empty/too-long prompt, duplicate id (ValueError)  -> 400
+    # Raised by add_request (generate: at the first `__anext__()`), before any output; all are
+    # `engine_api.EngineError`s, mapped to HTTP codes in `server/errors.from_engine`:
+    #   QueueFullError      the waiting queue holds max_queue requests        -> 429
+    #   InvalidRequestError empty/too-long prompt, unknown ids, duplicate id,  -> 400
+    #                       images for a text-only model, a response_format
+    #                       grammar that cannot be enforced with this tokenizer
     #   EngineDrainingError drain()/stop() was called                         -> 503
-    #   EngineDeadError     the step loop died (also raised mid-stream)       -> 500/503
+    #   EngineDeadError     the step loop died (also raised mid-stream)       -> 503
     # Leaving the loop early (break, client disconnect -> CancelledError/GeneratorExit) aborts the
     # request and frees its slot; wrap in `contextlib.aclosing()` so that happens immediately.
 
@@ -30,40 +41,61 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
     await engine.reload(model_dir, revision="")  # load in a thread, then new requests go to the new
                                       # model; requests already admitted finish on the old one, which
                                       # is freed when it has drained. Raises ModelLoadError (old model
-                                      # keeps serving).
+                                      # keeps serving); InsufficientMemoryError first when the new
+                                      # weights + KV cache do not fit next to the serving model
+                                      # (cgroup-aware, see memory.py).
     await engine.drain(timeout) -> bool   # stop admitting; wait until in-flight requests finish
     await engine.stop()               # stop the loop; unfinished requests end with "abort"
     engine.tokenizer, engine.model_dir, engine.model_name, engine.revision, engine.max_model_len,
-    engine.eos_token_ids, engine.device, engine.dtype
+    engine.eos_token_ids, engine.device, engine.dtype,
+    engine.vision                     # vision.VisionLanguage of a vision-language model, else None
 
 Metrics hook (no prometheus import here): `on_step(StepStats)` is called on the engine thread after
 every step (keep it fast and thread-safe; prometheus_client metrics are). Per-request timings come
 with every RequestOutput.
 
-Threading: one dedicated thread runs the step loop (torch releases the GIL inside kernels). Per
-step: schedule + build inputs under a lock, one forward + sampling without it, one host sync
-(`.tolist()`), then update/detokenize and hand all outputs of the step to the event loop with a
-single `call_soon_threadsafe`.
+Threading: one dedicated thread runs the step loop (torch releases the GIL inside kernels) and owns
+the schedulers. The event loop never takes a lock that thread holds: admissions, aborts and reloads
+are appended to an inbox (a deque) and applied by the engine thread between steps; answers (admitted
+or QueueFullError, abort done, outputs) come back with `call_soon_threadsafe`; `stats()` reads a
+snapshot the engine thread publishes after every change. Per step: apply the inbox, schedule, build
+inputs, one forward + sampling, one host sync (`.tolist()`), then update/detokenize (with
+`tokenizers.decoders.DecodeStream`) and hand all outputs of the step to the event loop at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
+from .engine_api import (
+    EngineDeadError,
+    EngineDrainingError,
+    EngineStats,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    check_lengths,
+)
+from .engine_api import (
+    FinishReason as OutputFinishReason,
+)
 from .guided import GuidedDecoder, ResponseFormatError, llg_tokenizer
-from .loader import LoadedModel, ModelLoadError, load_model
+from .loader import InsufficientMemoryError, LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
 from .logprobs import TokenLogprob
-from .model_runner import ModelRunner
-from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState, byte_level_token_bytes
-from .scheduler import FinishReason, QueueFullError, Scheduler, Sequence
+from .memory import checkpoint_bytes
+from .model_runner import ModelRunner, available_memory, kv_cache_bytes_for, text_config
+from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState
+from .scheduler import FinishReason, Scheduler, Sequence
 from .vision import MultiModalInputs, VisionLanguage
 
 __all__ = [
@@ -71,6 +103,7 @@ __all__ = [
     "EngineDeadError",
     "EngineDrainingError",
     "EngineStats",
+    "InsufficientMemoryError",
     "InvalidRequestError",
     "ModelLoadError",
     "QueueFullError",
@@ -84,46 +117,8 @@ log = logging.getLogger(__name__)
 # Every slot holds max_model_len positions, so without an explicit max_model_len the engine caps
 # it here instead of sizing the cache for a 128k-context config.
 DEFAULT_MAX_MODEL_LEN = 8192
-
-
-class EngineDeadError(RuntimeError):
-    """The engine's step loop has died; the process should be restarted."""
-
-
-class EngineDrainingError(RuntimeError):
-    """The engine is draining or stopped and admits no new requests."""
-
-
-class InvalidRequestError(ValueError):
-    """The request can never be served as given (empty or too long prompt, duplicate id)."""
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" when finished
-    prompt_tokens: int
-    completion_tokens: int
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (params.logprobs)
-
-    @property
-    def queue_time(self) -> float | None:
-        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def e2e_latency(self) -> float | None:
-        return None if self.finish_time is None else self.finish_time - self.arrival_time
+# Share of the available memory a reload may plan to use (weights + KV cache of the new model).
+RELOAD_MEMORY_FRACTION = 0.9
 
 
 @dataclass
@@ -137,22 +132,6 @@ class StepStats:
     kv_cache_usage: float
 
 
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # 0..1, fraction of the slot cache's positions holding live KV
-    slot_usage: float  # 0..1, running / max_batch_size
-    max_batch_size: int
-    max_queue: int
-    num_steps: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    healthy: bool
-    accepting: bool
-    num_models: int  # > 1 while an old model drains after reload()
-
-
 class _Instance:
     """One loaded model with its KV cache and its scheduler."""
 
@@ -161,26 +140,31 @@ class _Instance:
         self.runner = runner
         self.scheduler = scheduler
         self.revision = revision
-        tok = loaded.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None:
-            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
-        else:
-            self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
-        # Raw bytes per token id for exact incremental UTF-8 detokenization (None: decode via the tokenizer).
-        self.token_bytes = byte_level_token_bytes(tok)
+        backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ModelLoadError("the runtime needs a fast tokenizer (tokenizer.json)")
+        self.backend_tokenizer = backend
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
 
 
 class _Request:
-    __slots__ = ("seq", "queue", "detok", "sampling", "instance", "first_token_time", "final_sent", "emitted_tokens",
-                 "pending_logprobs")
+    __slots__ = (
+        "seq",
+        "queue",
+        "detok",
+        "sampling",
+        "instance",
+        "first_token_time",
+        "final_sent",
+        "emitted_tokens",
+        "pending_logprobs",
+    )
 
     def __init__(self, seq: Sequence, instance: _Instance, params: SamplingParams) -> None:
         self.seq = seq
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.detok = IncrementalDetokenizer(instance.decode, params.stop, instance.token_bytes)
+        self.detok = IncrementalDetokenizer(instance.backend_tokenizer, params.stop)
         self.sampling = SamplingState(params, instance.loaded.device)
         self.instance = instance
         self.first_token_time: float | None = None
@@ -189,7 +173,57 @@ class _Request:
         self.pending_logprobs: list[TokenLogprob] = []
 
 
+def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+class _RequestStream:
+    """The outputs of one admitted request (``EngineClient.add_request``'s answer)."""
+
+    def __init__(self, engine: Engine, req: _Request) -> None:
+        self._engine = engine
+        self._req = req
+        self.request_id = req.seq.request_id
+        self._done = False
+        self._closed = False
+
+    def __aiter__(self) -> _RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._req.queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        """Aborts the request if it has not finished and returns once its slot is free."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._req.final_sent:
+                await self._engine._abort_and_wait(self._req)
+        finally:
+            if self._engine._requests.get(self.request_id) is self._req:
+                del self._engine._requests[self.request_id]
+
+
 class Engine:
+    """See the module docstring. The event loop never takes a lock the step loop holds: requests,
+    aborts and reloads are handed to the engine thread through ``_inbox`` and applied between steps;
+    statistics are a snapshot the engine thread publishes after every change."""
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -211,9 +245,12 @@ class Engine:
         self._seed = seed
         if num_threads and loaded.device.type == "cpu":
             torch.set_num_threads(num_threads)
-        self._lock = threading.Condition(threading.Lock())
-        self._instances: list[_Instance] = [self._make_instance(loaded, revision)]
-        self._requests: dict[str, _Request] = {}
+        first = self._make_instance(loaded, revision)
+        self._serving: _Instance = first  # where new requests go (owned by the event loop)
+        self._instances: list[_Instance] = [first]  # every live model (owned by the engine thread)
+        self._requests: dict[str, _Request] = {}  # owned by the event loop
+        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._wakeup = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -223,9 +260,14 @@ class Engine:
         self.num_steps = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._snapshot = (0, 0, 0.0, 0.0, 1)
+        self._publish_stats()
+
+    def _max_len_for(self, loaded: LoadedModel) -> int:
+        return min(loaded.max_model_len, self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN)
 
     def _make_instance(self, loaded: LoadedModel, revision: str) -> _Instance:
-        max_len = min(loaded.max_model_len, self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN)
+        max_len = self._max_len_for(loaded)
         runner = ModelRunner(loaded, self.max_batch_size, max_len, seed=self._seed)
         scheduler = Scheduler(
             max_batch_size=self.max_batch_size,
@@ -238,7 +280,7 @@ class Engine:
     # ------------------------------------------------------------------ properties
     @property
     def _current(self) -> _Instance:
-        return self._instances[-1]
+        return self._serving
 
     @property
     def tokenizer(self):
@@ -289,6 +331,9 @@ class Engine:
     def check_health(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
+    def _thread_running(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
     async def drain(self, timeout: float) -> bool:
         """Stop admitting new requests and wait up to `timeout` s for in-flight ones. True if drained."""
         self._accepting = False
@@ -301,30 +346,74 @@ class Engine:
 
     async def stop(self) -> None:
         self._accepting = False
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
+        self._stopping = True
+        self._wakeup.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self._handle_inbox(EngineDrainingError("engine stopped"))  # what the thread left: applied here
         for rid in list(self._requests):
             self.abort(rid)
 
-    async def reload(self, model_dir: str | Path, revision: str = "", *, dtype: str | None = None, device: str | None = None) -> None:
+    def _check_fits(self, model_dir: Path, dtype: str, device: str) -> None:
+        """Refuses a reload whose weights and KV cache do not fit next to the serving model (both live
+        until the old one drains). Raises InsufficientMemoryError."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+        except Exception as exc:  # noqa: BLE001 - any parse/validation error is a load error
+            raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {type(exc).__name__}: {exc}") from None
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev, config)
+        cfg = text_config(config)
+        want = getattr(cfg, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        ckpt_dtype = getattr(torch, str(want).removeprefix("torch."), torch.float32)
+        ckpt_itemsize = ckpt_dtype.itemsize if isinstance(ckpt_dtype, torch.dtype) else 4
+        max_len = min(
+            getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN,
+            self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN,
+        )
+        need = checkpoint_bytes(model_dir, torch_dtype.itemsize, ckpt_itemsize) + kv_cache_bytes_for(
+            cfg, self.max_batch_size, max_len, torch_dtype.itemsize
+        )
+        avail = available_memory(dev)
+        if avail is not None and need > RELOAD_MEMORY_FRACTION * avail:
+            raise InsufficientMemoryError(
+                f"the new model and its KV cache need {need / 2**20:.1f} MiB next to the serving model, but "
+                f"{avail / 2**20:.1f} MiB is available; restart the pod with the new model instead"
+            )
+
+    async def reload(
+        self, model_dir: str | Path, revision: str = "", *, dtype: str | None = None, device: str | None = None
+    ) -> None:
+        """Loads a model next to the serving one; new requests go to it, admitted ones finish on the old
+        one. Raises ModelLoadError (InsufficientMemoryError when both would not fit): the old one serves."""
         assert self._reload_lock is not None, "call start() first"
         cur = self._current.loaded
         dtype = dtype or str(cur.dtype).removeprefix("torch.")
         device = device or cur.device.type
+        model_dir = Path(model_dir)
         async with self._reload_lock:
+            await asyncio.to_thread(self._check_fits, model_dir, dtype, device)
             loaded = await asyncio.to_thread(load_model, model_dir, dtype, device)
             inst = await asyncio.to_thread(self._make_instance, loaded, revision)
-            with self._lock:
-                self._instances.append(inst)
-                self._lock.notify_all()
+            self._send(("reload", inst))
+            self._serving = inst
             log.info("Loaded model for reload model_dir=%s revision=%s", model_dir, revision)
 
-    # ------------------------------------------------------------------ requests
-    def _admit(self, request_id: str, prompt: list[int] | str, params: SamplingParams, priority: int,
-               mm: MultiModalInputs | None = None) -> _Request:
+    # ------------------------------------------------------------------ requests (event loop)
+    def _send(self, command: tuple[Any, ...]) -> None:
+        self._inbox.append(command)
+        self._wakeup.set()
+
+    def _new_request(
+        self,
+        request_id: str,
+        prompt: list[int] | str,
+        params: SamplingParams,
+        priority: int,
+        mm: MultiModalInputs | None = None,
+    ) -> _Request:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
         if not self._accepting:
@@ -335,74 +424,120 @@ class Engine:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         inst = self._current
         ids = list(inst.loaded.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
-        max_len = inst.scheduler.max_model_len
-        if not ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(ids) >= max_len:
-            raise InvalidRequestError(f"prompt has {len(ids)} tokens; this model accepts at most {max_len - 1}")
+        max_tokens = check_lengths(len(ids), params.max_tokens, inst.scheduler.max_model_len)
         if min(ids) < 0 or max(ids) >= inst.vocab_size:
-            raise InvalidRequestError(f"prompt has token ids outside the vocabulary [0, {inst.vocab_size})")
+            raise InvalidRequestError(
+                f"prompt has token ids outside the vocabulary [0, {inst.vocab_size})", param="prompt"
+            )
         if mm is not None and (inst.runner.vl is None or mm.positions.shape[1] != len(ids)):
-            raise InvalidRequestError("images were given for a model that does not take them (or for other prompt ids)")
+            raise InvalidRequestError(
+                "images were given for a model that does not take them (or for other prompt ids)",
+                param="messages",
+                code="images_not_supported",
+            )
         seq = Sequence(
             mm=mm,
             request_id=request_id,
             prompt_token_ids=ids,
-            max_tokens=min(params.max_tokens, max_len - len(ids)),
+            max_tokens=max_tokens,
             eos_token_ids=inst.eos_token_ids,
             stop_token_ids=frozenset(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             priority=priority,
         )
         req = _Request(seq, inst, params)
-        if params.grammar is not None:  # response_format: a grammar the engine thread cannot fail on later
-            try:
-                lltok = llg_tokenizer(inst.loaded.tokenizer, inst.runner.vocab_size, inst.loaded.eos_token_ids)
-                req.sampling.guide = GuidedDecoder(lltok, params.grammar)
-            except ResponseFormatError as exc:
-                raise InvalidRequestError(f"response_format cannot be enforced: {exc}") from None
         seq.data = req
-        with self._lock:
-            inst.scheduler.add_request(seq)  # QueueFullError
-            self._requests[request_id] = req
-            self._lock.notify_all()
         return req
 
-    async def generate(
-        self, request_id: str, prompt: list[int] | str, params: SamplingParams, priority: int = 0,
-        mm: MultiModalInputs | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        req = self._admit(request_id, prompt, params, priority, mm)
+    @staticmethod
+    def _make_guide(inst: _Instance, grammar: str) -> GuidedDecoder:
         try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
-        finally:
-            if not req.final_sent:
-                self.abort(request_id)
+            lltok = llg_tokenizer(inst.loaded.tokenizer, inst.runner.vocab_size, inst.loaded.eos_token_ids)
+            return GuidedDecoder(lltok, grammar)
+        except ResponseFormatError as exc:
+            raise InvalidRequestError(f"response_format cannot be enforced: {exc}", param="response_format") from None
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: list[int] | str,
+        params: SamplingParams,
+        priority: int = 0,
+        mm: MultiModalInputs | None = None,
+    ) -> _RequestStream:
+        """Admits a request (returns once it is in the engine's queue, before any token). Raises
+        InvalidRequestError, QueueFullError, EngineDrainingError, EngineDeadError. ``mm``: the images of
+        the prompt (``VisionLanguage.process``) for a vision-language model."""
+        req = self._new_request(request_id, prompt, params, priority, mm)
+        if params.grammar is not None:
+            # response_format: the grammar's matcher is made now (off the event loop: the first one of a
+            # model builds its llguidance tokenizer), so the engine thread cannot fail on it later.
+            req.sampling.guide = await asyncio.to_thread(self._make_guide, req.instance, params.grammar)
+            if not self._accepting:  # drain()/stop() began meanwhile
+                raise EngineDrainingError("engine is draining and admits no new requests")
+        assert self._loop is not None
+        admitted = self._loop.create_future()
+        self._requests[request_id] = req
+        self._send(("add", req, admitted))
+        try:
+            await admitted
+        except BaseException:
+            if not admitted.done() or admitted.cancelled():  # cancelled while queued for admission
+                self._send(("abort", req, None))
             if self._requests.get(request_id) is req:
                 del self._requests[request_id]
+            raise
+        return _RequestStream(self, req)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: list[int] | str,
+        params: SamplingParams,
+        priority: int = 0,
+        mm: MultiModalInputs | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(request_id, prompt, params, priority, mm)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()
 
     def abort(self, request_id: str) -> None:
+        """Finishes a request with finish_reason "abort" (its stream gets the final output); unknown ids
+        are ignored. Applied by the engine thread before its next step."""
         req = self._requests.get(request_id)
         if req is None:
             return
-        with self._lock:
-            seq = req.instance.scheduler.abort(request_id)
-        if seq is not None:
-            self._deliver([(req, self._output(req, [], "", finished=True, now=time.monotonic()))])
+        if self._thread_running():
+            self._send(("abort", req, None))
+        else:
+            self._abort_now(req)
+
+    async def _abort_and_wait(self, req: _Request) -> None:
+        """Aborts and returns once the engine has freed the request's slot."""
+        if not self._thread_running():
+            self._abort_now(req)
+            return
+        assert self._loop is not None
+        done = self._loop.create_future()
+        self._send(("abort", req, done))
+        while not done.done():
+            await asyncio.wait({done}, timeout=0.5)
+            if not done.done() and not self._thread_running():  # the thread ended before it got there
+                self._abort_now(req)
+                return
+
+    def _abort_now(self, req: _Request) -> None:
+        if req.seq.is_finished:
+            return
+        req.instance.scheduler.finish(req.seq, FinishReason.ABORT)
+        self._publish_stats()
+        self._deliver([(req, self._output(req, [], "", finished=True, now=time.monotonic()))])
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            running = sum(i.scheduler.num_running for i in self._instances)
-            waiting = sum(i.scheduler.num_waiting for i in self._instances)
-            kv = sum(i.scheduler.kv_cache_usage for i in self._instances) / len(self._instances)
-            slots = sum(i.scheduler.slot_usage for i in self._instances) / len(self._instances)
-            n_models = len(self._instances)
+        running, waiting, kv, slots, n_models = self._snapshot
         return EngineStats(
             num_running=running,
             num_waiting=waiting,
@@ -418,19 +553,29 @@ class Engine:
             num_models=n_models,
         )
 
+    def _publish_stats(self) -> None:
+        inst = list(self._instances)
+        self._snapshot = (
+            sum(i.scheduler.num_running for i in inst),
+            sum(i.scheduler.num_waiting for i in inst),
+            sum(i.scheduler.kv_cache_usage for i in inst) / len(inst),
+            sum(i.scheduler.slot_usage for i in inst) / len(inst),
+            len(inst),
+        )
+
     # ------------------------------------------------------------------ output plumbing
     def _output(self, req: _Request, new_ids: list[int], text: str, finished: bool, now: float) -> RequestOutput:
         seq = req.seq
         lps = None
         if req.sampling.params.logprobs is not None:
-            lps, req.pending_logprobs = req.pending_logprobs[: len(new_ids)], req.pending_logprobs[len(new_ids):]
+            lps, req.pending_logprobs = req.pending_logprobs[: len(new_ids)], req.pending_logprobs[len(new_ids) :]
         return RequestOutput(
             logprobs=lps,
             request_id=seq.request_id,
             new_token_ids=new_ids,
             new_text=text,
             finished=finished,
-            finish_reason=seq.finish_reason if finished else None,
+            finish_reason=cast(OutputFinishReason, seq.finish_reason) if finished else None,
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_token_ids),
             arrival_time=seq.arrival_time,
@@ -439,7 +584,7 @@ class Engine:
             finish_time=now if finished else None,
         )
 
-    def _deliver(self, items: list[tuple[_Request, object]]) -> None:
+    def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -448,9 +593,12 @@ class Engine:
         except RuntimeError:
             running = None
         if running is loop:
-            self._dispatch(items)
+            fn(*args)
         else:
-            loop.call_soon_threadsafe(self._dispatch, items)
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _deliver(self, items: list[tuple[_Request, object]]) -> None:
+        self._call_on_loop(self._dispatch, items)
 
     @staticmethod
     def _dispatch(items: list[tuple[_Request, object]]) -> None:
@@ -462,28 +610,59 @@ class Engine:
             req.queue.put_nowait(item)
 
     # ------------------------------------------------------------------ step loop (engine thread)
+    def _handle_inbox(self, refuse: BaseException | None = None) -> None:
+        """Applies the commands the event loop sent (in order), publishes the stats, then answers: whoever
+        was told "admitted" or "aborted" reads stats that include it. With ``refuse``, admissions fail with it."""
+        replies: list[tuple[asyncio.Future, BaseException | None]] = []
+        while self._inbox:
+            cmd = self._inbox.popleft()
+            if cmd[0] == "add":
+                _, req, admitted = cmd
+                error: BaseException | None = refuse
+                if error is None:
+                    try:
+                        req.instance.scheduler.add_request(req.seq)
+                    except QueueFullError as exc:
+                        error = exc
+                replies.append((admitted, error))
+            elif cmd[0] == "abort":
+                _, req, done = cmd
+                self._abort_now(req)
+                if done is not None:
+                    replies.append((done, None))
+            elif cmd[0] == "reload":
+                self._instances.append(cmd[1])
+        self._publish_stats()
+        for fut, error in replies:
+            self._call_on_loop(_resolve, fut, error)
+
+    def _release_idle_models(self) -> None:
+        if len(self._instances) > 1:  # an old model with no work left after a reload is released
+            cur = self._instances[-1]
+            self._instances = [i for i in self._instances[:-1] if i.scheduler.has_work()] + [cur]
+            self._publish_stats()
+
     def _run(self) -> None:
         try:
             while True:
+                self._wakeup.clear()
+                self._handle_inbox()
+                self._release_idle_models()
+                if self._stopping:
+                    return
+                if not any(i.scheduler.has_work() for i in self._instances):
+                    self._wakeup.wait()
+                    continue
                 work = []
-                with self._lock:
-                    while not self._stopping and not any(i.scheduler.has_work() for i in self._instances):
-                        # An old model with no work left after a reload is released here.
-                        if len(self._instances) > 1:
-                            self._instances = [i for i in self._instances[:-1] if i.scheduler.has_work()] + [self._current]
-                        self._lock.wait()
-                    if self._stopping:
-                        return
-                    if len(self._instances) > 1:
-                        self._instances = [i for i in self._instances[:-1] if i.scheduler.has_work()] + [self._current]
-                    for inst in self._instances:
-                        out = inst.scheduler.schedule()
-                        if out.is_empty:
-                            if out.moves:
-                                inst.runner.apply_moves(out.moves)
-                            continue
-                        states = [s.data.sampling for s in out.sampled_sequences]
-                        work.append((inst, out, inst.runner.prepare(out, states)))
+                for inst in self._instances:
+                    out = inst.scheduler.schedule()
+                    if out.is_empty:
+                        if out.moves:
+                            inst.runner.apply_moves(out.moves)
+                        continue
+                    states = [s.data.sampling for s in out.sampled_sequences]
+                    self._publish_stats()
+                    work.append((inst, out, inst.runner.prepare(out, states)))
                 for inst, out, step in work:
                     t0 = time.perf_counter()
                     tokens = inst.runner.execute(step).tolist()
@@ -493,18 +672,24 @@ class Engine:
             self._dead = exc
             err = EngineDeadError(f"engine loop died: {exc!r}")
             self._deliver([(r, err) for r in list(self._requests.values())])
+            self._handle_inbox(err)
 
-    def _finish_step(self, inst: _Instance, out, tokens: list[int], seconds: float,
-                     logprobs: dict[int, TokenLogprob] | None = None) -> None:
+    def _finish_step(
+        self,
+        inst: _Instance,
+        out,
+        tokens: list[int],
+        seconds: float,
+        logprobs: dict[int, TokenLogprob] | None = None,
+    ) -> None:
         sched = inst.scheduler
         if logprobs:
             for row, seq in enumerate(out.sampled_sequences):
                 if row in logprobs and not seq.is_finished:
                     seq.data.pending_logprobs.append(logprobs[row])
-        with self._lock:
-            updated = sched.update_from_output(out, tokens)
+        updated = sched.update_from_output(out, tokens)
         now = time.monotonic()
-        items = []
+        items: list[tuple[_Request, object]] = []
         stop_hits = []
         texts = []
         for seq in updated:
@@ -518,15 +703,14 @@ class Engine:
             if guide is not None and not seq.is_finished:
                 guide.consume(seq.output_token_ids[-1])
                 guide_done = guide.done  # the response_format grammar is complete: stop here
-            texts.append(req.detok.step(seq.output_token_ids, final=seq.is_finished or guide_done,
-                                        check_stop=check_stop))
+            texts.append(
+                req.detok.step(seq.output_token_ids, final=seq.is_finished or guide_done, check_stop=check_stop)
+            )
             if (req.detok.stopped or guide_done) and not seq.is_finished:
                 stop_hits.append(seq)
-        if stop_hits:
-            with self._lock:
-                for seq in stop_hits:
-                    sched.finish(seq, FinishReason.STOP)
-        for seq, text in zip(updated, texts):
+        for seq in stop_hits:
+            sched.finish(seq, FinishReason.STOP)
+        for seq, text in zip(updated, texts, strict=True):
             req = seq.data
             if seq.finish_reason == FinishReason.ABORT:
                 continue  # abort() already delivered the final output
@@ -536,6 +720,7 @@ class Engine:
         self.num_steps += 1
         self.prompt_tokens_total += out.num_prefill_tokens
         self.generation_tokens_total += len(updated)
+        self._publish_stats()
         if items:
             self._deliver(items)
         if self._on_step is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["InsufficientMemoryError", "LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype"]
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,6 +21,10 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class ModelLoadError(RuntimeError):
     """The model directory cannot be loaded; the message says why in one line."""
+
+
+class InsufficientMemoryError(ModelLoadError):
+    """A reload's model and KV cache do not fit next to the model that is serving."""
 
 
 @dataclass
@@ -110,11 +114,7 @@ def _check_dir(model_dir: Path) -> dict:
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     model_dir = Path(model_dir)
     _check_dir(model_dir)
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    except ImportError as exc:  # pragma: no cover - runtime extra missing
-        raise ModelLoadError(f"the runtime needs torch and transformers: {exc}") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     try:

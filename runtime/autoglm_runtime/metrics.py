@@ -1,24 +1,88 @@
 """Prometheus metrics of one server, in a per-app ``CollectorRegistry`` (no global state).
 
 Names follow vLLM's (``vllm:num_requests_running`` → ``autoglm_requests_running`` ...). Every series
-carries ``model`` and ``revision`` labels. Gauges are read from the engine at scrape time.
+carries ``model`` and ``revision`` labels. Gauges are read from the engine at scrape time by a collector
+that yields only the current labels, so after a reload to a new revision the old revision's gauge
+series are gone (not frozen at their last value, which an autoscaler would read as a queue).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 LABELS = ("model", "revision")
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
-                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                50.0, 60.0, 120.0, 240.0, 480.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+_E2E_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 REQUEST_STATUSES = ("success", "error", "aborted", "rejected", "invalid")
@@ -34,30 +98,50 @@ class RuntimeMetrics:
         self.model = model
         self.revision = revision
         r = self.registry
-        self.requests_running = Gauge("autoglm_requests_running", "Requests in the running batch.", LABELS, registry=r)
-        self.requests_waiting = Gauge("autoglm_requests_waiting", "Requests waiting to be scheduled.", LABELS, registry=r)
-        self.kv_cache_usage = Gauge("autoglm_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1).",
-                                    LABELS, registry=r)
-        self.ttft = Histogram("autoglm_time_to_first_token_seconds", "Arrival to first generated token.",
-                              LABELS, buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("autoglm_inter_token_latency_seconds", "Time between generated tokens of a request.",
-                             LABELS, buckets=_ITL_BUCKETS, registry=r)
-        self.duration = Histogram("autoglm_request_duration_seconds", "Arrival to last token (end to end).",
-                                  LABELS, buckets=_E2E_BUCKETS, registry=r)
-        self.batch_size = Histogram("autoglm_batch_size", "Sequences per engine step.", LABELS,
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.step_prefill_tokens = Histogram("autoglm_step_prefill_tokens", "Prompt tokens processed per engine step.",
-                                             LABELS, buckets=(0, 1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-                                             registry=r)
-        self.step_seconds = Histogram("autoglm_step_duration_seconds", "Duration of one engine step.", LABELS,
-                                      buckets=_ITL_BUCKETS, registry=r)
-        self.requests_total = Counter("autoglm_requests", "Finished requests by outcome.", (*LABELS, "status"),
-                                      registry=r)
+        self.ttft = Histogram(
+            "autoglm_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "autoglm_inter_token_latency_seconds",
+            "Time between generated tokens of a request.",
+            LABELS,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "autoglm_request_duration_seconds",
+            "Arrival to last token (end to end).",
+            LABELS,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "autoglm_batch_size", "Sequences per engine step.", LABELS, buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.step_prefill_tokens = Histogram(
+            "autoglm_step_prefill_tokens",
+            "Prompt tokens processed per engine step.",
+            LABELS,
+            buckets=(0, 1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "autoglm_step_duration_seconds", "Duration of one engine step.", LABELS, buckets=_ITL_BUCKETS, registry=r
+        )
+        self.requests_total = Counter(
+            "autoglm_requests", "Finished requests by outcome.", (*LABELS, "status"), registry=r
+        )
         self.prompt_tokens = Counter("autoglm_prompt_tokens", "Prompt tokens of admitted requests.", LABELS, registry=r)
         self.generation_tokens = Counter("autoglm_generation_tokens", "Generated tokens.", LABELS, registry=r)
-        self.reloads_total = Counter("autoglm_reloads", "Model hot reloads by outcome.", (*LABELS, "status"),
-                                     registry=r)
-        self._stats: Callable[[], tuple[int, int, float]] | None = None
+        self.reloads_total = Counter(
+            "autoglm_reloads", "Model hot reloads by outcome.", (*LABELS, "status"), registry=r
+        )
+        self._stats: Callable[[], Any] | None = None
+        r.register(_EngineGauges(self))
         self._init_series()
 
     def _init_series(self) -> None:
@@ -65,8 +149,7 @@ class RuntimeMetrics:
         lv = self.labels
         for status in REQUEST_STATUSES:
             self.requests_total.labels(*lv, status)
-        for m in (self.requests_running, self.requests_waiting, self.kv_cache_usage, self.ttft, self.itl,
-                  self.duration, self.batch_size, self.prompt_tokens, self.generation_tokens):
+        for m in (self.ttft, self.itl, self.duration, self.batch_size, self.prompt_tokens, self.generation_tokens):
             m.labels(*lv)
 
     @property
@@ -80,7 +163,7 @@ class RuntimeMetrics:
 
     def bind_stats(self, stats: Callable[[], Any]) -> None:
         """``stats()`` is read at every scrape: an object with ``num_running``, ``num_waiting`` and
-        ``kv_cache_usage`` (the engine's ``EngineStats``) or a tuple in that order."""
+        ``kv_cache_usage`` (the engine's ``EngineStats``)."""
         self._stats = stats
 
     # ---- hooks -----------------------------------------------------------------
@@ -99,20 +182,37 @@ class RuntimeMetrics:
         self.requests_total.labels(*self.labels, status).inc()
 
     def render(self) -> bytes:
-        if self._stats is not None:
-            try:
-                st = self._stats()
-                if isinstance(st, tuple):
-                    running, waiting, kv = st
-                else:
-                    running, waiting, kv = st.num_running, st.num_waiting, st.kv_cache_usage
-            except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
-                running, waiting, kv = 0, 0, 0.0
-            lv = self.labels
-            self.requests_running.labels(*lv).set(running)
-            self.requests_waiting.labels(*lv).set(waiting)
-            self.kv_cache_usage.labels(*lv).set(kv)
         return generate_latest(self.registry)
+
+
+class _EngineGauges(Collector):
+    """The engine's gauges, read at scrape time, under the labels of now only."""
+
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        stats = None
+        if self.metrics._stats is not None:
+            try:
+                stats = self.metrics._stats()
+            except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
+                stats = None
+        return self._families(stats)
+
+    def _families(self, stats: Any) -> Iterator[Metric]:
+        lv = list(self.metrics.labels)
+        for name, doc, attr in (
+            ("autoglm_requests_running", "Requests in the running batch.", "num_running"),
+            ("autoglm_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
+            ("autoglm_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1).", "kv_cache_usage"),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(lv, float(getattr(stats, attr, 0) if stats is not None else 0))
+            yield family
 
 
 class RequestTimer:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .loader import LoadedModel, ModelLoadError
 from .guided import guided_mask
+from .loader import LoadedModel, ModelLoadError
 from .logprobs import TokenLogprob, capture, gather
+from .memory import cpu_available_memory, kv_cache_bytes
 from .penalties import PenaltyBatch, penalty_batch_for
 from .sampling import SamplingState, min_tokens_suppression, sample
 from .scheduler import SchedulerOutput, SlotMove
@@ -44,13 +45,14 @@ __all__ = ["ModelRunner", "ATTN_IMPL", "KVCacheTooLargeError"]
 class KVCacheTooLargeError(ModelLoadError, ValueError):
     """max_batch_size x max_model_len slots do not fit in the memory available for the KV cache."""
 
+
 ATTN_IMPL = "autoglm_slots"
 _ctx = threading.local()  # .step: the _Step running on this thread (None outside a step)
 
 
 @dataclass
 class _Step:
-    runner: "ModelRunner"
+    runner: ModelRunner
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
     w_slots: torch.Tensor  # [T] slot of each token
@@ -75,7 +77,9 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if step is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return step.runner.attend(step, module.layer_idx, query, key, value, scaling)
 
 
@@ -85,15 +89,26 @@ def _register() -> None:
     AttentionInterface.register(ATTN_IMPL, _slot_attention)
 
 
-def _available_memory(device: torch.device) -> int | None:
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or on CPU the smaller of the host's
+    available memory and the container's cgroup room (``memory.py``). None when unknown."""
     try:
         if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        import psutil
-
-        return psutil.virtual_memory().available
-    except Exception:  # noqa: BLE001 - unknown: do not block
+            return int(torch.cuda.mem_get_info(device)[0])
+        return cpu_available_memory()
+    except (OSError, RuntimeError):  # unknown: do not block
         return None
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_cache_bytes_for(cfg, max_batch_size: int, max_model_len: int, itemsize: int) -> int:
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return kv_cache_bytes(cfg.num_hidden_layers, kv_heads, head_dim, max_batch_size, max_model_len, itemsize)
 
 
 class ModelRunner:
@@ -105,7 +120,7 @@ class ModelRunner:
         self.dtype = loaded.dtype
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
-        cfg = loaded.config.get_text_config() if hasattr(loaded.config, "get_text_config") else loaded.config
+        cfg = text_config(loaded.config)
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -114,12 +129,16 @@ class ModelRunner:
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ModelLoadError(f"unsupported model: layer types {sorted(set(layer_types))} (only full attention)")
-        attn_layers = [m for m in self.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+        attn_layers = [
+            m for m in self.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
+        ]
         if len(attn_layers) != self.num_layers:
-            raise ModelLoadError(f"unsupported model: found {len(attn_layers)} attention modules for {self.num_layers} layers")
+            raise ModelLoadError(
+                f"unsupported model: found {len(attn_layers)} attention modules for {self.num_layers} layers"
+            )
         shape = (max_batch_size, self.kv_heads, max_model_len, self.head_dim)
-        need = 2 * self.num_layers * max_batch_size * self.kv_heads * max_model_len * self.head_dim * self.dtype.itemsize
-        avail = _available_memory(self.device)
+        need = kv_cache_bytes_for(cfg, max_batch_size, max_model_len, self.dtype.itemsize)
+        avail = available_memory(self.device)
         if avail is not None and need > 0.9 * avail:
             raise KVCacheTooLargeError(
                 f"the KV cache for {max_batch_size} sequences x {max_model_len} tokens needs {need / 2**30:.1f} GiB "
@@ -136,13 +155,18 @@ class ModelRunner:
             self.generator.seed()
         self._set_attn_impl()
         # Vision-language models (see vision.py): images enter as embeddings at prefill.
-        self.vl = VisionLanguage(self.model, loaded.tokenizer, loaded.image_processor) if loaded.is_vision_language else None
+        self.vl = (
+            VisionLanguage(self.model, loaded.tokenizer, loaded.image_processor) if loaded.is_vision_language else None
+        )
 
     def _set_attn_impl(self) -> None:
         try:
             self.model.set_attn_implementation(ATTN_IMPL)
         except Exception:  # noqa: BLE001 - older/odd models: set the config field directly
-            for c in {id(self.model.config): self.model.config, **{id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}}.values():
+            for c in {
+                id(self.model.config): self.model.config,
+                **{id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")},
+            }.values():
                 c._attn_implementation = ATTN_IMPL
         if self.model.config._attn_implementation != ATTN_IMPL:
             raise ModelLoadError(f"unsupported model: cannot route its attention through {ATTN_IMPL}")
@@ -155,7 +179,7 @@ class ModelRunner:
     def apply_moves(self, moves: list[SlotMove]) -> None:
         for m in moves:
             n = min(self.max_model_len, m.seq.num_computed_tokens + 1)
-            for kc, vc in zip(self.k_cache, self.v_cache):
+            for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
                 kc[m.dst, :, :n].copy_(kc[m.src, :, :n])
                 vc[m.dst, :, :n].copy_(vc[m.src, :, :n])
 
@@ -188,8 +212,13 @@ class ModelRunner:
         suppress = None
         if any(st.params.min_tokens for st in states):  # only then: the common step pays one scan
             seqs = out.sampled_sequences
-            suppress = min_tokens_suppression(states, [len(s.output_token_ids) for s in seqs],
-                                              [s.eos_token_ids for s in seqs], self.vocab_size, self.device)
+            suppress = min_tokens_suppression(
+                states,
+                [len(s.output_token_ids) for s in seqs],
+                [s.eos_token_ids for s in seqs],
+                self.vocab_size,
+                self.device,
+            )
         guided = None
         if any(st.guide is not None for st in states):  # likewise (decoders are made at admission)
             guided = guided_mask([st.guide for st in states], self.vocab_size, self.device)
@@ -207,7 +236,7 @@ class ModelRunner:
             dec_range = max(dec_slots) + 1
             dec_len = max(dec_lens)
             lens = [1] * dec_range  # hole rows attend to one (ignored) position
-            for s, n in zip(dec_slots, dec_lens):
+            for s, n in zip(dec_slots, dec_lens, strict=True):
                 lens[s] = n
             lens_t = torch.tensor(lens, dtype=torch.long)
             valid = torch.arange(dec_len).unsqueeze(0) < lens_t.unsqueeze(1)
@@ -246,8 +275,10 @@ class ModelRunner:
     def execute(self, step: _Step) -> torch.Tensor:
         """Forward + sample. Returns the sampled token ids [n] on the device (no host sync)."""
         if step.vision is not None:  # the vision encoder (if needed) runs here, outside the step context
-            inputs = dict(inputs_embeds=self.vl.embed(step.input_ids, step.vision, self.device, self.dtype),  # type: ignore[union-attr]
-                          position_ids=step.vision.positions)
+            inputs = dict(
+                inputs_embeds=self.vl.embed(step.input_ids, step.vision, self.device, self.dtype),  # type: ignore[union-attr]
+                position_ids=step.vision.positions,
+            )
         else:
             inputs = dict(input_ids=step.input_ids, position_ids=step.position_ids)
         _ctx.step = step
@@ -263,7 +294,7 @@ class ModelRunner:
         return tokens
 
     # ------------------------------------------------------------------ attention
-    def attend(self, step: _Step, layer: int, query, key, value, scaling) -> torch.Tensor:
+    def attend(self, step: _Step, layer: int, query, key, value, scaling) -> tuple[torch.Tensor, None]:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         k_new = key[0].transpose(0, 1)  # [T, KV, D]
         v_new = value[0].transpose(0, 1)

@@ -177,6 +177,8 @@ def make_model(size: Literal["tiny", "small"], out: Path | str, seed: int = 0) -
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    for f in out.iterdir():  # safetensors writes 0600; a pod runs as another user and mounts it read-only
+        f.chmod(0o644)
     return out
 
 

@@ -26,6 +26,7 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -238,18 +239,28 @@ async def load_images(refs: list[ImageRef], limits: MediaLimits) -> list[Decoded
 
 
 async def chat_prompt_with_images(
-    vision: Any, tokenizer: Any, messages: list[Any], limits: MediaLimits
+    vision: Any,
+    tokenizer: Any,
+    messages: list[Any],
+    limits: MediaLimits,
+    run: Callable[..., Awaitable[Any]] | None = None,
 ) -> tuple[list[int], Any]:
     """Prompt ids and multimodal inputs of a chat request with image parts. `vision` is the
-    engine's `VisionLanguage` (None for a text-only model: then any image is a 400)."""
+    engine's `VisionLanguage` (None for a text-only model: then any image is a 400). `run(fn, *args)`
+    runs the chat template and `vision.process` (both use the tokenizer) off the event loop: the
+    server passes its one tokenizer thread; default `asyncio.to_thread`."""
     import asyncio
 
     template_messages, refs = split_messages(messages, limits)
     if vision is None:
         raise MediaError("this model is text-only and does not accept images", code="images_not_supported")
     images = await load_images(refs, limits)
-    try:
-        text = tokenizer.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # noqa: BLE001 - a template that rejects the messages is bad input
-        raise MediaError(f"cannot apply the chat template to these messages: {exc}") from None
-    return await asyncio.to_thread(vision.process, text, [d.image for d in images], [d.hash for d in images])
+
+    def prompt() -> tuple[list[int], Any]:
+        try:
+            text = tokenizer.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the messages is bad input
+            raise MediaError(f"cannot apply the chat template to these messages: {exc}") from None
+        return vision.process(text, [d.image for d in images], [d.hash for d in images])
+
+    return await (run or asyncio.to_thread)(prompt)

@@ -17,15 +17,26 @@ Stop strings are not handled here: they are matched on detokenized text by the e
 
 from __future__ import annotations
 
-import codecs
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from .penalties import PenaltyBatch, PenaltyState, apply_penalties
 
-__all__ = ["SamplingParams", "SamplingState", "sample", "min_tokens_suppression", "IncrementalDetokenizer",
-           "byte_level_token_bytes"]
+if TYPE_CHECKING:
+    from .guided import GuidedDecoder
+
+__all__ = [
+    "SamplingParams",
+    "SamplingState",
+    "sample",
+    "min_tokens_suppression",
+    "IncrementalDetokenizer",
+    "byte_level_token_bytes",
+]
 
 
 @dataclass
@@ -63,8 +74,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")
-        if not self.repetition_penalty > 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError("repetition_penalty must be > 0 and finite")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
 
@@ -85,7 +96,7 @@ class SamplingState:
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
         self.params = params
         self.penalty: PenaltyState | None = None  # made by the runner at the first sampled step
-        self.guide = None  # guided.GuidedDecoder, made by the runner when params.grammar is set
+        self.guide: GuidedDecoder | None = None  # made by the engine at admission when params.grammar is set
         self.generator: torch.Generator | None = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -93,8 +104,11 @@ class SamplingState:
 
 
 def min_tokens_suppression(
-    states: list[SamplingState], num_output_tokens: list[int], eos_token_ids: list[frozenset[int] | set[int]],
-    vocab_size: int, device: torch.device,
+    states: list[SamplingState],
+    num_output_tokens: list[int],
+    eos_token_ids: list[frozenset[int] | set[int]],
+    vocab_size: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows, token ids) whose logits `sample` must set to -inf: for every row that has generated fewer
     than its `min_tokens`, its stop token ids and (unless `ignore_eos`) its EOS ids. None when no row
@@ -113,23 +127,29 @@ def min_tokens_suppression(
         cols.extend(sorted(banned))
     if not rows:
         return None
-    return (torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
-            torch.tensor(cols, dtype=torch.long).to(device, non_blocking=True))
+    return (
+        torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
+        torch.tensor(cols, dtype=torch.long).to(device, non_blocking=True),
+    )
 
 
-def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.Generator | None = None,
-           suppress: tuple[torch.Tensor, torch.Tensor] | None = None,
-           penalties: PenaltyBatch | None = None,
-           guided: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    states: list[SamplingState],
+    generator: torch.Generator | None = None,
+    suppress: tuple[torch.Tensor, torch.Tensor] | None = None,
+    penalties: PenaltyBatch | None = None,
+    guided: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """One token per row of `logits` ([n, V]); `states[i]` holds row i's params. `penalties` are
-    applied first (see penalties.py), then `suppress`: (rows, token ids) set to -inf (see
-    `min_tokens_suppression`); `logits` is modified."""
+    applied first (see penalties.py), then `guided` (rows, allowed [k, V]), then `suppress`:
+    (rows, token ids) set to -inf (see `min_tokens_suppression`); `logits` is modified."""
     if penalties is not None:
         apply_penalties(logits, penalties)
     if guided is not None:  # (rows, allowed [k, V]): tokens the grammar forbids get -inf
-        rows, allowed = guided
-        sub = logits.index_select(0, rows).masked_fill(~allowed[:, : logits.shape[1]], float("-inf"))
-        logits.index_copy_(0, rows, sub)
+        g_rows, allowed = guided
+        g_sub = logits.index_select(0, g_rows).masked_fill(~allowed[:, : logits.shape[1]], float("-inf"))
+        logits.index_copy_(0, g_rows, g_sub)
     if suppress is not None:
         logits.index_put_(suppress, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
     if all(s.params.greedy for s in states):
@@ -181,51 +201,40 @@ def sample(logits: torch.Tensor, states: list[SamplingState], generator: torch.G
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, and matches stop strings.
 
-    Uses the prefix/read offset scheme of TGI and vLLM so multi-byte characters split across
-    tokens are never emitted half-way. When stop strings are set, the last `len(longest)-1`
-    characters are held back until it is known they do not start a stop string.
-
-    With `token_bytes` (the raw bytes of every token id, see `byte_level_token_bytes`; b"" for
-    skipped special tokens) the text comes from an incremental UTF-8 decoder instead: only a
-    trailing *incomplete but still valid* UTF-8 prefix is held back. The offset scheme holds back
-    any text ending in U+FFFD, so a run of invalid bytes (e.g. lone continuation bytes, which a
-    model can emit) withholds all text until a later token or the end of the request.
+    The text comes from `tokenizers.decoders.DecodeStream`, which never emits half a multi-byte
+    character; at the end, whatever it still holds back (e.g. an incomplete UTF-8 sequence) is taken
+    from one full decode, so the deltas always add up to `tokenizer.decode(ids)`. When stop strings
+    are set, the last `len(longest)-1` characters are held back until it is known they do not
+    start a stop string.
     """
 
-    __slots__ = ("_decode", "stop", "_hold", "text", "_emitted", "_prefix_offset", "_read_offset", "stopped",
-                 "_bytes", "_utf8")
+    __slots__ = ("_tokenizer", "_stream", "_decoded", "_read_offset", "stop", "_hold", "text", "_emitted", "stopped")
 
-    def __init__(self, decode, stop: list[str], token_bytes: list[bytes] | None = None) -> None:
-        self._decode = decode  # ids -> str
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self._tokenizer = tokenizer  # a `tokenizers.Tokenizer` (a fast tokenizer's backend_tokenizer)
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._decoded = 0  # characters DecodeStream has produced
+        self._read_offset = 0
         self.stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self._emitted = 0
-        self._prefix_offset = 0
-        self._read_offset = 0
         self.stopped = False
-        self._bytes = token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if token_bytes is not None else None
 
     def _new_text(self, token_ids: list[int], final: bool) -> str:
-        if self._utf8 is not None:
-            table = self._bytes
-            new_ids = token_ids[self._read_offset :]
-            self._read_offset = len(token_ids)
-            try:
-                raw = b"".join(table[i] for i in new_ids)  # type: ignore[index]
-            except IndexError:  # an id outside the table: decode those through the tokenizer
-                raw = b"".join(table[i] if 0 <= i < len(table) else self._decode([i]).encode() for i in new_ids)  # type: ignore[index, arg-type]
-            return self._utf8.decode(raw, final)
-        prefix = self._decode(token_ids[self._prefix_offset : self._read_offset])
-        full = self._decode(token_ids[self._prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(token_ids)
-            return full[len(prefix) :]
+        pieces = []
+        for i in token_ids[self._read_offset :]:
+            piece = self._stream.step(self._tokenizer, i)
+            if piece:
+                pieces.append(piece)
+        self._read_offset = len(token_ids)
+        new = "".join(pieces)
+        self._decoded += len(new)
         if final:
-            return full[len(prefix) :].rstrip("\ufffd")
-        return ""
+            rest = self._tokenizer.decode(token_ids, skip_special_tokens=True)[self._decoded :]
+            self._decoded += len(rest)
+            new += rest
+        return new
 
     def step(self, token_ids: list[int], final: bool, check_stop: bool = True) -> str:
         """`token_ids` is the full output so far. Returns the new text to emit; sets `stopped`
@@ -254,7 +263,11 @@ class IncrementalDetokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte <-> printable character table used by byte-level BPE tokenizers."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -262,13 +275,14 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def byte_level_token_bytes(tokenizer) -> list[bytes] | None:
     """The raw bytes of every token id of a byte-level BPE tokenizer (b"" for special tokens, which
     are skipped), checked against the tokenizer's own decode of every id; None when the tokenizer
-    is not plain byte-level or any id disagrees (the caller then decodes through the tokenizer)."""
+    is not plain byte-level or any id disagrees (the caller then decodes through the tokenizer).
+    Used for the `bytes` of chat logprobs (see logprobs.py)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or type(backend.decoder).__name__ != "ByteLevel":
         return None

@@ -26,9 +26,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any
+
+from .engine_api import QueueFullError, check_lengths
 
 __all__ = [
     "FinishReason",
@@ -40,10 +43,6 @@ __all__ = [
     "SequenceStatus",
     "SlotMove",
 ]
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at `max_queue`; the caller should answer 429/503 and retry later."""
 
 
 class SequenceStatus(Enum):
@@ -208,10 +207,7 @@ class Scheduler:
     def add_request(self, seq: Sequence) -> None:
         if seq.request_id in self._by_id:
             raise ValueError(f"duplicate request id {seq.request_id!r}")
-        if not seq.prompt_token_ids:
-            raise ValueError("prompt must have at least one token")
-        if seq.prompt_len >= self.max_model_len:
-            raise ValueError(f"prompt has {seq.prompt_len} tokens; the maximum is {self.max_model_len - 1}")
+        check_lengths(seq.prompt_len, None, self.max_model_len)  # InvalidRequestError (a ValueError)
         if len(self._waiting_by_id) >= self.max_queue:
             raise QueueFullError(f"queue is full ({self.max_queue} waiting requests)")
         seq.status = SequenceStatus.WAITING
@@ -273,14 +269,17 @@ class Scheduler:
             if budget <= 0:
                 break
             n = min(seq.prompt_len - seq.num_computed_tokens, budget)
-            prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == seq.prompt_len - seq.num_computed_tokens))
+            prefills.append(
+                ScheduledChunk(seq, seq.num_computed_tokens, n, n == seq.prompt_len - seq.num_computed_tokens)
+            )
             budget -= n
 
         now = time.monotonic()
         while budget > 0 and len(self._slots) < self.max_batch_size:
-            seq = self._pop_waiting()
-            if seq is None:
+            waiting = self._pop_waiting()
+            if waiting is None:
                 break
+            seq = waiting
             remaining = seq.prompt_len - seq.num_computed_tokens
             if remaining > budget and not self.chunked_prefill:
                 # Without chunking a prompt waits for a step with enough budget; one that can

@@ -52,12 +52,17 @@ def _can(kube, sa: str, verb: str, resource: str, ns: str = "default") -> bool:
     return proc.stdout.strip() == "yes"
 
 
-def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace):
+def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_models):
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     release = f"agl-{namespace[-5:]}"
-    kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "90s")
+    # The operator's own pod is simulated (kwok-cpu-0: no operator image on the process node); what
+    # is checked here is its RBAC, then the real operator process runs with its ServiceAccount's token.
+    values = kube.dir / f"{release}-values.yaml"
+    values.write_text("nodeSelector: {kubernetes.io/hostname: kwok-cpu-0}\n"
+                      "tolerations: [{key: autoglm.io/simulated, operator: Exists, effect: NoSchedule}]\n")
+    kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "90s",
+              "-f", str(values))
     sa = f"system:serviceaccount:{namespace}:{release}-autoglm"
-    # The operator's pod turns Ready on the kwok node (no container runs).
     dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
     assert dep["status"].get("availableReplicas") == 1
 

@@ -41,10 +41,11 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 class FakeKube:
-    def __init__(self) -> None:
+    def __init__(self, missing_kinds: set[str] | None = None) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.writes: collections.Counter[str] = collections.Counter()
         self.events: list[tuple[str, str, str]] = []
+        self.missing_kinds = missing_kinds or set()  # kinds whose CRD is not installed (writes get 404)
 
     # helpers for tests
     def put(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +121,8 @@ class FakeKube:
 
     async def apply(self, kind, namespace, body):
         self.writes[f"APPLY {kind}"] += 1
+        if kind in self.missing_kinds:
+            raise ApiError(404, "Not Found", "the server could not find the requested resource")
         old = self.objects.get((kind, namespace, body["metadata"]["name"]))
         body = copy.deepcopy(body)
         if old is None:

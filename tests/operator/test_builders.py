@@ -41,6 +41,13 @@ SPECS = {
                         "targetCPUUtilization": 80, "scaleDownStabilizationSeconds": 300},
         "auth": {"apiKeySecretRef": {"name": "chat-api-key", "key": "token"}},
     },
+    "keda-cpu": {
+        "model": {"name": "tiny", "uri": "file:///models/tiny", "maxModelLen": 512},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        "autoscaling": {"enabled": True, "provider": "KEDA", "minReplicas": 1, "maxReplicas": 3,
+                        "targetQueueDepth": 2, "targetCPUUtilization": 70, "scaleDownStabilizationSeconds": 20,
+                        "prometheus": {"address": "http://prometheus.monitoring:9090"}},
+    },
     "hf-mig": {
         "model": {"uri": "hf://THUDM/glm-4-9b-chat"},
         "runtime": {"version": "0.2.0"},
@@ -65,7 +72,9 @@ def children(name: str, spec: dict) -> list[dict]:
     docs = [b.build_deployment(cr, r, rev, replicas=r.spec.autoscaling.bounds[0] if r.spec.autoscaling.enabled
                                else r.spec.fixed_replicas),
             b.build_service(cr, r, [rev])]
-    if r.spec.autoscaling.enabled:
+    if r.spec.autoscaling.enabled and r.spec.autoscaling.provider == "KEDA":
+        docs.append(b.build_scaled_object(cr, r, rev, r.spec.autoscaling.prometheus.address or ""))
+    elif r.spec.autoscaling.enabled:
         docs.append(b.build_hpa(cr, r, b.revision_name(name, rev)))
     if (r.spec.autoscaling.bounds[0] if r.spec.autoscaling.enabled else r.spec.fixed_replicas) > 1:
         docs.append(b.build_pdb(cr, r))

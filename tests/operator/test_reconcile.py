@@ -247,3 +247,62 @@ async def test_reconciler_coalesces_triggers() -> None:
     assert rec.runs <= 2
     assert len(deployments(kube)) == 1
     await rec.close()
+
+
+KEDA_SPEC = {**{k: v for k, v in SPEC.items() if k != "replicas"},
+             "autoscaling": {"enabled": True, "provider": "KEDA", "minReplicas": 1, "maxReplicas": 3,
+                             "prometheus": {"address": "http://prom:9090"}}}
+
+
+async def test_keda_scaled_object_follows_the_serving_revision_and_carries_replicas_over() -> None:
+    kube = FakeKube()
+    make(kube, KEDA_SPEC)
+    await run(kube)
+    [dep] = deployments(kube)
+    so = kube.obj("ScaledObject", NS, "chat")
+    assert so["spec"]["scaleTargetRef"]["name"] == dep and so["spec"]["maxReplicaCount"] == 3
+    assert 'revision="' + dep.rsplit("-", 1)[1] + '"' in so["spec"]["triggers"][0]["metadata"]["query"]
+    assert kube.names("HorizontalPodAutoscaler", NS) == []  # KEDA makes the HPA, not us
+    kube.settle(NS, dep)
+    await run(kube)
+    # KEDA's HPA scaled the Deployment to 3: the operator leaves replicas alone...
+    kube.obj("Deployment", NS, dep)["spec"]["replicas"] = 3
+    kube.settle(NS, dep)
+    await run(kube)
+    assert kube.obj("Deployment", NS, dep)["spec"]["replicas"] == 3
+    await assert_idle(kube)
+    # ...and a new version comes up at 3, not at minReplicas; the ScaledObject moves when it serves.
+    edit(kube, lambda s: s["runtime"].update(version="0.2.0"))
+    await run(kube)
+    new = next(d for d in deployments(kube) if d != dep)
+    assert kube.obj("Deployment", NS, new)["spec"]["replicas"] == 3
+    assert kube.obj("ScaledObject", NS, "chat")["spec"]["scaleTargetRef"]["name"] == dep
+    kube.settle(NS, new)
+    await run(kube)
+    assert kube.obj("ScaledObject", NS, "chat")["spec"]["scaleTargetRef"]["name"] == new
+    assert deployments(kube) == [new]
+
+
+async def test_keda_provider_without_keda_installed_is_degraded_and_serves() -> None:
+    kube = FakeKube(missing_kinds={"ScaledObject"})
+    make(kube, KEDA_SPEC)
+    await run(kube)
+    [dep] = deployments(kube)
+    kube.settle(NS, dep)
+    await run(kube)
+    st = cr(kube)["status"]
+    deg = next(c for c in st["conditions"] if c["type"] == "Degraded")
+    assert deg["status"] == "True" and deg["reason"] == "KEDANotInstalled", deg
+    assert "scaledobjects.keda.sh" in deg["message"]
+    assert kube.obj("Service", NS, "chat") is not None  # nothing else breaks
+
+
+async def test_keda_provider_without_prometheus_is_degraded() -> None:
+    spec = copy.deepcopy(KEDA_SPEC)
+    spec["autoscaling"].pop("prometheus")
+    kube = FakeKube()
+    make(kube, spec)
+    await run(kube)
+    deg = next(c for c in cr(kube)["status"]["conditions"] if c["type"] == "Degraded")
+    assert deg["reason"] == "PrometheusAddressMissing", deg
+    assert kube.names("ScaledObject", NS) == []

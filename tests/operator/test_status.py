@@ -124,3 +124,14 @@ def test_pod_problems_reports_unschedulable_with_the_schedulers_message() -> Non
     problems = pod_problems(pods, {"new": rev("new")})
     assert problems[0] == Problem("Unschedulable", f"2 pod(s) of revision chat-new: {msg}")
     assert problems[1].reason == "ImagePullBackOff"
+
+
+def test_pod_problems_crash_loop_quotes_the_containers_last_words() -> None:
+    pod = {"metadata": {"name": "p", "labels": {b.LABEL_REVISION: "new"}},
+           "status": {"containerStatuses": [{
+               "name": "runtime",
+               "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting failed container"}},
+               "lastState": {"terminated": {"exitCode": 1, "message": "loading\nautoglm-runtime: error: bad config\n"}}}]}}
+    problems = pod_problems([pod], {"new": rev("new")})
+    assert problems == [Problem("CrashLoopBackOff", "1 pod(s) of revision chat-new: container runtime exited with "
+                                                    "code 1: autoglm-runtime: error: bad config")]

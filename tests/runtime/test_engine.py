@@ -349,11 +349,12 @@ async def test_drain_stops_admission(loaded):
     eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
     await eng.start()
     try:
-        # 100 tokens: long enough that the poll below sees the request in flight (8 raced it).
-        task = asyncio.create_task(collect(eng, "a", [5, 6, 7], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)))
-        await until(lambda: eng.stats().num_running + eng.stats().num_waiting == 1, message="admitted")
-        assert await eng.drain(timeout=30)
-        assert (await task)[2].finish_reason == "length"
+        agen = eng.generate("a", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        assert not (await agen.__anext__()).finished  # admitted and running
+        drain = asyncio.create_task(eng.drain(timeout=30))
+        outs = [o async for o in agen]
+        assert outs[-1].finish_reason == "length"
+        assert await drain
         with pytest.raises(EngineDrainingError):
             await eng.generate("b", [5], SamplingParams(max_tokens=1)).__anext__()
     finally:
@@ -462,12 +463,12 @@ def test_incremental_detokenizer_holds_back_and_cuts_stop(reference):
     from autoglm_runtime.sampling import IncrementalDetokenizer
 
     tok = reference.tokenizer
+    backend = tok.backend_tokenizer
     text = "Hello world, the server streams tokens. Ünïcödé 你好 END of story"
     ids = tok.encode(text, add_special_tokens=False)
-    dec = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
-    d = IncrementalDetokenizer(dec, [])
+    d = IncrementalDetokenizer(backend, [])
     assert "".join(d.step(ids[: i + 1], final=i == len(ids) - 1) for i in range(len(ids))) == text
-    d = IncrementalDetokenizer(dec, [" END"])
+    d = IncrementalDetokenizer(backend, [" END"])
     pieces = []
     for i in range(len(ids)):
         pieces.append(d.step(ids[: i + 1], final=False))
@@ -475,6 +476,21 @@ def test_incremental_detokenizer_holds_back_and_cuts_stop(reference):
             break
     assert d.stopped and "".join(pieces) == text[: text.index(" END")]
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_incremental_detokenizer_adds_up_to_decode_for_any_ids(reference):
+    """Random ids (lone UTF-8 continuation bytes, half characters, special tokens): the deltas add up to
+    the tokenizer's own decode, and no delta carries half a character that a later token completes."""
+    from autoglm_runtime.sampling import IncrementalDetokenizer
+
+    backend = reference.tokenizer.backend_tokenizer
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        d = IncrementalDetokenizer(backend, [])
+        deltas = [d.step(ids[: i + 1], final=i == len(ids) - 1) for i in range(len(ids))]
+        assert "".join(deltas) == backend.decode(ids, skip_special_tokens=True), ids
 
 
 async def test_cancellation_storm_keeps_survivors_correct(loaded, reference):
@@ -498,5 +514,77 @@ async def test_cancellation_storm_keeps_survivors_correct(loaded, reference):
             )[0, len(ps[i]) :].tolist()
             assert results[i][0] == ref
         assert eng.check_health()
+    finally:
+        await eng.stop()
+
+
+async def test_event_loop_never_waits_on_a_step(loaded):
+    """Admission, abort and stats are handed to the engine thread: while a step is stuck (here in
+    `prepare`, which used to run under a lock the event loop also took), the loop carries on."""
+    import threading
+
+    eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
+    inst = eng._current
+    entered, release = threading.Event(), threading.Event()
+    real_prepare = inst.runner.prepare
+
+    def stuck_prepare(*args, **kwargs):
+        entered.set()
+        release.wait()
+        return real_prepare(*args, **kwargs)
+
+    inst.runner.prepare = stuck_prepare
+    await eng.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        first = asyncio.create_task(collect(eng, "first", [5, 6, 7], params))
+        assert await asyncio.to_thread(entered.wait, 30)  # the engine thread is inside a step now
+        # None of these may wait for the step (each would hang the loop, and this test, if it did):
+        assert eng.stats().num_running == 1 and eng.check_health()
+        second = asyncio.create_task(eng.add_request("second", [5, 6], params))
+        eng.abort("first")
+        await asyncio.sleep(0)
+        assert not second.done()  # admission is applied between steps, and this one has not ended
+        release.set()
+        stream = await second
+        outs = [o async for o in stream]
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        _, _, last = await first
+        assert last.finish_reason == "abort"
+    finally:
+        release.set()
+        await eng.stop()
+
+
+async def test_kv_cache_and_reload_respect_the_cgroup_memory_limit(tiny_model_dir, tmp_path, loaded, monkeypatch):
+    from autoglm_runtime.loader import InsufficientMemoryError
+    from autoglm_runtime.memory import CGROUP_ROOT_ENV, checkpoint_bytes
+    from autoglm_runtime.model_runner import KVCacheTooLargeError, kv_cache_bytes_for, text_config
+
+    cg = tmp_path / "cgroup"
+    cg.mkdir()
+    (cg / "memory.current").write_text("0\n")
+    monkeypatch.setenv(CGROUP_ROOT_ENV, str(cg))
+    kv = kv_cache_bytes_for(text_config(loaded.config), 4, 256, 4)
+    weights = checkpoint_bytes(tiny_model_dir, 4, 4)
+    assert kv > 0 and weights > 0
+    # The host has GBs free; the container's limit is what counts.
+    (cg / "memory.max").write_text(f"{kv}\n")
+    with pytest.raises(KVCacheTooLargeError, match="available"):
+        Engine(loaded, max_batch_size=4, max_model_len=256)
+    # Room for one KV cache and half a model: the engine starts; a reload (both models live) is refused.
+    (cg / "memory.max").write_text(f"{int((kv + weights // 2) / 0.9)}\n")
+    eng = Engine(loaded, max_batch_size=4, max_model_len=256)
+    await eng.start()
+    try:
+        with pytest.raises(InsufficientMemoryError, match="restart"):
+            await eng.reload(tiny_model_dir, revision="v2")
+        assert eng.stats().num_models == 1 and eng.revision == ""
+        _, _, last = await collect(eng, "still-serving", [5, 6], SamplingParams(max_tokens=2, temperature=0,
+                                                                                 ignore_eos=True))
+        assert last.finish_reason == "length"
+        (cg / "memory.max").write_text("max\n")
+        await eng.reload(tiny_model_dir, revision="v2")
+        assert eng.revision == "v2"
     finally:
         await eng.stop()

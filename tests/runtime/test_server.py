@@ -70,7 +70,8 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None = None, name: str = "server") -> Server:
+def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None = None, name: str = "server",
+                 env: dict[str, str] | None = None) -> Server:
     port = free_port()
     argv = [str(CLI), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--device", "cpu", "--served-model-name", "tiny", *extra]
@@ -79,7 +80,7 @@ def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None
         key_file.write_text(api_key + "\n")
         argv += ["--api-key-file", str(key_file)]
     log = logdir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_RUNTIME_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_RUNTIME_")}, **(env or {})}
     proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     srv = Server(proc, port, log, api_key, {"Authorization": f"Bearer {api_key}"} if api_key else {})
 
@@ -119,8 +120,17 @@ def logdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def other_model_dir(tiny_model_dir) -> Path:
+    """A second, different model (other weights) next to the first: under the server's reload root."""
+    from autoglm_runtime.modelmaker import make_model
+
+    return make_model("tiny", tiny_model_dir.parent / "tiny-glm-other", seed=1)
+
+
+@pytest.fixture(scope="module")
 def server(tiny_model_dir, logdir):
-    srv = start_server(tiny_model_dir, logdir, "--revision", "r1", "--max-batch-size", "16", api_key=API_KEY)
+    srv = start_server(tiny_model_dir, logdir, "--revision", "r1", "--max-batch-size", "16", "--enable-reload",
+                       "--allow-client-priority", api_key=API_KEY)
     yield srv
     srv.stop()
 
@@ -425,14 +435,29 @@ def _load(server: Server, stop: threading.Event, results: list, concurrency: int
     return t
 
 
-def test_hot_reload_under_load_fails_no_request(server, tiny_model_dir):
+def _gauges(server: Server, revision: str) -> list[str]:
+    return [line for line in server.metrics().splitlines()
+            if line.startswith(("autoglm_requests_running{", "autoglm_requests_waiting{", "autoglm_kv_cache_usage"))
+            and f'revision="{revision}"' in line]
+
+
+def test_hot_reload_to_another_model_under_load_fails_no_request(server, other_model_dir):
     stop, results = threading.Event(), []
     t = _load(server, stop, results)
     try:
         wait_for(lambda: len(results) >= 8, timeout=60, message="load running")
-        r = server.post("/admin/reload", {"model": str(tiny_model_dir), "revision": "r1"})
+        assert len(_gauges(server, "r1")) == 3
+        before = server.post("/v1/completions", {"model": "tiny", "prompt": "same prompt", "max_tokens": 8,
+                                                 "temperature": 0, "ignore_eos": True}).json()["choices"][0]["text"]
+        r = server.post("/admin/reload", {"model": str(other_model_dir), "revision": "r2"})
         assert r.status_code == 200, r.text
-        assert r.json()["status"] == "reloaded"
+        assert r.json()["status"] == "reloaded" and r.json()["revision"] == "r2"
+        # The old revision's gauges are gone (an autoscaler must not read a queue that no longer exists).
+        assert _gauges(server, "r1") == []
+        assert len(_gauges(server, "r2")) == 3
+        after = server.post("/v1/completions", {"model": "tiny", "prompt": "same prompt", "max_tokens": 8,
+                                                "temperature": 0, "ignore_eos": True}).json()["choices"][0]["text"]
+        assert after != before  # the other weights serve now
         n = len(results)
         wait_for(lambda: len(results) >= n + 8, timeout=60, message="load after /admin/reload")
         reloads = metric(server.metrics(), "autoglm_reloads_total", status="success")
@@ -441,7 +466,9 @@ def test_hot_reload_under_load_fails_no_request(server, tiny_model_dir):
                  timeout=60, message="SIGHUP reload")
         n = len(results)
         wait_for(lambda: len(results) >= n + 8, timeout=60, message="load after SIGHUP")
-        assert server.post("/admin/reload", {"model": "/does/not/exist"}).status_code == 400
+        assert server.post("/admin/reload", {"model": "/does/not/exist"}).status_code == 403  # outside the root
+        missing = server.post("/admin/reload", {"model": str(other_model_dir.parent / "missing")})
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "model_not_found"
     finally:
         stop.set()
         t.join(60)
@@ -449,6 +476,96 @@ def test_hot_reload_under_load_fails_no_request(server, tiny_model_dir):
     assert not failures, failures[:5]
     assert server.proc.poll() is None
     assert server.get("/ready").status_code == 200
+
+
+def test_lone_surrogate_is_400_and_the_connection_stays_usable(server):
+    """`"\\ud800"` is valid JSON but no tokenizer takes it: a 400, and the keep-alive connection serves on."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {**server.headers, "Content-Type": "application/json"}
+    try:
+        for path, raw in (("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}'),
+                          ("/v1/chat/completions",
+                           b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}')):
+            conn.request("POST", path, body=raw, headers=headers)
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == 400, body
+            assert body["error"]["type"] == "invalid_request_error" and "surrogate" in body["error"]["message"]
+            conn.request("POST", "/v1/completions", body=b'{"model": "tiny", "prompt": "ok", "max_tokens": 2}',
+                         headers=headers)
+            ok = conn.getresponse()
+            assert ok.status == 200, ok.read()
+            ok.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def one_slot(tiny_model_dir, logdir):
+    """One slot, no reload, no client priority."""
+    srv = start_server(tiny_model_dir, logdir, "--max-batch-size", "1", name="one-slot")
+    yield srv
+    srv.stop()
+
+
+def _hog(srv: Server) -> tuple[threading.Thread, list]:
+    """A long request that holds the only slot (until aborted by the caller's disconnect or the end)."""
+    out: list = []
+
+    def run() -> None:
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=120, json={
+                "model": "tiny", "prompt": "hog", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                out.append(line)
+                if len(out) > 2 and out[-1] == "stop":
+                    break
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_for(lambda: metric(srv.metrics(), "autoglm_requests_running") == 1, timeout=60, message="hog running")
+    return t, out
+
+
+def test_stream_headers_arrive_while_queued_and_leaving_frees_the_queue_slot(one_slot):
+    hog, _ = _hog(one_slot)
+    aborted = metric(one_slot.metrics(), "autoglm_requests_total", status="aborted")
+    # The slot is taken: this request waits in the queue, and its headers are here already.
+    with httpx.stream("POST", one_slot.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "queued"}], "max_tokens": 4,
+            "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert metric(one_slot.metrics(), "autoglm_requests_waiting") == 1
+    # It left before its first token: it is aborted and out of the queue while the hog still runs.
+    wait_for(lambda: metric(one_slot.metrics(), "autoglm_requests_waiting") == 0, timeout=30,
+             message="queued stream aborted")
+    assert metric(one_slot.metrics(), "autoglm_requests_running") == 1
+    # The same for a non-streaming request that gives up while queued.
+    async def give_up_while_queued() -> None:
+        async with httpx.AsyncClient(base_url=one_slot.url, timeout=60) as hc:
+            call = asyncio.create_task(hc.post("/v1/completions", json={"model": "tiny", "prompt": "queued too",
+                                                                        "max_tokens": 4}))
+            await asyncio.to_thread(wait_for, lambda: metric(one_slot.metrics(), "autoglm_requests_waiting") == 1,
+                                    timeout=30, message="queued")
+            call.cancel()  # closes the connection
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(give_up_while_queued())
+    assert metric(one_slot.metrics(), "autoglm_requests_running") == 1  # the hog still holds the slot
+    wait_for(lambda: metric(one_slot.metrics(), "autoglm_requests_total", status="aborted") >= aborted + 2,
+             timeout=30, message="queued requests aborted")
+    assert metric(one_slot.metrics(), "autoglm_requests_waiting") == 0
+    hog.join(120)
+
+
+def test_reload_and_client_priority_are_off_by_default(one_slot):
+    r = one_slot.post("/admin/reload", {})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "reload_disabled"
+    r = one_slot.post("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "priority": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+    assert one_slot.post("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
 # ------------------------------------------------------------------ admission, drain, load errors
@@ -512,6 +629,42 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, logdir
         asyncio.run(main())
         assert results == [128] * 32, [r for r in results if r != 128][:3]
         assert srv.proc.wait(60) == 0, srv.log_text()[-2000:]
+    finally:
+        srv.stop()
+
+
+def _fake_cgroup_v2(root: Path, limit: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "memory.max").write_text(limit + "\n")
+    (root / "memory.current").write_text("0\n")
+    return root
+
+
+def test_kv_cache_larger_than_the_container_limit_exits_2(tiny_model_dir, tmp_path):
+    """The host has GBs free; a 1 MiB cgroup limit is what the KV cache must fit in."""
+    cg = _fake_cgroup_v2(tmp_path / "cgroup", str(1 << 20))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_RUNTIME_")},
+           "AUTOGLM_RUNTIME_CGROUP_ROOT": str(cg)}
+    proc = subprocess.run([str(CLI), "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port",
+                           str(free_port()), "--host", "127.0.0.1"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "KV cache" in proc.stderr and "available" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reload_that_does_not_fit_next_to_the_serving_model_is_409(tiny_model_dir, other_model_dir, logdir, tmp_path):
+    cg = _fake_cgroup_v2(tmp_path / "cgroup", "max")
+    srv = start_server(tiny_model_dir, logdir, "--enable-reload", "--revision", "r1", name="reload-memory",
+                       env={"AUTOGLM_RUNTIME_CGROUP_ROOT": str(cg)})
+    try:
+        (cg / "memory.max").write_text(f"{1 << 20}\n")  # the pod's limit, with the first model already loaded
+        r = srv.post("/admin/reload", {"model": str(other_model_dir), "revision": "r2"})
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "insufficient_memory"
+        assert srv.get("/ready").status_code == 200
+        assert srv.post("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert metric(srv.metrics(), "autoglm_reloads_total", status="error", revision="r1") == 1
+        (cg / "memory.max").write_text("max\n")
+        assert srv.post("/admin/reload", {"model": str(other_model_dir), "revision": "r2"}).status_code == 200
     finally:
         srv.stop()
 

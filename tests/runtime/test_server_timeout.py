@@ -2,7 +2,9 @@
 
 A request that runs past the timeout gets a 504 with an OpenAI-style error body (or, once a stream
 has started, an error event and `data: [DONE]`); its engine slot is free by the time the client
-sees the error, and it counts as `autoglm_requests_total{status="aborted"}`.
+sees the error, and it counts as `autoglm_requests_total{status="aborted"}`. The timeout is sized from
+this machine's measured speed; the in-process tier (test_server_inprocess.py) covers 504 with a fake
+engine that never answers.
 """
 
 from __future__ import annotations
@@ -16,18 +18,32 @@ import pytest
 
 from tests.runtime.test_server import metric, start_server
 
-pytestmark = [pytest.mark.runtime, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.runtime, pytest.mark.timeout(240)]
 
-TIMEOUT_S = 0.4  # a 1000-token request takes ~1.8 s on two cores; a 4-token one ~20 ms
-LONG = {"model": "tiny", "prompt": "Tell me a very long story", "max_tokens": 1000, "ignore_eos": True,
+LONG_TOKENS = 1000  # the prompt + this stays under the tiny model's 1024 positions
+LONG = {"model": "tiny", "prompt": "Tell me a very long story", "max_tokens": LONG_TOKENS, "ignore_eos": True,
         "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
+    """The timeout is a tenth of what a long request takes on THIS machine (measured first, on a server
+    without a timeout), so a long request always runs past it and a 4-token one never does, however
+    fast or loaded the machine is."""
+    logs = tmp_path_factory.mktemp("timeout-logs")
+    probe = start_server(tiny_model_dir, logs, "--max-batch-size", "1", name="calibrate")
+    try:
+        t0 = time.monotonic()
+        r = probe.post("/v1/completions", LONG)
+        long_seconds = time.monotonic() - t0
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == LONG_TOKENS
+    finally:
+        probe.stop()
+    timeout = round(long_seconds / 10, 3)
     # One slot: a request admitted right after a timed-out one proves the slot was freed.
-    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("timeout-logs"), "--max-batch-size", "1",
-                       "--request-timeout", str(TIMEOUT_S), name="timeout")
+    srv = start_server(tiny_model_dir, logs, "--max-batch-size", "1", "--request-timeout", str(timeout),
+                       name="timeout")
+    srv.timeout = timeout
     yield srv
     srv.stop()
 
@@ -40,11 +56,9 @@ def _assert_slot_free_and_reusable(srv) -> None:
     # Not polled: the slot must be free by the time the client has the error.
     assert metric(srv.metrics(), "autoglm_requests_running") == 0
     assert metric(srv.metrics(), "autoglm_requests_waiting") == 0
-    t0 = time.monotonic()
     r = srv.post("/v1/completions", {"model": "tiny", "prompt": "short", "max_tokens": 4, "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 4
-    assert time.monotonic() - t0 < TIMEOUT_S + 5
 
 
 def test_short_requests_are_unaffected(server):
@@ -62,13 +76,12 @@ def test_non_streaming_request_past_the_timeout_is_504(server, path, body):
     success = metric(server.metrics(), "autoglm_requests_total", status="success")
     t0 = time.monotonic()
     r = server.post(path, body)
-    elapsed = time.monotonic() - t0
     assert r.status_code == 504, r.text
-    assert TIMEOUT_S * 0.9 <= elapsed < TIMEOUT_S + 5
+    assert time.monotonic() - t0 >= server.timeout  # not before the timeout (an upper bound would be a speed goal)
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "timeout_error" and error["code"] == "request_timeout"
-    assert str(TIMEOUT_S) in error["message"]
+    assert str(server.timeout) in error["message"]
     assert r.headers.get("x-request-id")
     assert _aborted(server) == before + 1
     _assert_slot_free_and_reusable(server)
@@ -77,11 +90,9 @@ def test_non_streaming_request_past_the_timeout_is_504(server, path, body):
 
 def test_streaming_request_past_the_timeout_ends_with_an_error_event(server):
     before = _aborted(server)
-    t0 = time.monotonic()
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={**LONG, "stream": True}) as r:
         assert r.status_code == 200  # the stream had started: the error comes in-band
         body = r.read().decode()
-    assert time.monotonic() - t0 < TIMEOUT_S + 5
     events = [e for e in body.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
@@ -89,15 +100,15 @@ def test_streaming_request_past_the_timeout_ends_with_an_error_event(server):
     assert payloads[-1] == {"error": {"message": payloads[-1]["error"]["message"], "type": "timeout_error",
                                       "param": None, "code": "request_timeout"}}
     chunks = payloads[:-1]
-    assert chunks and all(p["choices"] for p in chunks)  # some text came before the timeout
+    assert all(p["choices"] for p in chunks)
     assert not any(p["choices"][0]["finish_reason"] for p in chunks)
     assert _aborted(server) == before + 1
     _assert_slot_free_and_reusable(server)
 
 
 def test_queued_request_times_out_before_it_starts(server):
-    """Two long requests on one slot: the second waits in the queue and times out there (a plain 504, also
-    when it asked for a stream), and both are counted once."""
+    """Two long requests on one slot: the second waits in the queue and times out there (its stream's headers
+    went out at admission, so a streamed one ends with the error event), and both are counted once."""
     before = _aborted(server)
 
     async def both():
@@ -107,9 +118,6 @@ def test_queued_request_times_out_before_it_starts(server):
 
     first, second = asyncio.run(both())
     assert first.status_code == 504, first.text
-    if second.status_code == 504:  # timed out while queued
-        assert second.json()["error"]["type"] == "timeout_error"
-    else:  # scheduled just in time: the stream ends with the error event
-        assert second.status_code == 200 and '"timeout_error"' in second.text
+    assert second.status_code == 200 and '"timeout_error"' in second.text
     assert _aborted(server) == before + 2
     _assert_slot_free_and_reusable(server)

@@ -1,4 +1,4 @@
-"""Pure unit tests of the server's parts (no model, no process): settings, protocol, stop strings, metrics."""
+"""Pure unit tests of the server's parts (no model, no process): settings, protocol, metrics, memory limits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from autoglm_runtime.cli import build_parser, settings_from_args
 from autoglm_runtime.config import RuntimeSettings, format_validation_error
 from autoglm_runtime.metrics import RequestTimer, RuntimeMetrics
 from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest
-from autoglm_runtime.server.serving import StopChecker
 
 pytestmark = pytest.mark.runtime
 
@@ -39,27 +38,6 @@ def test_bad_settings_name_the_setting(tmp_path):
         RuntimeSettings(model=tmp_path, api_key_file=tmp_path / "missing")
 
 
-@pytest.mark.parametrize("stops, pieces, expected, stopped", [
-    ([], ["ab", "cd"], "abcd", False),
-    (["cd"], ["ab", "c", "d", "ef"], "ab", True),
-    (["xyz"], ["abx", "y", "q"], "abxyq", False),
-    (["\n\n", "END"], ["one\n", "\ntwo"], "one", True),
-    (["b"], ["abc"], "a", True),
-])
-def test_stop_checker_never_emits_part_of_a_stop_string(stops, pieces, expected, stopped):
-    checker, out, hit = StopChecker(stops), [], False
-    for piece in pieces:
-        text, hit = checker.feed(piece)
-        out.append(text)
-        for s in stops:  # nothing emitted so far may contain a stop string
-            assert s not in "".join(out)
-        if hit:
-            break
-    if not hit:
-        out.append(checker.flush())
-    assert ("".join(out), hit) == (expected, stopped)
-
-
 @pytest.mark.parametrize("body", [
     {"prompt": "x", "n": 2}, {"prompt": "x", "max_tokens": 0}, {"prompt": "x", "temperature": -1},
     {"prompt": "x", "top_p": 1.5}, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, {"prompt": []},
@@ -83,7 +61,7 @@ def test_metrics_use_their_own_registry_and_read_engine_stats():
     a, b = RuntimeMetrics("m", "r1"), RuntimeMetrics("m", "r2")
     a.bind_stats(lambda: SimpleNamespace(num_running=3, num_waiting=2, kv_cache_usage=0.5))
     a.on_step(SimpleNamespace(batch_size=4, num_prefill_tokens=10, step_seconds=0.01))
-    a.on_step(2, 0, 0.002)
+    a.on_step(SimpleNamespace(batch_size=2, num_prefill_tokens=0, step_seconds=0.002))
     timer = RequestTimer(a, arrival=0.0)
     timer.tokens(0.1, 1)
     timer.tokens(0.2, 2)
@@ -97,3 +75,75 @@ def test_metrics_use_their_own_registry_and_read_engine_stats():
     assert 'autoglm_requests_total{model="m",revision="r1",status="success"} 1.0' in text
     assert 'autoglm_prompt_tokens_total{model="m",revision="r1"} 7.0' in text
     assert "r1" not in b.render().decode()  # no shared global registry
+
+
+def test_engine_gauges_carry_only_the_current_revision():
+    m = RuntimeMetrics("m", "r1")
+    m.bind_stats(lambda: SimpleNamespace(num_running=2, num_waiting=5, kv_cache_usage=0.25))
+    assert 'autoglm_requests_waiting{model="m",revision="r1"} 5.0' in m.render().decode()
+    m.set_labels(revision="r2")
+    text = m.render().decode()
+    assert 'autoglm_requests_waiting{model="m",revision="r2"} 5.0' in text
+    for gauge in ("autoglm_requests_running", "autoglm_requests_waiting", "autoglm_kv_cache_usage_ratio"):
+        assert f'{gauge}{{model="m",revision="r1"}}' not in text, gauge
+    assert 'autoglm_requests_total{model="m",revision="r1",status="success"} 0.0' in text  # counters stay
+
+
+def test_gauges_survive_a_dead_engine():
+    m = RuntimeMetrics("m", "r1")
+
+    def dead():
+        raise RuntimeError("engine loop died")
+
+    m.bind_stats(dead)
+    assert 'autoglm_requests_running{model="m",revision="r1"} 0.0' in m.render().decode()
+
+
+# ------------------------------------------------------------------ cgroup memory
+
+GiB = 1 << 30
+
+
+def _fake_cgroup(root, version: int, limit: str, usage: int, inactive: int = 0):
+    if version == 2:
+        (root / "memory.max").write_text(limit + "\n")
+        (root / "memory.current").write_text(f"{usage}\n")
+        (root / "memory.stat").write_text(f"anon {usage}\ninactive_file {inactive}\nactive_file 0\n")
+    else:
+        (root / "memory").mkdir()
+        (root / "memory" / "memory.limit_in_bytes").write_text(limit + "\n")
+        (root / "memory" / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (root / "memory" / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {inactive}\n")
+    return root
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cgroup_limit_is_read(tmp_path, version):
+    from autoglm_runtime.memory import cgroup_memory
+
+    cg = cgroup_memory(_fake_cgroup(tmp_path, version, str(4 * GiB), usage=3 * GiB, inactive=GiB))
+    assert cg is not None and (cg.version, cg.limit) == (version, 4 * GiB)
+    assert cg.available == 2 * GiB  # limit - (usage - reclaimable page cache)
+
+
+@pytest.mark.parametrize("version, limit", [(2, "max"), (1, "9223372036854771712")])
+def test_no_cgroup_limit_means_host_memory(tmp_path, version, limit):
+    from autoglm_runtime.memory import cgroup_memory, cpu_available_memory
+
+    root = _fake_cgroup(tmp_path, version, limit, usage=GiB)
+    assert cgroup_memory(root) is None
+    assert cgroup_memory(tmp_path / "no-cgroup-fs") is None
+    import psutil
+
+    assert cpu_available_memory(root) > 0.5 * psutil.virtual_memory().available
+
+
+def test_kv_cache_sizing_reads_the_cgroup_limit(tmp_path, monkeypatch):
+    """The KV cache check and reload's fit check use the container's limit, not the host's memory."""
+    import torch
+
+    from autoglm_runtime.memory import CGROUP_ROOT_ENV
+    from autoglm_runtime.model_runner import available_memory
+
+    monkeypatch.setenv(CGROUP_ROOT_ENV, str(_fake_cgroup(tmp_path, 2, str(GiB), usage=GiB - 5 * 2**20)))
+    assert available_memory(torch.device("cpu")) == 5 * 2**20

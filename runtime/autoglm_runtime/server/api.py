@@ -6,18 +6,22 @@ import asyncio
 import hmac
 import logging
 import uuid
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autoglm_runtime.metrics import CONTENT_TYPE
 from autoglm_runtime.server import errors
+from autoglm_runtime.server.chat import OpenAIServingChat
+from autoglm_runtime.server.completions import OpenAIServingCompletion
+from autoglm_runtime.server.generation import EventStream
 from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, ReloadRequest
-from autoglm_runtime.server.serving import OpenAIServing, ServerState
+from autoglm_runtime.server.state import ServerState
 
 log = logging.getLogger("autoglm_runtime.server")
 
@@ -56,8 +60,12 @@ def _state(request: Request) -> ServerState:
     return request.app.state.runtime
 
 
-def _serving(request: Request) -> OpenAIServing:
-    return request.app.state.serving
+def _completions(request: Request) -> OpenAIServingCompletion:
+    return request.app.state.completions
+
+
+def _chat(request: Request) -> OpenAIServingChat:
+    return request.app.state.chat
 
 
 async def require_api_key(request: Request) -> None:
@@ -92,19 +100,64 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         return task.result()
     task.cancel()
     try:
-        await task
+        result = await task
     except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone; nobody reads it
-        pass
+        result = None
+    if isinstance(result, EventStream):  # it finished starting just as the client left
+        await result.close()
     log.info("Aborted request after client disconnect, request_id=%s", request.scope["state"].get("request_id"))
     return Response(status_code=499)
+
+
+class EventStreamResponse(Response):
+    """Server-sent events of a started generation. Headers go out at once (the request is admitted, maybe
+    still queued); a client that leaves is noticed while no chunk is due; and the generation is closed
+    (engine slot freed, in-flight count released) however this ends, even if the body never started."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, stream: EventStream) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def body() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.stream.body:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        sender = asyncio.ensure_future(body())
+        watcher = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done():
+                try:
+                    sender.result()
+                except OSError:  # the client went away while we wrote
+                    pass
+        finally:
+            for task in (sender, watcher):
+                task.cancel()
+            await asyncio.gather(sender, watcher, return_exceptions=True)
+            await self.stream.close()
 
 
 def _respond(result: Any) -> Response:
     if isinstance(result, Response):
         return result
-    if hasattr(result, "__aiter__"):
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if isinstance(result, EventStream):
+        return EventStreamResponse(result)
     return JSONResponse(result.model_dump(mode="json"))
 
 
@@ -118,17 +171,17 @@ authed = [Depends(require_api_key)]
 
 @router.post("/v1/completions", dependencies=authed)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return _respond(await _cancel_on_disconnect(request, _serving(request).create_completion(body)))
+    return _respond(await _cancel_on_disconnect(request, _completions(request).create_completion(body)))
 
 
 @router.post("/v1/chat/completions", dependencies=authed)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return _respond(await _cancel_on_disconnect(request, _serving(request).create_chat_completion(body)))
+    return _respond(await _cancel_on_disconnect(request, _chat(request).create_chat_completion(body)))
 
 
 @router.get("/v1/models", dependencies=authed)
 async def models(request: Request) -> Response:
-    return _json(_serving(request).models())
+    return _json(_completions(request).models())
 
 
 @router.get("/health")
@@ -154,6 +207,10 @@ async def metrics(request: Request) -> Response:
 
 @router.post("/admin/reload", dependencies=authed)
 async def reload(request: Request) -> Response:
+    if not _state(request).settings.enable_reload:
+        raise errors.PermissionDeniedError(
+            "Hot reload over HTTP is disabled (start the server with --enable-reload).", code="reload_disabled"
+        )
     raw = await request.body()
     try:
         body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
@@ -177,11 +234,13 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             state.started = False
             await state.engine.stop()
+            state.close()
             log.info("Stopped engine")
 
     app = FastAPI(title="autoglm-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = state
-    app.state.serving = OpenAIServing(state)
+    app.state.completions = OpenAIServingCompletion(state)
+    app.state.chat = OpenAIServingChat(state)
     errors.install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(RequestIdMiddleware)

@@ -2,6 +2,8 @@
 
 Every error body is OpenAI's: ``{"error": {"message", "type", "param", "code"}}``. User input never
 produces a 500: request validation and malformed JSON are 400; only real bugs reach the catch-all.
+The engine's typed errors (``engine_api.EngineError``, ``loader.ModelLoadError``) become API errors in
+``from_engine`` and nowhere else.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from autoglm_runtime.engine_api import (
+    EngineDeadError,
+    EngineDrainingError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from autoglm_runtime.loader import InsufficientMemoryError, ModelLoadError
+
 log = logging.getLogger("autoglm_runtime.server")
 
 
@@ -23,8 +34,9 @@ class APIError(Exception):
     status_code = 500
     error_type = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -41,8 +53,9 @@ class ModelNotFoundError(BadRequestError):
     """Unknown ``model`` in the request. OpenAI answers 404 here; vLLM and we answer 400 (bad param)."""
 
     def __init__(self, model: str, served: str) -> None:
-        super().__init__(f"The model `{model}` does not exist; this server serves `{served}`.",
-                         param="model", code="model_not_found")
+        super().__init__(
+            f"The model `{model}` does not exist; this server serves `{served}`.", param="model", code="model_not_found"
+        )
 
 
 class AuthenticationError(APIError):
@@ -51,6 +64,16 @@ class AuthenticationError(APIError):
 
     def __init__(self, message: str = "Invalid or missing API key (expected `Authorization: Bearer <key>`).") -> None:
         super().__init__(message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class PermissionDeniedError(APIError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class ConflictError(APIError):
+    status_code = 409
+    error_type = "conflict_error"
 
 
 class NotFoundError(APIError):
@@ -63,8 +86,11 @@ class QueueFullAPIError(APIError):
     error_type = "rate_limit_error"
 
     def __init__(self, retry_after: int = 1) -> None:
-        super().__init__("The server's request queue is full; retry later.", code="queue_full",
-                         headers={"Retry-After": str(retry_after)})
+        super().__init__(
+            "The server's request queue is full; retry later.",
+            code="queue_full",
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 class ServiceUnavailableError(APIError):
@@ -95,13 +121,34 @@ class InternalError(APIError):
     error_type = "internal_error"
 
 
-def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+def from_engine(exc: EngineError | ModelLoadError) -> APIError:
+    """The HTTP error for one of the engine's documented errors (the only such mapping)."""
+    if isinstance(exc, QueueFullError):
+        return QueueFullAPIError()
+    if isinstance(exc, InvalidRequestError):
+        return BadRequestError(str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, EngineDrainingError):
+        return DrainingError()
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError(f"The inference engine is not running: {exc}", code="engine_dead")
+    # Reload only (ModelLoadError): the old model keeps serving.
+    if isinstance(exc, InsufficientMemoryError):
+        return ConflictError(f"Cannot load the model: {exc}", param="model", code="insufficient_memory")
+    if isinstance(exc, ModelLoadError):
+        return BadRequestError(f"Cannot load the model: {exc}", param="model", code="model_load_failed")
+    return InternalError(f"Unexpected engine error: {type(exc).__name__}")
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.error_type, exc.param, exc.code),
-                        status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        error_body(exc.message, exc.error_type, exc.param, exc.code), status_code=exc.status_code, headers=exc.headers
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -138,8 +185,9 @@ def install_error_handlers(app: FastAPI) -> None:
         # Routing errors (404 unknown path, 405 wrong method) and FastAPI's own body errors.
         status = exc.status_code if exc.status_code != 422 else 400
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(status, "invalid_request_error")
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=status,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(str(exc.detail), kind), status_code=status, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -17,12 +17,51 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+PRIORITY_BOUND = 1000
+
+
+def _bad_string(value: Any) -> str | None:
+    """Why a string anywhere in ``value`` cannot be served, or None. JSON may carry a lone UTF-16
+    surrogate escape (``"\\ud800"``) that no tokenizer (nor UTF-8) can take."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone UTF-16 surrogate (not valid Unicode)"
+        return None
+    if isinstance(value, BaseModel):
+        value = {**value.__dict__, **(value.__pydantic_extra__ or {})}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            why = _bad_string(k) or _bad_string(v)
+            if why:
+                return why
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            why = _bad_string(v)
+            if why:
+                return why
+    return None
+
+
+class _Request(BaseModel):
+    """Every request body: strings must be valid Unicode (a failure is a 400, never the tokenizer's 500)."""
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> Any:
+        for name in type(self).model_fields:
+            why = _bad_string(getattr(self, name))
+            if why:
+                raise ValueError(f"{name} {why}")
+        return self
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Request):
     """Fields shared by both APIs. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="ignore")
@@ -39,9 +78,16 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, description="Extension (vLLM): 1.0 disables it.")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, allow_inf_nan=False, description="Extension (vLLM): 1.0 disables it."
+    )
     # Extensions (vLLM-style):
-    priority: int = Field(default=0, description="Lower values are scheduled first.")
+    priority: int = Field(
+        default=0,
+        ge=-PRIORITY_BOUND,
+        le=PRIORITY_BOUND,
+        description="Lower values are scheduled first (only with --allow-client-priority).",
+    )
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     return_token_ids: bool = Field(default=False, description="Add `token_ids` (and `prompt_token_ids`) to choices.")
@@ -105,7 +151,7 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
+    def _unsupported(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported")
         if self.suffix:
@@ -146,7 +192,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
+    def _unsupported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tools:
@@ -259,8 +305,15 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ReloadRequest(BaseModel):
+class ReloadRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(default=None, description="Directory of the new model; default: reload the current one.")
     revision: str | None = Field(default=None, description="New `revision` metric label.")
+
+    @field_validator("model")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and ("\x00" in v or not v.strip()):
+            raise ValueError("must be a directory path")
+        return v

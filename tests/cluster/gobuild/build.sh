@@ -11,6 +11,8 @@ ETCD_VERSION=3.6.16
 KWOK_VERSION=0.8.0
 HELM_VERSION=3.22.0
 GATEWAY_API_VERSION=1.6.3
+PROMETHEUS_VERSION=3.16.0   # Go module github.com/prometheus/prometheus v0.316.0
+KEDA_VERSION=2.21.0
 
 key=$(cat "$0" "$here/k8s/main.go" | sha256sum | cut -c1-12)
 cache=${AUTOGLM_BIN_CACHE:-$repo/.cache/k8s-bin}
@@ -82,6 +84,44 @@ if [[ ! -x $bin/helm ]]; then
     "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" >&2
 fi
 
+# --- Prometheus: Debian's package is built without Kubernetes service discovery, so build it ---
+# (no web UI assets: the HTTP API is what the tests and the dashboards use)
+if [[ ! -x $bin/prometheus ]]; then
+  log "prometheus v$PROMETHEUS_VERSION"
+  mkdir -p "$work/prometheus"; cd "$work/prometheus"
+  go mod init local/prombin >/dev/null 2>&1
+  IFS=. read -r _ pminor ppatch <<<"$PROMETHEUS_VERSION"
+  go get "github.com/prometheus/prometheus/cmd/prometheus@v0.3$(printf %02d "$pminor").$ppatch" >&2
+  pv=github.com/prometheus/common/version
+  go build -p 2 -trimpath -ldflags="-s -w -X $pv.Version=$PROMETHEUS_VERSION -X $pv.Branch=release" \
+    -o "$bin/prometheus" github.com/prometheus/prometheus/cmd/prometheus >&2
+fi
+
+# --- KEDA: operator + metrics apiserver (adapter), one wrapper module repeating its go.mod's replace ---
+if [[ ! -x $bin/keda-operator || ! -x $bin/keda-adapter ]]; then
+  log "keda v$KEDA_VERSION"
+  mkdir -p "$work/keda"; cd "$work/keda"
+  cat > go.mod <<MOD
+module local/kedabin
+
+go 1.26.0
+
+require github.com/kedacore/keda/v2 v$KEDA_VERSION
+
+replace github.com/nexus-rpc/nexus-proto-annotations v0.1.0 => github.com/nexus-rpc/nexus-proto-annotations v0.1.1-0.20260629224316-835bd8d49cb4
+MOD
+  printf '//go:build tools\n\npackage tools\n\nimport (\n\t_ "github.com/kedacore/keda/v2/cmd/adapter"\n\t_ "github.com/kedacore/keda/v2/cmd/operator"\n)\n' > tools.go
+  go mod tidy -e >&2
+  kv=github.com/kedacore/keda/v2/version
+  go build -p 2 -trimpath -ldflags="-s -w -X $kv.Version=$KEDA_VERSION" -o "$work/keda/out/" \
+    github.com/kedacore/keda/v2/cmd/operator github.com/kedacore/keda/v2/cmd/adapter >&2
+  mv "$work/keda/out/operator" "$bin/keda-operator"; mv "$work/keda/out/adapter" "$bin/keda-adapter"
+fi
+mkdir -p "$bin/keda-crds"
+kedadir=$(go mod download -json "github.com/kedacore/keda/v2@v$KEDA_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
+cp "$kedadir/config/crd/bases/keda.sh_"*.yaml "$bin/keda-crds/"
+chmod -R u+w "$bin/keda-crds"
+
 # --- Gateway API CRDs (for HTTPRoute traffic splitting in later issues) ---
 gwdir=$(go mod download -json "sigs.k8s.io/gateway-api@v$GATEWAY_API_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
 cp "$gwdir/config/crd/standard/"*.yaml "$bin/crds/" 2>/dev/null || true
@@ -93,6 +133,8 @@ etcd v$ETCD_VERSION
 kwok v$KWOK_VERSION
 helm v$HELM_VERSION
 gateway-api v$GATEWAY_API_VERSION
+prometheus v$PROMETHEUS_VERSION
+keda v$KEDA_VERSION
 V
 log "done"
 touch "$stamp"
