@@ -10,7 +10,7 @@ queues), then streams chat completions through the Service's ClusterIP: `--clien
 - p99 time to first token before and after the scale-up;
 - time from the load drop back to one replica; requests ok / failed.
 
-It writes the timeline as a PNG (`--png`, default bench/autoscale.png): replicas, ready replicas,
+It writes the timeline as a PNG (`--png`, default docs/autoscale.png): replicas, ready replicas,
 queue depth per pod and p99 TTFT over time.
 
     .venv/bin/python bench/bench_autoscale.py [--clients 12] [--load-seconds 90] [--png out.png]
@@ -41,7 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--load-seconds", type=float, default=90)
-    ap.add_argument("--png", type=Path, default=REPO / "bench" / "autoscale.png")
+    ap.add_argument("--png", type=Path, default=REPO / "docs" / "autoscale.png")
     args = ap.parse_args()
 
     import yaml
@@ -90,10 +90,10 @@ def main() -> int:
             op.terminate()
             op.wait(timeout=30)
 
-    # Steady state: the last change of the replica count while the load ran.
+    # Steady state: the last change of the replica or ready count while the load ran.
     rows = tl.rows
     during = [r for r in rows if t_step - tl.t0 <= r[0] <= t_drop - tl.t0]
-    steady = max((r[0] for i, r in enumerate(during) if i and r[1] != during[i - 1][1]), default=during[0][0])
+    steady = max((r[0] for i, r in enumerate(during) if i and r[1:3] != during[i - 1][1:3]), default=during[0][0])
     scaled_at = (first_ready or args.load_seconds) + (t_step - tl.t0)
     ttft_before = [d for s, d in load.ttft if s - tl.t0 < scaled_at]
     ttft_after = [d for s, d in load.ttft if s - tl.t0 >= steady]

@@ -203,6 +203,22 @@ def make_pki(d: Path, service_ip: str) -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
 
 
+def make_keda_certs(d: Path) -> None:
+    """KEDA's CA and one certificate (server and client: the operator's gRPC and the metrics
+    apiserver use it both ways) for its in-cluster names, as its cert rotation would make them."""
+    d.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "365", "-subj", "/CN=keda-local-ca", cwd=d)
+    names = [f"{svc}.keda.svc{suffix}" for svc in ("keda-operator", "keda-metrics-apiserver")
+             for suffix in ("", ".cluster.local")]
+    (d / "tls.ext").write_text(f"subjectAltName={','.join('DNS:' + n for n in names)}\n"
+                               "extendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr",
+             "-subj", "/CN=keda-operator.keda.svc", cwd=d)
+    _openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "tls.crt", "-days", "365", "-extfile", "tls.ext", cwd=d)
+
+
 def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
     path.write_text(textwrap.dedent(f"""\
         apiVersion: v1
@@ -447,7 +463,7 @@ class Cluster:
         self.kubectl("apply", "--server-side", "-f", str(self.bin_dir / "keda-crds"))
         self.kubectl("apply", "--server-side", "-f", "-", input=KEDA_OBJECTS.format(node_ip=r.node_ip, port=KEDA_ADAPTER_PORT))
         certs = self.dir / "keda-certs"
-        certs.mkdir(exist_ok=True)
+        make_keda_certs(certs)
         env = {"KUBECONFIG": str(self.kubeconfig), "WATCH_NAMESPACE": "", "POD_NAMESPACE": "keda",
                "KEDA_CLUSTER_OBJECT_NAMESPACE": "keda", "OPERATOR_NAME": "keda-operator", "POD_NAME": "keda-operator"}
         probe, metrics = _free_ports(2)
@@ -455,20 +471,19 @@ class Cluster:
                                            f"--metrics-bind-address=127.0.0.1:{metrics}",
                                            f"--health-probe-bind-address=127.0.0.1:{probe}",
                                            f"--metrics-service-bind-address=127.0.0.1:{self.keda_grpc_port}",
-                                           "--enable-cert-rotation=true", f"--cert-dir={certs}",
+                                           "--enable-cert-rotation=false", f"--cert-dir={certs}",
                                            "--enable-webhook-patching=false", "--enable-apiservice-patching=false",
                                            "--zap-log-level=info"], env=env)
-        self._poll("KEDA's certificates", lambda: (certs / "tls.crt").exists() and (certs / "ca.crt").exists(), timeout)
         kc = self.dir / "kube-proxy.kubeconfig"  # the apiserver as seen from the node's namespace
         self._spawn_argv("keda-adapter", ["ip", "netns", "exec", self.net.node_ns, str(self.bin_dir / "keda-adapter"),
                                           f"--secure-port={KEDA_ADAPTER_PORT}", f"--bind-address={r.node_ip}",
                                           f"--cert-dir={certs}", f"--tls-cert-file={certs / 'tls.crt'}",
                                           f"--tls-private-key-file={certs / 'tls.key'}",
                                           f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-                                          f"--kubeconfig={kc}",
+                                          f"--kubeconfig={kc}", f"--lister-kubeconfig={kc}",
                                           f"--metrics-service-address=127.0.0.1:{KEDA_GRPC_PORT}",
-                                          "--metrics-service-grpc-authority=keda-operator.keda.svc.cluster.local",
-                                          "--v=0"], env={**env, "KUBECONFIG": str(kc)})
+                                          "--metrics-service-grpc-authority=keda-operator.keda.svc.cluster.local"],
+                         env={**env, "KUBECONFIG": str(kc)})
 
         def available() -> bool:
             out = self.kubectl("get", "apiservice", "v1beta1.external.metrics.k8s.io", "-o",

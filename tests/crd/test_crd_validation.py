@@ -130,6 +130,10 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
      ("spec.autoscaling.minReplicas", "minReplicas (5)", "maxReplicas (2)")),
     ("autoscaling-no-max", spec(**enabled_autoscaling(maxReplicas=DELETE)), ("spec.autoscaling.maxReplicas", "Required")),
     ("queue-depth-0", spec(autoscaling={"targetQueueDepth": 0}), ("spec.autoscaling.targetQueueDepth",)),
+    ("autoscaling-provider-unknown", spec(autoscaling={"provider": "VPA"}),
+     ("spec.autoscaling.provider", "Unsupported value", '"HPA"', '"KEDA"')),
+    ("autoscaling-prometheus-no-scheme", spec(autoscaling={"provider": "KEDA", "prometheus": {"address": "prom:9090"}}),
+     ("spec.autoscaling.prometheus.address",)),
     ("cpu-utilization-150", spec(autoscaling={"targetCPUUtilization": 150}), ("spec.autoscaling.targetCPUUtilization",)),
     ("stabilization-too-long", spec(autoscaling={"scaleDownStabilizationSeconds": 7200}),
      ("spec.autoscaling.scaleDownStabilizationSeconds",)),
@@ -213,8 +217,9 @@ def test_defaults_are_filled_in(crd, namespace):
     assert got["model"] == {"uri": "hf://THUDM/glm-4-9b-chat", "dtype": "auto"}
     assert got["runtime"] == {"maxBatchSize": 32, "maxQueue": 256}
     assert got["resources"] == {"gpus": 1, "gpuResourceName": "nvidia.com/gpu"}
-    assert got["autoscaling"] == {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 8,
-                                  "targetCPUUtilization": 0, "scaleDownStabilizationSeconds": 300}
+    assert got["autoscaling"] == {"enabled": True, "provider": "HPA", "minReplicas": 1, "maxReplicas": 3,
+                                  "targetQueueDepth": 8, "targetCPUUtilization": 0,
+                                  "scaleDownStabilizationSeconds": 300}
     assert got["rollout"] == {
         "trafficRouting": "Replicas", "canaryHeader": "x-autoglm-canary", "progressDeadlineSeconds": 900,
         "analysis": {"prometheus": {"address": "http://prom:9090"}, "interval": "30s", "successRateMin": 0.99,

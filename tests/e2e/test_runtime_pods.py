@@ -135,6 +135,7 @@ def test_tiny_example_turns_ready_after_the_runtime_and_answers_through_its_serv
     revision = pod["metadata"]["labels"]["autoglm.io/revision"]
     series = wait_for(lambda: kube.prometheus_query(f'autoglm_requests_running{{namespace="{namespace}"}}'),
                       timeout=30, message="autoglm_requests_running in Prometheus")
+    report(f"autoglm_requests_running in Prometheus {time.monotonic() - first_runtime_ready:.1f}s after /ready")
     labels = series[0]["metric"]
     assert labels["pod"] == pod["metadata"]["name"] and labels["autoglm_io_revision"] == revision
     assert labels["app_kubernetes_io_instance"] == "tiny"

@@ -119,7 +119,7 @@ MOD
 fi
 mkdir -p "$bin/keda-crds"
 kedadir=$(go mod download -json "github.com/kedacore/keda/v2@v$KEDA_VERSION" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
-cp "$kedadir/config/crd/bases/keda.sh_"*.yaml "$bin/keda-crds/"
+cp "$kedadir/config/crd/bases/"*.yaml "$bin/keda-crds/"
 chmod -R u+w "$bin/keda-crds"
 
 # --- Gateway API CRDs (for HTTPRoute traffic splitting in later issues) ---
