@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
-        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden clean
+        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,6 +53,9 @@ bench-operator: sysdeps venv bins  ## Operator latency and idle writes on the lo
 
 bench-autoscale: sysdeps venv bins  ## Step load through KEDA autoscaling on the local cluster: table + PNG plot
 	$(PY) bench/bench_autoscale.py
+
+dashboard: venv  ## Regenerate the chart's Grafana dashboard from operator/autoglm_operator/dashboard.py
+	$(PY) scripts/gen-dashboard.py
 
 golden: venv  ## Regenerate the builders' golden YAML
 	UPDATE_GOLDEN=1 $(PYTEST) tests/operator/test_builders.py -q

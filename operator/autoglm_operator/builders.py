@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import Any
 
+from . import queries
 from .models import API_VERSION, KIND, ResolvedSpec
 
 PORT = 8000
@@ -396,16 +397,6 @@ def build_hpa(cr: dict[str, Any], r: ResolvedSpec, target_deployment: str) -> di
     }
 
 
-def queue_depth_query(namespace: str, served_model: str, revision: str) -> str:
-    """PromQL for a revision's requests waiting, summed over its pods: what KEDA divides by the
-    per-pod target (``targetQueueDepth``) to get the replica count. Series carry the runtime's own
-    ``model`` and ``revision`` labels, so the query does not depend on how Prometheus relabels pods."""
-    return (
-        f'sum(autoglm_requests_waiting{{namespace="{namespace}",model="{served_model}",'
-        f'revision="{revision}"}}) or vector(0)'
-    )
-
-
 def keda_hpa_name(name: str) -> str:
     """The HorizontalPodAutoscaler KEDA creates for a resource's ScaledObject."""
     return f"{name}-keda"
@@ -423,7 +414,7 @@ def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prom
             "metricType": "AverageValue",
             "metadata": {
                 "serverAddress": prometheus,
-                "query": queue_depth_query(r.namespace, r.model_name, revision),
+                "query": queries.queue_depth(r.namespace, r.model_name, revision),
                 "threshold": str(a.target_queue_depth),
             },
         }
