@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
-        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard clean
+        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,6 +56,9 @@ bench-autoscale: sysdeps venv bins  ## Step load through KEDA autoscaling on the
 
 dashboard: venv  ## Regenerate the chart's Grafana dashboard from operator/autoglm_operator/dashboard.py
 	$(PY) scripts/gen-dashboard.py
+
+dashboard-png: sysdeps venv bins  ## Render the dashboard's key panels from live load on the local cluster (docs/dashboard.png)
+	$(PY) bench/render_dashboard.py
 
 golden: venv  ## Regenerate the builders' golden YAML
 	UPDATE_GOLDEN=1 $(PYTEST) tests/operator/test_builders.py -q
