@@ -63,6 +63,7 @@ class Revision:
     uid: str
     spec_hash: str
     deadline_exceeded: str = ""  # message of Progressing=False/ProgressDeadlineExceeded
+    replica_failure: str = ""  # message of ReplicaFailure=True (pods refused: admission, quota)
 
     @property
     def is_ready(self) -> bool:
@@ -80,6 +81,14 @@ class Revision:
                 and c.get("reason") == "ProgressDeadlineExceeded"
             ):
                 deadline = c.get("message") or "progress deadline exceeded"
+        failure = next(
+            (
+                c.get("message") or c.get("reason") or "pods cannot be created"
+                for c in st.get("conditions") or []
+                if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
+            ),
+            "",
+        )
         return cls(
             hash=labels.get(b.LABEL_REVISION, ""),
             name=meta["name"],
@@ -93,6 +102,7 @@ class Revision:
             uid=meta.get("uid") or "",
             spec_hash=(meta.get("annotations") or {}).get(b.ANNOTATION_SPEC_HASH, ""),
             deadline_exceeded=deadline,
+            replica_failure=failure,
         )
 
 
@@ -288,9 +298,15 @@ def pod_problems(pods: Iterable[dict[str, Any]], revisions: dict[str, Revision])
 
 
 def deployment_problems(revisions: Iterable[Revision]) -> list[Problem]:
+    """Pods the apiserver refuses to create (Pod Security, quota...) first, then stalled rollouts."""
+    ordered = sorted(revisions, key=lambda rv: rv.name)
     return [
+        Problem("PodCreationRefused", f"Deployment {rv.name}: {rv.replica_failure}")
+        for rv in ordered
+        if rv.replica_failure
+    ] + [
         Problem("ProgressDeadlineExceeded", f"Deployment {rv.name}: {rv.deadline_exceeded}")
-        for rv in sorted(revisions, key=lambda rv: rv.name)
+        for rv in ordered
         if rv.deadline_exceeded
     ]
 
