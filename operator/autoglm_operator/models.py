@@ -93,6 +93,14 @@ class AuthSpec(_Model):
     api_key_secret_ref: SecretKeyRef | None = None
 
 
+class SecretRef(_Model):
+    name: str
+
+
+class TLSSpec(_Model):
+    secret_ref: SecretRef
+
+
 class RolloutStep(_Model):
     weight: int
     pause: str | None = None
@@ -119,6 +127,7 @@ class AutoGLMDeploymentSpec(_Model):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     auth: AuthSpec = Field(default_factory=AuthSpec)
+    tls: TLSSpec | None = None
 
     @model_validator(mode="after")
     def _source(self) -> AutoGLMDeploymentSpec:

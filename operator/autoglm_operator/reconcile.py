@@ -12,6 +12,8 @@ into one run, bounds concurrency, and retries failures with backoff.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import logging
 import time
@@ -133,7 +135,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         return None
 
     keda = uses_keda(r) or (cr.get("status") or {}).get("autoscaler", {}).get("provider") == "KEDA"
-    (deps, pods), (svc, hpa, pdb, pvc, secret), (so, keda_hpa) = await asyncio.gather(
+    (deps, pods), (svc, hpa, pdb, pvc, secret, tls_secret), (so, keda_hpa) = await asyncio.gather(
         asyncio.gather(kube.list("Deployment", ns, selector), kube.list("Pod", ns, selector)),
         asyncio.gather(
             kube.get("Service", ns, name),
@@ -141,6 +143,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             kube.get("PodDisruptionBudget", ns, name),
             kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
             kube.get("Secret", ns, ref.name) if ref else none(),
+            kube.get("Secret", ns, r.spec.tls.secret_ref.name) if r.spec.tls else none(),
         ),
         asyncio.gather(
             kube.get("ScaledObject", ns, name) if keda else none(),
@@ -164,6 +167,10 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             problems.append(Problem("SecretNotFound", f"Secret {ref.name} not found in namespace {ns}"))
         elif ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
             problems.append(Problem("SecretNotFound", f"Secret {ref.name} has no key {ref.key}"))
+    if r.spec.tls is not None:
+        problem = tls_secret_problem(r.spec.tls.secret_ref.name, ns, tls_secret)
+        if problem:
+            problems.append(problem)
     return Observed(
         revisions=revisions,
         pods=[p for p in pods if _controlled_by_revision(p, revisions)],
@@ -174,6 +181,27 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         scaled_object=so,
         keda_hpa=keda_hpa,
     )
+
+
+def tls_secret_problem(name: str, ns: str, secret: dict[str, Any] | None) -> Problem | None:
+    """Why a TLS Secret cannot serve HTTPS (never fall back to plaintext): missing, wrong keys, not PEM."""
+    if secret is None:
+        return Problem("TLSSecretNotFound", f"Secret {name} not found in namespace {ns}")
+    data = secret.get("data") or {}
+    missing = [k for k in ("tls.crt", "tls.key") if not data.get(k)]
+    if missing:
+        return Problem(
+            "TLSSecretInvalid", f"Secret {name} has no {' or '.join(missing)} (want a kubernetes.io/tls Secret)"
+        )
+    try:
+        crt, key = (base64.b64decode(data[k]).decode() for k in ("tls.crt", "tls.key"))
+    except (binascii.Error, UnicodeDecodeError):
+        return Problem("TLSSecretInvalid", f"Secret {name}: tls.crt/tls.key are not PEM text")
+    if "-----BEGIN CERTIFICATE-----" not in crt or "PRIVATE KEY-----" not in key:
+        return Problem(
+            "TLSSecretInvalid", f"Secret {name}: tls.crt must hold a PEM certificate and tls.key a PEM private key"
+        )
+    return None
 
 
 def uses_keda(r: ResolvedSpec) -> bool:
@@ -432,7 +460,7 @@ def compute_status(
         "canaryRevision": cand_name,
         "canaryVersion": r.version if decision.candidate else None,
         "canaryWeight": 0,
-        "endpoint": b.endpoint(name, ns),
+        "endpoint": b.endpoint(name, ns, tls=r.spec.tls is not None),
         "revisions": [
             {"name": rv.name, "version": rv.version, "replicas": rv.replicas, "readyReplicas": rv.ready}
             for rv in sorted(revisions.values(), key=lambda rv: rv.name)
