@@ -454,6 +454,34 @@ def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prom
     }
 
 
+def build_network_policy(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    """Only labelled clients of the same namespace, and the monitoring namespace (scrapes), reach the
+    model pods' port; everything else is dropped by a NetworkPolicy-enforcing CNI."""
+    np = r.spec.network_policy
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(r.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {"podSelector": {"matchLabels": dict(np.client_labels)}},
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": np.monitoring_namespace}
+                            }
+                        },
+                    ],
+                    "ports": [{"protocol": "TCP", "port": PORT}],
+                }
+            ],
+        },
+    }
+
+
 def build_pdb(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",

@@ -101,6 +101,12 @@ class TLSSpec(_Model):
     secret_ref: SecretRef
 
 
+class NetworkPolicySpec(_Model):
+    enabled: bool = False
+    client_labels: dict[str, str] = Field(default_factory=lambda: {"autoglm.io/client": "true"})
+    monitoring_namespace: str = "monitoring"
+
+
 class RolloutStep(_Model):
     weight: int
     pause: str | None = None
@@ -128,6 +134,7 @@ class AutoGLMDeploymentSpec(_Model):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     auth: AuthSpec = Field(default_factory=AuthSpec)
     tls: TLSSpec | None = None
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
     @model_validator(mode="after")
     def _source(self) -> AutoGLMDeploymentSpec:

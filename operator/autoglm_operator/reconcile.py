@@ -116,6 +116,7 @@ class Observed:
     hpa: dict[str, Any] | None
     pdb: dict[str, Any] | None
     preconditions: list[Problem]
+    network_policy: dict[str, Any] | None = None
     scaled_object: dict[str, Any] | None = None
     keda_hpa: dict[str, Any] | None = None  # the HPA KEDA made for our ScaledObject
 
@@ -135,7 +136,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         return None
 
     keda = uses_keda(r) or (cr.get("status") or {}).get("autoscaler", {}).get("provider") == "KEDA"
-    (deps, pods), (svc, hpa, pdb, pvc, secret, tls_secret), (so, keda_hpa) = await asyncio.gather(
+    (deps, pods), (svc, hpa, pdb, pvc, secret, tls_secret), (so, keda_hpa, np) = await asyncio.gather(
         asyncio.gather(kube.list("Deployment", ns, selector), kube.list("Pod", ns, selector)),
         asyncio.gather(
             kube.get("Service", ns, name),
@@ -148,6 +149,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         asyncio.gather(
             kube.get("ScaledObject", ns, name) if keda else none(),
             kube.get("HorizontalPodAutoscaler", ns, b.keda_hpa_name(name)) if keda else none(),
+            kube.get("NetworkPolicy", ns, name),
         ),
     )
     revisions: dict[str, Revision] = {}
@@ -179,6 +181,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         pdb=pdb,
         preconditions=problems,
         scaled_object=so,
+        network_policy=np,
         keda_hpa=keda_hpa,
     )
 
@@ -678,6 +681,8 @@ async def reconcile(
     # 4. PDB when more than one replica is wanted.
     pdb = b.build_pdb(cr, r) if desired_replicas(r, decision, obs.revisions) > 1 else None
     await _sync_optional_child(kube, cr, "PodDisruptionBudget", "disruption budget", pdb, obs.pdb, out, logger)
+    netpol = b.build_network_policy(cr, r) if r.spec.network_policy.enabled else None
+    await _sync_optional_child(kube, cr, "NetworkPolicy", "network policy", netpol, obs.network_policy, out, logger)
 
     # 5. Old revisions go only after the Service points at the serving one.
     for rev_hash in decision.delete:
