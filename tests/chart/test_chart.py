@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from autoglm_operator import builders
 from tests.conftest import REPO
 from tests.helpers import wait_for
 
@@ -203,7 +204,8 @@ def test_monitors_are_accepted_by_the_prometheus_operator_crds(kube, namespace, 
         runtime = rendered[(kind, f"{release}-autoglm-runtime")]["spec"]
         endpoint = (runtime.get("podMetricsEndpoints") or runtime["endpoints"])[0]
         assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
-        assert runtime["selector"]["matchLabels"]["app.kubernetes.io/name"] == "autoglm-runtime"
+        # The selector matches the labels the operator puts on model pods and Services (one source).
+        assert runtime["selector"]["matchLabels"].items() <= builders.common_labels("any").items()
         assert runtime["namespaceSelector"] == {"matchNames": [namespace]}
         dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
         ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
