@@ -241,7 +241,7 @@ def test_install_prints_next_steps_and_upgrade_across_a_crd_change_keeps_everyth
     try:
         notes = kube.helm("install", release, str(chart), "-n", namespace, "-f", str(values)).stdout
         for step in ("kubectl apply -f examples/tiny-cpu.yaml", "kubectl get agd",
-                     "kubectl apply --server-side --force-conflicts -f crds/"):
+                     "kubectl apply --server-side --force-conflicts -f crds/", "--reset-then-reuse-values"):
             assert step in notes, notes
         assert "CRD is not in the cluster" not in notes, notes
         kube.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "tiny-cpu.yaml"))
@@ -258,7 +258,8 @@ def test_install_prints_next_steps_and_upgrade_across_a_crd_change_keeps_everyth
             cols = crd["spec"]["versions"][0]["additionalPrinterColumns"]
             return next(c["description"] for c in cols if c["name"] == "Phase")
 
-        kube.helm("upgrade", release, str(chart), "-n", namespace, "-f", str(values), "--set", "resyncSeconds=120")
+        kube.helm("upgrade", release, str(chart), "-n", namespace, "--reset-then-reuse-values",
+                  "--set", "resyncSeconds=120")
         assert "(upgraded)" not in phase_column(), "helm upgrade is not expected to touch the CRD"
         kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(chart / "crds"))
         assert "(upgraded)" in phase_column()
@@ -269,6 +270,8 @@ def test_install_prints_next_steps_and_upgrade_across_a_crd_change_keeps_everyth
         dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
         env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["AUTOGLM_OPERATOR_RESYNC_SECONDS"] == "120"
+        # The install's own values are kept (the operator pod stays on the simulated node).
+        assert dep["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "kwok-cpu-0"}
         assert kube.helm("history", release, "-n", namespace, "-o", "json").stdout.count('"revision"') == 2
     finally:
         kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
