@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
-        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden clean \
+        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
         chart-crd values-table
 
 help:
@@ -61,6 +61,12 @@ bench-operator: sysdeps venv bins  ## Operator latency and idle writes on the lo
 
 bench-autoscale: sysdeps venv bins  ## Step load through KEDA autoscaling on the local cluster: table + PNG plot
 	$(PY) bench/bench_autoscale.py
+
+dashboard: venv  ## Regenerate the chart's Grafana dashboard from operator/autoglm_operator/dashboard.py
+	$(PY) scripts/gen-dashboard.py
+
+dashboard-png: sysdeps venv bins  ## Render the dashboard's key panels from live load on the local cluster (docs/dashboard.png)
+	$(PY) bench/render_dashboard.py
 
 golden: venv  ## Regenerate the builders' golden YAML
 	UPDATE_GOLDEN=1 $(PYTEST) tests/operator/test_builders.py -q

@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import Any
 
+from . import queries
 from .models import API_VERSION, KIND, ResolvedSpec
 
 PORT = 8000
@@ -63,6 +64,7 @@ def revision_inputs(r: ResolvedSpec) -> dict[str, Any]:
         "nodeSelector": s.node_selector,
         "tolerations": s.tolerations,
         "auth": s.auth.api_key_secret_ref.model_dump() if s.auth.api_key_secret_ref else None,
+        **({"tls": s.tls.secret_ref.name} if s.tls else {}),  # absent when off: old hashes stay valid
     }
 
 
@@ -127,8 +129,11 @@ def selector_string(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-def endpoint(name: str, namespace: str) -> str:
-    return f"http://{name}.{namespace}.svc.cluster.local:{PORT}/v1"
+TLS_DIR = "/etc/autoglm/tls"
+
+
+def endpoint(name: str, namespace: str, tls: bool = False) -> str:
+    return f"{'https' if tls else 'http'}://{name}.{namespace}.svc.cluster.local:{PORT}/v1"
 
 
 # ---------------------------------------------------------------- Deployment
@@ -207,6 +212,8 @@ def _runtime_args(r: ResolvedSpec, rev_hash: str) -> list[str]:
     ]
     if s.model.max_model_len:
         args += ["--max-model-len", str(s.model.max_model_len)]
+    if s.tls is not None:
+        args += ["--ssl-certfile", f"{TLS_DIR}/tls.crt", "--ssl-keyfile", f"{TLS_DIR}/tls.key"]
     return args
 
 
@@ -216,6 +223,9 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
     volumes, model_mounts, init_containers = _model_volume(r)
     volumes = volumes + [{"name": "tmp", "emptyDir": {}}]
     mounts = model_mounts + [{"name": "tmp", "mountPath": "/tmp"}]
+    if s.tls is not None:
+        volumes.append({"name": "tls", "secret": {"secretName": s.tls.secret_ref.name}})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     if gpus > 0:
         # PyTorch worker processes share tensors through /dev/shm.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
@@ -243,6 +253,7 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
         )
     env += [dict(e) for e in s.runtime.env]  # user env last: it wins over ours
 
+    scheme = {"scheme": "HTTPS"} if s.tls is not None else {}
     container = {
         "name": "runtime",
         "image": r.image_ref,
@@ -254,20 +265,20 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": mounts,
         "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": "http"},
+            "httpGet": {"path": "/ready", "port": "http", **scheme},
             "periodSeconds": 5,
             "timeoutSeconds": 2,
             "failureThreshold": 3,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": "/health", "port": "http", **scheme},
             "periodSeconds": 10,
             "timeoutSeconds": 5,
             "failureThreshold": 6,
         },
         # Model load can take many minutes: up to 10 s x 180 = 30 min before liveness takes over.
         "startupProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": "/health", "port": "http", **scheme},
             "periodSeconds": 10,
             "timeoutSeconds": 5,
             "failureThreshold": 180,
@@ -325,6 +336,7 @@ def build_deployment(cr: dict[str, Any], r: ResolvedSpec, rev_hash: str, replica
                     "prometheus.io/scrape": "true",
                     "prometheus.io/port": str(PORT),
                     "prometheus.io/path": "/metrics",
+                    **({"prometheus.io/scheme": "https"} if r.spec.tls is not None else {}),
                 },
             },
             "spec": build_pod_spec(r, rev_hash),
@@ -396,16 +408,6 @@ def build_hpa(cr: dict[str, Any], r: ResolvedSpec, target_deployment: str) -> di
     }
 
 
-def queue_depth_query(namespace: str, served_model: str, revision: str) -> str:
-    """PromQL for a revision's requests waiting, summed over its pods: what KEDA divides by the
-    per-pod target (``targetQueueDepth``) to get the replica count. Series carry the runtime's own
-    ``model`` and ``revision`` labels, so the query does not depend on how Prometheus relabels pods."""
-    return (
-        f'sum(autoglm_requests_waiting{{namespace="{namespace}",model="{served_model}",'
-        f'revision="{revision}"}}) or vector(0)'
-    )
-
-
 def keda_hpa_name(name: str) -> str:
     """The HorizontalPodAutoscaler KEDA creates for a resource's ScaledObject."""
     return f"{name}-keda"
@@ -423,7 +425,7 @@ def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prom
             "metricType": "AverageValue",
             "metadata": {
                 "serverAddress": prometheus,
-                "query": queue_depth_query(r.namespace, r.model_name, revision),
+                "query": queries.queue_depth(r.namespace, r.model_name, revision),
                 "threshold": str(a.target_queue_depth),
             },
         }
@@ -448,6 +450,34 @@ def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prom
                 }
             },
             "triggers": triggers,
+        },
+    }
+
+
+def build_network_policy(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    """Only labelled clients of the same namespace, and the monitoring namespace (scrapes), reach the
+    model pods' port; everything else is dropped by a NetworkPolicy-enforcing CNI."""
+    np = r.spec.network_policy
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(r.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {"podSelector": {"matchLabels": dict(np.client_labels)}},
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": np.monitoring_namespace}
+                            }
+                        },
+                    ],
+                    "ports": [{"protocol": "TCP", "port": PORT}],
+                }
+            ],
         },
     }
 

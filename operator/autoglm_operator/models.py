@@ -93,6 +93,20 @@ class AuthSpec(_Model):
     api_key_secret_ref: SecretKeyRef | None = None
 
 
+class SecretRef(_Model):
+    name: str
+
+
+class TLSSpec(_Model):
+    secret_ref: SecretRef
+
+
+class NetworkPolicySpec(_Model):
+    enabled: bool = False
+    client_labels: dict[str, str] = Field(default_factory=lambda: {"autoglm.io/client": "true"})
+    monitoring_namespace: str = "monitoring"
+
+
 class RolloutStep(_Model):
     weight: int
     pause: str | None = None
@@ -119,6 +133,8 @@ class AutoGLMDeploymentSpec(_Model):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     auth: AuthSpec = Field(default_factory=AuthSpec)
+    tls: TLSSpec | None = None
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
     @model_validator(mode="after")
     def _source(self) -> AutoGLMDeploymentSpec:

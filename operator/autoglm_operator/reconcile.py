@@ -12,6 +12,8 @@ into one run, bounds concurrency, and retries failures with backoff.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import logging
 import time
@@ -63,6 +65,7 @@ class Revision:
     uid: str
     spec_hash: str
     deadline_exceeded: str = ""  # message of Progressing=False/ProgressDeadlineExceeded
+    replica_failure: str = ""  # message of ReplicaFailure=True (pods refused: admission, quota)
 
     @property
     def is_ready(self) -> bool:
@@ -80,6 +83,14 @@ class Revision:
                 and c.get("reason") == "ProgressDeadlineExceeded"
             ):
                 deadline = c.get("message") or "progress deadline exceeded"
+        failure = next(
+            (
+                c.get("message") or c.get("reason") or "pods cannot be created"
+                for c in st.get("conditions") or []
+                if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
+            ),
+            "",
+        )
         return cls(
             hash=labels.get(b.LABEL_REVISION, ""),
             name=meta["name"],
@@ -93,6 +104,7 @@ class Revision:
             uid=meta.get("uid") or "",
             spec_hash=(meta.get("annotations") or {}).get(b.ANNOTATION_SPEC_HASH, ""),
             deadline_exceeded=deadline,
+            replica_failure=failure,
         )
 
 
@@ -104,6 +116,7 @@ class Observed:
     hpa: dict[str, Any] | None
     pdb: dict[str, Any] | None
     preconditions: list[Problem]
+    network_policy: dict[str, Any] | None = None
     scaled_object: dict[str, Any] | None = None
     keda_hpa: dict[str, Any] | None = None  # the HPA KEDA made for our ScaledObject
 
@@ -123,7 +136,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         return None
 
     keda = uses_keda(r) or (cr.get("status") or {}).get("autoscaler", {}).get("provider") == "KEDA"
-    (deps, pods), (svc, hpa, pdb, pvc, secret), (so, keda_hpa) = await asyncio.gather(
+    (deps, pods), (svc, hpa, pdb, pvc, secret, tls_secret), (so, keda_hpa, np) = await asyncio.gather(
         asyncio.gather(kube.list("Deployment", ns, selector), kube.list("Pod", ns, selector)),
         asyncio.gather(
             kube.get("Service", ns, name),
@@ -131,10 +144,12 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             kube.get("PodDisruptionBudget", ns, name),
             kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
             kube.get("Secret", ns, ref.name) if ref else none(),
+            kube.get("Secret", ns, r.spec.tls.secret_ref.name) if r.spec.tls else none(),
         ),
         asyncio.gather(
             kube.get("ScaledObject", ns, name) if keda else none(),
             kube.get("HorizontalPodAutoscaler", ns, b.keda_hpa_name(name)) if keda else none(),
+            kube.get("NetworkPolicy", ns, name),
         ),
     )
     revisions: dict[str, Revision] = {}
@@ -154,6 +169,10 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             problems.append(Problem("SecretNotFound", f"Secret {ref.name} not found in namespace {ns}"))
         elif ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
             problems.append(Problem("SecretNotFound", f"Secret {ref.name} has no key {ref.key}"))
+    if r.spec.tls is not None:
+        problem = tls_secret_problem(r.spec.tls.secret_ref.name, ns, tls_secret)
+        if problem:
+            problems.append(problem)
     return Observed(
         revisions=revisions,
         pods=[p for p in pods if _controlled_by_revision(p, revisions)],
@@ -162,8 +181,30 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         pdb=pdb,
         preconditions=problems,
         scaled_object=so,
+        network_policy=np,
         keda_hpa=keda_hpa,
     )
+
+
+def tls_secret_problem(name: str, ns: str, secret: dict[str, Any] | None) -> Problem | None:
+    """Why a TLS Secret cannot serve HTTPS (never fall back to plaintext): missing, wrong keys, not PEM."""
+    if secret is None:
+        return Problem("TLSSecretNotFound", f"Secret {name} not found in namespace {ns}")
+    data = secret.get("data") or {}
+    missing = [k for k in ("tls.crt", "tls.key") if not data.get(k)]
+    if missing:
+        return Problem(
+            "TLSSecretInvalid", f"Secret {name} has no {' or '.join(missing)} (want a kubernetes.io/tls Secret)"
+        )
+    try:
+        crt, key = (base64.b64decode(data[k]).decode() for k in ("tls.crt", "tls.key"))
+    except (binascii.Error, UnicodeDecodeError):
+        return Problem("TLSSecretInvalid", f"Secret {name}: tls.crt/tls.key are not PEM text")
+    if "-----BEGIN CERTIFICATE-----" not in crt or "PRIVATE KEY-----" not in key:
+        return Problem(
+            "TLSSecretInvalid", f"Secret {name}: tls.crt must hold a PEM certificate and tls.key a PEM private key"
+        )
+    return None
 
 
 def uses_keda(r: ResolvedSpec) -> bool:
@@ -288,9 +329,15 @@ def pod_problems(pods: Iterable[dict[str, Any]], revisions: dict[str, Revision])
 
 
 def deployment_problems(revisions: Iterable[Revision]) -> list[Problem]:
+    """Pods the apiserver refuses to create (Pod Security, quota...) first, then stalled rollouts."""
+    ordered = sorted(revisions, key=lambda rv: rv.name)
     return [
+        Problem("PodCreationRefused", f"Deployment {rv.name}: {rv.replica_failure}")
+        for rv in ordered
+        if rv.replica_failure
+    ] + [
         Problem("ProgressDeadlineExceeded", f"Deployment {rv.name}: {rv.deadline_exceeded}")
-        for rv in sorted(revisions, key=lambda rv: rv.name)
+        for rv in ordered
         if rv.deadline_exceeded
     ]
 
@@ -416,7 +463,7 @@ def compute_status(
         "canaryRevision": cand_name,
         "canaryVersion": r.version if decision.candidate else None,
         "canaryWeight": 0,
-        "endpoint": b.endpoint(name, ns),
+        "endpoint": b.endpoint(name, ns, tls=r.spec.tls is not None),
         "revisions": [
             {"name": rv.name, "version": rv.version, "replicas": rv.replicas, "readyReplicas": rv.ready}
             for rv in sorted(revisions.values(), key=lambda rv: rv.name)
@@ -634,6 +681,8 @@ async def reconcile(
     # 4. PDB when more than one replica is wanted.
     pdb = b.build_pdb(cr, r) if desired_replicas(r, decision, obs.revisions) > 1 else None
     await _sync_optional_child(kube, cr, "PodDisruptionBudget", "disruption budget", pdb, obs.pdb, out, logger)
+    netpol = b.build_network_policy(cr, r) if r.spec.network_policy.enabled else None
+    await _sync_optional_child(kube, cr, "NetworkPolicy", "network policy", netpol, obs.network_policy, out, logger)
 
     # 5. Old revisions go only after the Service points at the serving one.
     for rev_hash in decision.delete:

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     s.add_argument("--device")
     s.add_argument("--api-key-file")
+    s.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate [env AUTOGLM_RUNTIME_SSL_CERTFILE]")
+    s.add_argument("--ssl-keyfile", help="the certificate's PEM private key [env AUTOGLM_RUNTIME_SSL_KEYFILE]")
     s.add_argument("--revision", help="revision label on metrics")
     s.add_argument("--drain-timeout", dest="drain_timeout_seconds", type=float, metavar="SECONDS")
     s.add_argument("--request-timeout", dest="request_timeout_seconds", type=float, metavar="SECONDS")
@@ -120,6 +122,8 @@ def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
         "dtype",
         "device",
         "api_key_file",
+        "ssl_certfile",
+        "ssl_keyfile",
         "revision",
         "drain_timeout_seconds",
         "request_timeout_seconds",
@@ -257,6 +261,8 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
         lifespan="on",
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )
     server = _Server.make(config)
     loop = asyncio.get_running_loop()

@@ -40,6 +40,8 @@ class RuntimeSettings(BaseSettings):
 
     api_key: str | None = Field(default=None, repr=False)
     api_key_file: Path | None = None
+    ssl_certfile: Path | None = Field(default=None, description="Serve HTTPS with this PEM certificate (chain).")
+    ssl_keyfile: Path | None = Field(default=None, description="The certificate's PEM private key.")
 
     max_image_pixels: int = Field(default=5_000_000, ge=1, description="Most pixels of one image (before resizing).")
     max_images_per_request: int = Field(default=10, ge=0, description="Most images in one request.")
@@ -90,6 +92,17 @@ class RuntimeSettings(BaseSettings):
             if not key:
                 raise ValueError(f"api_key_file {self.api_key_file} is empty")
             self.api_key = key
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("set both ssl_certfile and ssl_keyfile, or neither")
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            import ssl
+
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"cannot use the TLS certificate {self.ssl_certfile} / key {self.ssl_keyfile}: {exc}"
+                ) from None
         if self.served_model_name is None:
             self.served_model_name = self.model.resolve().name or str(self.model)
         if self.reload_root is None:

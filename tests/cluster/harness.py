@@ -70,6 +70,7 @@ PROMETHEUS_CONFIG = """\
 global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
 scrape_configs:
 - job_name: kubernetes-pods
+  tls_config: {{insecure_skip_verify: true}}  # pods serving HTTPS (prometheus.io/scheme: https) use their own certificates
   kubernetes_sd_configs:
   - role: pod
     api_server: {api}
@@ -78,6 +79,7 @@ scrape_configs:
   - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], regex: "true", action: keep}}
   - {{source_labels: [__meta_kubernetes_pod_phase], regex: Pending|Succeeded|Failed, action: drop}}
   - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path], regex: (.+), target_label: __metrics_path__}}
+  - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scheme], regex: "(https?)", target_label: __scheme__}}
   - source_labels: [__meta_kubernetes_pod_ip, __meta_kubernetes_pod_annotation_prometheus_io_port]
     regex: (.+);(\\d+)
     replacement: $1:$2

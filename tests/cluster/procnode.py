@@ -142,10 +142,18 @@ class ConfigError(Exception):
 # ==================================================================== probes and hooks
 
 
-async def http_get(host: str, port: int, path: str, timeout: float) -> int:
-    """Status code of GET http://host:port/path (raises on connection errors and timeouts)."""
+def _insecure_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # as the kubelet: HTTPS probes do not verify the certificate
+    return ctx
+
+
+async def http_get(host: str, port: int, path: str, timeout: float, scheme: str = "HTTP") -> int:
+    """Status code of GET http(s)://host:port/path (raises on connection errors and timeouts)."""
     async def go() -> int:
-        reader, writer = await asyncio.open_connection(host, port)
+        tls = _insecure_tls() if scheme.upper() == "HTTPS" else None
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.36\r\n"
                          f"Connection: close\r\n\r\n".encode())
@@ -548,7 +556,8 @@ class PodWorker:
         try:
             if "httpGet" in probe:
                 h = probe["httpGet"]
-                code = await http_get(h.get("host") or self.pod_ip, self.port(c, h["port"]), h.get("path", "/"), timeout)
+                code = await http_get(h.get("host") or self.pod_ip, self.port(c, h["port"]), h.get("path", "/"), timeout,
+                                      h.get("scheme", "HTTP"))
                 return 200 <= code < 400
             if "tcpSocket" in probe:
                 _, w = await asyncio.wait_for(asyncio.open_connection(self.pod_ip, self.port(c, probe["tcpSocket"]["port"])),
@@ -557,7 +566,7 @@ class PodWorker:
                 return True
             if "exec" in probe:
                 return await self.exec_in(c, probe["exec"]["command"], timeout) == 0
-        except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+        except (OSError, asyncio.TimeoutError, ValueError, IndexError, ssl.SSLError):
             return False
         return False
 
@@ -650,7 +659,8 @@ class PodWorker:
                 await asyncio.sleep(float(hook["sleep"]["seconds"]))
             elif "httpGet" in hook:
                 h = hook["httpGet"]
-                await http_get(h.get("host") or self.pod_ip, self.port(c, h["port"]), h.get("path", "/"), 30)
+                await http_get(h.get("host") or self.pod_ip, self.port(c, h["port"]), h.get("path", "/"), 30,
+                               h.get("scheme", "HTTP"))
             elif "exec" in hook:
                 await self.exec_in(c, hook["exec"]["command"], 30)
         except (OSError, asyncio.TimeoutError, ValueError) as exc:

@@ -130,6 +130,8 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
      ("spec.autoscaling.minReplicas", "minReplicas (5)", "maxReplicas (2)")),
     ("autoscaling-no-max", spec(**enabled_autoscaling(maxReplicas=DELETE)), ("spec.autoscaling.maxReplicas", "Required")),
     ("queue-depth-0", spec(autoscaling={"targetQueueDepth": 0}), ("spec.autoscaling.targetQueueDepth",)),
+    ("tls-without-secret", spec(tls={}), ("spec.tls.secretRef", "Required value")),
+    ("tls-secret-without-name", spec(tls={"secretRef": {}}), ("spec.tls.secretRef.name", "Required value")),
     ("autoscaling-provider-unknown", spec(autoscaling={"provider": "VPA"}),
      ("spec.autoscaling.provider", "Unsupported value", '"HPA"', '"KEDA"')),
     ("autoscaling-prometheus-no-scheme", spec(autoscaling={"provider": "KEDA", "prometheus": {"address": "prom:9090"}}),

@@ -29,7 +29,7 @@ SPECS = {
         "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
         "replicas": 1,
     },
-    "gpu-autoscaling-pvc-auth": {
+    "gpu-autoscaling-pvc-auth-tls": {
         "model": {"name": "glm-4-9b-chat", "uri": "pvc://model-store/glm-4-9b-chat", "dtype": "bfloat16",
                   "maxModelLen": 8192},
         "runtime": {"image": "registry.example.com/autoglm/runtime", "version": "0.1.0",
@@ -40,6 +40,8 @@ SPECS = {
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8, "targetQueueDepth": 8,
                         "targetCPUUtilization": 80, "scaleDownStabilizationSeconds": 300},
         "auth": {"apiKeySecretRef": {"name": "chat-api-key", "key": "token"}},
+        "tls": {"secretRef": {"name": "chat-tls"}},
+        "networkPolicy": {"enabled": True},
     },
     "keda-cpu": {
         "model": {"name": "tiny", "uri": "file:///models/tiny", "maxModelLen": 512},
@@ -78,6 +80,8 @@ def children(name: str, spec: dict) -> list[dict]:
         docs.append(b.build_hpa(cr, r, b.revision_name(name, rev)))
     if (r.spec.autoscaling.bounds[0] if r.spec.autoscaling.enabled else r.spec.fixed_replicas) > 1:
         docs.append(b.build_pdb(cr, r))
+    if r.spec.network_policy.enabled:
+        docs.append(b.build_network_policy(cr, r))
     return docs
 
 
@@ -92,7 +96,7 @@ def test_golden(case: str) -> None:
 
 
 def test_revision_hash_is_stable_and_ignores_key_order() -> None:
-    spec = SPECS["gpu-autoscaling-pvc-auth"]
+    spec = SPECS["gpu-autoscaling-pvc-auth-tls"]
     shuffled = {k: spec[k] for k in reversed(list(spec))}
     shuffled["model"] = {k: spec["model"][k] for k in reversed(list(spec["model"]))}
     h = b.revision_hash(resolved("chat", spec))
@@ -104,7 +108,7 @@ def test_revision_hash_is_stable_and_ignores_key_order() -> None:
 
 
 def test_revision_hash_ignores_scaling_and_rollout_policy() -> None:
-    spec = copy.deepcopy(SPECS["gpu-autoscaling-pvc-auth"])
+    spec = copy.deepcopy(SPECS["gpu-autoscaling-pvc-auth-tls"])
     h = b.revision_hash(resolved("chat", spec))
     spec["autoscaling"] |= {"minReplicas": 3, "maxReplicas": 12, "targetQueueDepth": 4, "targetCPUUtilization": 0,
                             "scaleDownStabilizationSeconds": 60}
@@ -127,7 +131,7 @@ def test_revision_hash_ignores_scaling_and_rollout_policy() -> None:
     lambda s: s["auth"]["apiKeySecretRef"].__setitem__("name", "other"),
 ])
 def test_revision_hash_changes_with_what_pods_run(change) -> None:
-    spec = copy.deepcopy(SPECS["gpu-autoscaling-pvc-auth"])
+    spec = copy.deepcopy(SPECS["gpu-autoscaling-pvc-auth-tls"])
     h = b.revision_hash(resolved("chat", spec))
     change(spec)
     assert b.revision_hash(resolved("chat", spec)) != h
@@ -141,8 +145,8 @@ def test_default_image_is_part_of_the_revision() -> None:
 
 
 def test_deployment_essentials() -> None:
-    docs = children("chat", SPECS["gpu-autoscaling-pvc-auth"])
-    dep, svc, hpa, pdb = docs
+    docs = children("chat", SPECS["gpu-autoscaling-pvc-auth-tls"])
+    dep, svc, hpa, pdb, netpol = docs
     rev = dep["metadata"]["labels"][b.LABEL_REVISION]
     assert dep["metadata"]["name"] == f"chat-{rev}"
     assert dep["metadata"]["ownerReferences"][0] | {} == {
@@ -166,6 +170,16 @@ def test_deployment_essentials() -> None:
     assert hpa["spec"]["scaleTargetRef"]["name"] == f"chat-{rev}"
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods", "Resource"]
     assert pdb["spec"]["maxUnavailable"] == 1
+    # TLS: HTTPS serving, probes and scrapes; the certificate mounted read-only.
+    assert c["args"][c["args"].index("--ssl-certfile") + 1] == "/etc/autoglm/tls/tls.crt"
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS" and c["startupProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert {"name": "tls", "secret": {"secretName": "chat-tls"}} in pod["volumes"]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    # NetworkPolicy: labelled clients and the monitoring namespace, on the model port only.
+    ingress = netpol["spec"]["ingress"][0]
+    assert netpol["spec"]["podSelector"] == {"matchLabels": {b.LABEL_DEPLOYMENT: "chat"}}
+    assert {"podSelector": {"matchLabels": {"autoglm.io/client": "true"}}} in ingress["from"]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 8000}]
 
 
 def test_hf_source_downloads_in_an_init_container() -> None:

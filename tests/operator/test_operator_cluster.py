@@ -309,3 +309,12 @@ def test_operator_killed_and_restarted_converges(kube, namespace, crd, op_env, t
         st = status(kube, namespace, "phoenix")
         assert st["observedGeneration"] == get(kube, namespace, "agd/phoenix")["metadata"]["generation"]
         assert try_get(kube, namespace, "pdb/phoenix") is None
+
+
+def test_network_policy_is_accepted_and_removed_when_disabled(kube, namespace, operator):
+    # The local cluster enforces no NetworkPolicy (no CNI): this checks what the apiserver accepts.
+    apply(kube, namespace, agd("np", networkPolicy={"enabled": True, "clientLabels": {"team": "agents"}}))
+    pol = wait_for(lambda: try_get(kube, namespace, "networkpolicy/np"), timeout=30, message="NetworkPolicy np")
+    assert pol["spec"]["ingress"][0]["from"][0] == {"podSelector": {"matchLabels": {"team": "agents"}}}
+    merge(kube, namespace, "autoglmdeployment/np", {"spec": {"networkPolicy": {"enabled": False}}})
+    wait_for(lambda: try_get(kube, namespace, "networkpolicy/np") is None, timeout=30, message="NetworkPolicy gone")

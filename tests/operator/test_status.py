@@ -135,3 +135,17 @@ def test_pod_problems_crash_loop_quotes_the_containers_last_words() -> None:
     problems = pod_problems([pod], {"new": rev("new")})
     assert problems == [Problem("CrashLoopBackOff", "1 pod(s) of revision chat-new: container runtime exited with "
                                                     "code 1: autoglm-runtime: error: bad config")]
+
+
+def test_deployment_problems_put_refused_pods_first() -> None:
+    from autoglm_operator.reconcile import deployment_problems
+
+    dep = {"metadata": {"name": "chat-new", "labels": {b.LABEL_REVISION: "new"}, "generation": 1},
+           "spec": {"replicas": 1},
+           "status": {"observedGeneration": 1, "conditions": [
+               {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "slow"},
+               {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                "message": 'pods "x" is forbidden: violates PodSecurity "restricted:latest"'}]}}
+    problems = deployment_problems([Revision.from_deployment(dep)])
+    assert [p.reason for p in problems] == ["PodCreationRefused", "ProgressDeadlineExceeded"]
+    assert "violates PodSecurity" in problems[0].message

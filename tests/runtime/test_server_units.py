@@ -147,3 +147,25 @@ def test_kv_cache_sizing_reads_the_cgroup_limit(tmp_path, monkeypatch):
 
     monkeypatch.setenv(CGROUP_ROOT_ENV, str(_fake_cgroup(tmp_path, 2, str(GiB), usage=GiB - 5 * 2**20)))
     assert available_memory(torch.device("cpu")) == 5 * 2**20
+
+
+def test_tls_settings_need_both_files_and_a_usable_pair(tmp_path) -> None:
+    import subprocess
+
+    import pytest
+    from pydantic import ValidationError
+
+    from autoglm_runtime.config import RuntimeSettings
+
+    model = tmp_path / "m"
+    model.mkdir()
+    with pytest.raises(ValidationError, match="both ssl_certfile and ssl_keyfile"):
+        RuntimeSettings(model=model, ssl_certfile=tmp_path / "c.pem")
+    (tmp_path / "c.pem").write_text("not a certificate")
+    (tmp_path / "k.pem").write_text("not a key")
+    with pytest.raises(ValidationError, match="cannot use the TLS certificate"):
+        RuntimeSettings(model=model, ssl_certfile=tmp_path / "c.pem", ssl_keyfile=tmp_path / "k.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem", "-out", "c.pem",
+                    "-days", "1", "-subj", "/CN=x"], cwd=tmp_path, check=True, capture_output=True)
+    s = RuntimeSettings(model=model, ssl_certfile=tmp_path / "c.pem", ssl_keyfile=tmp_path / "k.pem")
+    assert s.ssl_certfile == tmp_path / "c.pem"

@@ -1,0 +1,63 @@
+"""PromQL over the runtime's metrics, in one place: KEDA's trigger, the Grafana dashboard (and the
+canary analysis, later) build their queries here so they never drift apart.
+
+Every series the runtime exports carries its own ``model`` (served model name) and ``revision``
+labels; Prometheus adds ``namespace`` and ``pod`` (Kubernetes discovery, a PodMonitor or a
+ServiceMonitor all do). The queries use only those, so they do not depend on how pod labels are
+relabelled. ``selector`` values may be Grafana variables (``$namespace``) or literal values.
+"""
+
+from __future__ import annotations
+
+
+def selector(namespace: str, model: str, revision: str | None = None, *, regex: bool = False) -> str:
+    op = "=~" if regex else "="
+    parts = [f'namespace{op}"{namespace}"', f'model{op}"{model}"']
+    if revision is not None:
+        parts.append(f'revision{op}"{revision}"')
+    return ",".join(parts)
+
+
+def queue_depth(namespace: str, model: str, revision: str) -> str:
+    """A revision's waiting requests summed over its pods (KEDA divides by the per-pod target)."""
+    return f"sum(autoglm_requests_waiting{{{selector(namespace, model, revision)}}}) or vector(0)"
+
+
+def request_rate(sel: str, window: str) -> str:
+    return f"sum by (revision) (rate(autoglm_requests_total{{{sel}}}[{window}]))"
+
+
+def error_ratio(sel: str, window: str) -> str:
+    """Failed over finished requests (server errors and timeouts; client mistakes are not the server's)."""
+    return (
+        f'sum by (revision) (rate(autoglm_requests_total{{{sel},status="error"}}[{window}]))'
+        f" / sum by (revision) (rate(autoglm_requests_total{{{sel}}}[{window}]))"
+    )
+
+
+def latency_quantile(metric: str, q: float, sel: str, window: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, revision) (rate({metric}_bucket{{{sel}}}[{window}])))"
+
+
+def ttft_quantile(q: float, sel: str, window: str) -> str:
+    return latency_quantile("autoglm_time_to_first_token_seconds", q, sel, window)
+
+
+def per_pod(gauge: str, sel: str) -> str:
+    return f"sum by (pod) ({gauge}{{{sel}}})"
+
+
+def mean_batch_size(sel: str, window: str) -> str:
+    return (
+        f"sum by (revision) (rate(autoglm_batch_size_sum{{{sel}}}[{window}]))"
+        f" / sum by (revision) (rate(autoglm_batch_size_count{{{sel}}}[{window}]))"
+    )
+
+
+def tokens_per_second(sel: str, window: str) -> str:
+    return f"sum by (revision) (rate(autoglm_generation_tokens_total{{{sel}}}[{window}]))"
+
+
+def serving_pods(sel: str) -> str:
+    """Pods of each revision that Prometheus scrapes (the replicas that report)."""
+    return f"count by (revision) (autoglm_requests_running{{{sel}}})"

@@ -1,0 +1,30 @@
+"""The Grafana dashboard: generated from the one module of queries, and what the chart ships."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from autoglm_operator import builders as b
+from autoglm_operator import dashboard, queries
+from tests.operator.test_builders import SPECS, cr_for, resolved
+
+SHIPPED = Path(__file__).resolve().parents[2] / "charts" / "autoglm" / "dashboards" / "autoglm-endpoints.json"
+
+
+def test_the_chart_ships_the_generated_dashboard() -> None:
+    assert SHIPPED.read_text() == dashboard.render(), "run `make dashboard` and commit the result"
+
+
+def test_every_panel_queries_the_runtime_by_namespace_and_model() -> None:
+    exprs = dashboard.expressions(json.loads(SHIPPED.read_text()))
+    assert len(exprs) >= 15
+    for title, expr in exprs:
+        assert 'namespace=~"$namespace"' in expr and 'model=~"$model"' in expr, title
+
+
+def test_keda_and_the_dashboard_share_the_queue_depth_metric() -> None:
+    spec = SPECS["keda-cpu"]
+    so = b.build_scaled_object(cr_for("keda-cpu", spec), resolved("keda-cpu", spec), "abc", "http://p:9090")
+    assert so["spec"]["triggers"][0]["metadata"]["query"] == queries.queue_depth("demo", "tiny", "abc")
+    assert any("autoglm_requests_waiting" in e for _, e in dashboard.expressions(dashboard.build()))
