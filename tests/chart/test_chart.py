@@ -276,3 +276,21 @@ def test_install_prints_next_steps_and_upgrade_across_a_crd_change_keeps_everyth
     finally:
         kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
         kube.helm("uninstall", release, "-n", namespace, check=False)
+
+
+def test_operator_pod_is_admitted_under_pod_security_restricted(kube, namespace):
+    """The chart's own Deployment in a namespace enforcing the "restricted" profile (the apiserver
+    refuses a non-compliant pod at creation: the ReplicaSet would report FailedCreate)."""
+    kube.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                 "pod-security.kubernetes.io/enforce-version=latest")
+    release = f"psa-{namespace[-5:]}"
+    values = kube.dir / f"{release}-values.yaml"
+    values.write_text(SIMULATED_OPERATOR_POD)
+    try:
+        kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "60s",
+                  "-f", str(values))
+        pods = json.loads(kube.kubectl("get", "pods", "-n", namespace, "-l",
+                                       "app.kubernetes.io/name=autoglm-operator", "-o", "json").stdout)["items"]
+        assert len(pods) == 1
+    finally:
+        kube.helm("uninstall", release, "-n", namespace, check=False)
