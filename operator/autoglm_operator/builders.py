@@ -276,12 +276,13 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
             "timeoutSeconds": 5,
             "failureThreshold": 6,
         },
-        # Model load can take many minutes: up to 10 s x 180 = 30 min before liveness takes over.
+        # Model load can take many minutes: up to 2 s x 900 = 30 min before liveness takes over. A short
+        # period (a cheap /health) makes a pod Ready within ~2 s of its model loading, not up to 10 s later.
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http", **scheme},
-            "periodSeconds": 10,
+            "periodSeconds": 2,
             "timeoutSeconds": 5,
-            "failureThreshold": 180,
+            "failureThreshold": 900,
         },
         # Keep serving while the endpoints controller removes the pod, then SIGTERM drains.
         "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
