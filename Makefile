@@ -5,7 +5,8 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
-        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean
+        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
+        chart-crd values-table
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,10 +20,17 @@ bins:  ## Build the local control plane's binaries from Go modules (cached)
 sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables) if missing
 	@bash scripts/system-deps.sh
 
-lint: venv  ## ruff (lint + format check) and mypy on operator/ and runtime/ (config in pyproject.toml)
+lint: venv  ## ruff + mypy on operator/ and runtime/ (config in pyproject.toml), hadolint on the Dockerfiles
 	$(VENV)/bin/ruff check operator runtime
 	$(VENV)/bin/ruff format --check operator runtime
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime
+
+chart-crd:  ## Copy crds/ into the Helm chart's crds/ (the fast tests check they are identical)
+	cp crds/autoglm.io_autoglmdeployments.yaml charts/autoglm/crds/
+
+values-table: venv  ## Regenerate the README's Helm values table from charts/autoglm/values.schema.json
+	$(PY) scripts/values-table.py --write README.md
 
 test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real control plane)
 	$(PYTEST)

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from autoglm_operator import builders
 from tests.conftest import REPO
 from tests.helpers import wait_for
 
@@ -21,10 +22,6 @@ def test_chart_lints(kube):
     out = kube.helm("lint", str(CHART), "--strict").stdout
     assert "0 chart(s) failed" in out
 
-
-def test_chart_ships_the_crd_from_crds_folder():
-    assert (CHART / "crds" / "autoglm.io_autoglmdeployments.yaml").read_text() == \
-        (REPO / "crds" / "autoglm.io_autoglmdeployments.yaml").read_text()
 
 
 def test_rendered_operator_pod_is_hardened(kube):
@@ -108,4 +105,192 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
     finally:
         op.terminate()
         op.wait(timeout=30)
+        kube.helm("uninstall", release, "-n", namespace, check=False)
+
+
+# ---------------------------------------------------------------- values.schema.json, with the real helm
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--set", "imag.tag=v1"], "additional properties 'imag' not allowed"),             # a typo'd key
+    (["--set", "resyncSeconds=fast"], "/resyncSeconds': got string, want number"),      # a wrong type
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy': value must be one of"),  # a bad enum
+    (["--set", "monitoring.runtime.kind=Probe"], "/monitoring/runtime/kind': value must be one of"),
+    (["--set", "watchNamespaces={Team_A}"], "/watchNamespaces/0'"),
+    (["--set", "monitoring.operator.enable=true"], "additional properties 'enable' not allowed"),
+])
+def test_bad_values_fail_install_and_template_with_the_field_named(kube, namespace, args, named):
+    for cmd in (["template", "bad", str(CHART)], ["install", f"bad-{namespace[-5:]}", str(CHART), "-n", namespace]):
+        proc = kube.helm(*cmd, *args, check=False)
+        assert proc.returncode != 0, f"helm {cmd[0]} {args} should fail"
+        assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+        assert named in proc.stderr, proc.stderr
+    assert kube.helm("list", "-n", namespace, "-q").stdout.strip() == ""
+
+
+def test_good_values_pass_the_schema(kube):
+    values = kube.dir / "good-values.yaml"
+    values.write_text(textwrap.dedent("""\
+        image: {repository: example.org/op, tag: "1.2.3", pullPolicy: Always}
+        imagePullSecrets: [{name: regcred}]
+        watchNamespaces: [team-a, team-b]
+        defaultRuntime: {image: example.org/runtime, version: 0.2.0-rc.1}
+        prometheusAddress: http://prometheus.monitoring:9090
+        prometheusAdapterRule: {enabled: true}
+        resyncSeconds: 120.5
+        extraEnv: [{name: AUTOGLM_OPERATOR_API_THREADS, value: "8"}]
+        serviceAccount: {create: false, name: op, annotations: {a: b}}
+        resources: {requests: {cpu: 1, memory: 1Gi}, limits: {memory: 2Gi}}
+        tolerations: [{key: k, operator: Exists}]
+        monitoring:
+          runtime: {enabled: true, kind: ServiceMonitor, interval: 1m30s, labels: {release: prom}}
+          operator: {enabled: true, port: 9100, interval: 30s}
+        """))
+    kinds = [d["kind"] for d in _yaml_docs(kube.helm("template", "good", str(CHART), "-f", str(values)).stdout) if d]
+    assert {"ServiceMonitor", "PodMonitor", "ConfigMap", "Deployment"} <= set(kinds)
+    assert "0 chart(s) failed" in kube.helm("lint", str(CHART), "--strict", "-f", str(values)).stdout
+
+
+# ---------------------------------------------------------------- ServiceMonitor / PodMonitor
+
+
+@pytest.fixture(scope="module")
+def prometheus_operator_crds(kube):
+    """The Prometheus Operator's PodMonitor and ServiceMonitor CRDs, from its Go module, applied."""
+    folder = subprocess.run(["bash", str(REPO / "scripts" / "prometheus-operator-crds.sh")], check=True,
+                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", folder)
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                 "crd/podmonitors.monitoring.coreos.com", "crd/servicemonitors.monitoring.coreos.com")
+    return folder
+
+
+def _contains(stored, rendered, path="") -> list[str]:
+    """Fields of ``rendered`` missing or different in ``stored`` (the apiserver adds defaults, so
+    ``stored`` may have more; a pruned unknown field shows up here)."""
+    if isinstance(rendered, dict):
+        if not isinstance(stored, dict):
+            return [path]
+        return [p for k, v in rendered.items() for p in _contains(stored.get(k), v, f"{path}.{k}")]
+    if isinstance(rendered, list):
+        if not isinstance(stored, list) or len(stored) != len(rendered):
+            return [path]
+        return [p for i, (s, r) in enumerate(zip(stored, rendered, strict=True)) for p in _contains(s, r, f"{path}[{i}]")]
+    return [] if stored == rendered else [path]
+
+
+SIMULATED_OPERATOR_POD = ("nodeSelector: {kubernetes.io/hostname: kwok-cpu-0}\n"
+                          "tolerations: [{key: autoglm.io/simulated, operator: Exists, effect: NoSchedule}]\n")
+
+
+@pytest.mark.parametrize("kind", ["PodMonitor", "ServiceMonitor"])
+def test_monitors_are_accepted_by_the_prometheus_operator_crds(kube, namespace, prometheus_operator_crds, kind):
+    release = f"mon-{namespace[-5:]}"
+    values = kube.dir / f"{release}-values.yaml"
+    values.write_text(SIMULATED_OPERATOR_POD + f"watchNamespaces: [{namespace}]\n"
+                      f"monitoring: {{runtime: {{enabled: true, kind: {kind}, labels: {{release: prom}}}},"
+                      f" operator: {{enabled: true}}}}\n")
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in _yaml_docs(
+        kube.helm("template", release, str(CHART), "-n", namespace, "-f", str(values)).stdout)
+        if d and d["apiVersion"] == "monitoring.coreos.com/v1"}
+    assert set(rendered) == {(kind, f"{release}-autoglm-runtime"), ("PodMonitor", f"{release}-autoglm-operator")}
+    try:
+        kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "-f", str(values))
+        for (k, name), want in rendered.items():
+            got = json.loads(kube.kubectl("get", k.lower(), name, "-n", namespace, "-o", "json").stdout)
+            assert _contains(got["spec"], want["spec"]) == [], f"{k} {name}: fields dropped or changed"
+            if name.endswith("-runtime"):
+                assert got["metadata"]["labels"]["release"] == "prom"
+        runtime = rendered[(kind, f"{release}-autoglm-runtime")]["spec"]
+        endpoint = (runtime.get("podMetricsEndpoints") or runtime["endpoints"])[0]
+        assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+        # The selector matches the labels the operator puts on model pods and Services (one source).
+        assert runtime["selector"]["matchLabels"].items() <= builders.common_labels("any").items()
+        assert runtime["namespaceSelector"] == {"matchNames": [namespace]}
+        dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
+        ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert ports == {"health", "metrics"}
+    finally:
+        kube.helm("uninstall", release, "-n", namespace, check=False)
+
+
+def test_the_monitor_check_catches_a_field_the_crd_does_not_know(kube, namespace, prometheus_operator_crds):
+    """Control for the test above: a misspelt field is refused by strict validation against the CRD."""
+    bad = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+           "metadata": {"name": "bad", "namespace": namespace},
+           "spec": {"selector": {}, "podMetricsEndpoints": [{"prot": "http"}]}}
+    proc = kube.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=json.dumps(bad),
+                        check=False)
+    assert proc.returncode != 0 and "prot" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- NOTES, upgrade across a CRD change
+
+
+def test_install_prints_next_steps_and_upgrade_across_a_crd_change_keeps_everything(kube, namespace, tmp_path):
+    """The README's procedure: `helm upgrade` leaves the CRD alone, `kubectl apply --server-side
+    --force-conflicts -f crds/` updates it; the release's objects and an AutoGLMDeployment survive."""
+    import shutil
+
+    chart = tmp_path / "autoglm"
+    shutil.copytree(CHART, chart)
+    release = f"up-{namespace[-5:]}"
+    values = kube.dir / f"{release}-values.yaml"
+    values.write_text(SIMULATED_OPERATOR_POD)
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    try:
+        notes = kube.helm("install", release, str(chart), "-n", namespace, "-f", str(values)).stdout
+        for step in ("kubectl apply -f examples/tiny-cpu.yaml", "kubectl get agd",
+                     "kubectl apply --server-side --force-conflicts -f crds/", "--reset-then-reuse-values"):
+            assert step in notes, notes
+        assert "CRD is not in the cluster" not in notes, notes
+        kube.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "tiny-cpu.yaml"))
+        before = json.loads(kube.kubectl("get", "deploy,sa,agd", "-n", namespace, "-o", "json").stdout)["items"]
+
+        # A new chart version whose CRD changed (a printer column's description) and a changed value.
+        crd_file = chart / "crds" / "autoglm.io_autoglmdeployments.yaml"
+        old = "description: Pending, Progressing, Healthy or Degraded."
+        assert old in crd_file.read_text()
+        crd_file.write_text(crd_file.read_text().replace(old, old[:-1] + " (upgraded)."))
+
+        def phase_column() -> str:
+            crd = json.loads(kube.kubectl("get", "crd", "autoglmdeployments.autoglm.io", "-o", "json").stdout)
+            cols = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            return next(c["description"] for c in cols if c["name"] == "Phase")
+
+        kube.helm("upgrade", release, str(chart), "-n", namespace, "--reset-then-reuse-values",
+                  "--set", "resyncSeconds=120")
+        assert "(upgraded)" not in phase_column(), "helm upgrade is not expected to touch the CRD"
+        kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(chart / "crds"))
+        assert "(upgraded)" in phase_column()
+
+        after = json.loads(kube.kubectl("get", "deploy,sa,agd", "-n", namespace, "-o", "json").stdout)["items"]
+        assert {(o["kind"], o["metadata"]["name"], o["metadata"]["uid"]) for o in before} <= \
+            {(o["kind"], o["metadata"]["name"], o["metadata"]["uid"]) for o in after}
+        dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["AUTOGLM_OPERATOR_RESYNC_SECONDS"] == "120"
+        # The install's own values are kept (the operator pod stays on the simulated node).
+        assert dep["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "kwok-cpu-0"}
+        assert kube.helm("history", release, "-n", namespace, "-o", "json").stdout.count('"revision"') == 2
+    finally:
+        kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+        kube.helm("uninstall", release, "-n", namespace, check=False)
+
+
+def test_operator_pod_is_admitted_under_pod_security_restricted(kube, namespace):
+    """The chart's own Deployment in a namespace enforcing the "restricted" profile (the apiserver
+    refuses a non-compliant pod at creation: the ReplicaSet would report FailedCreate)."""
+    kube.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                 "pod-security.kubernetes.io/enforce-version=latest")
+    release = f"psa-{namespace[-5:]}"
+    values = kube.dir / f"{release}-values.yaml"
+    values.write_text(SIMULATED_OPERATOR_POD)
+    try:
+        kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "60s",
+                  "-f", str(values))
+        pods = json.loads(kube.kubectl("get", "pods", "-n", namespace, "-l",
+                                       "app.kubernetes.io/name=autoglm-operator", "-o", "json").stdout)["items"]
+        assert len(pods) == 1
+    finally:
         kube.helm("uninstall", release, "-n", namespace, check=False)
