@@ -294,3 +294,15 @@ def test_operator_pod_is_admitted_under_pod_security_restricted(kube, namespace)
         assert len(pods) == 1
     finally:
         kube.helm("uninstall", release, "-n", namespace, check=False)
+
+
+def test_dashboard_configmap_carries_the_generated_dashboard(kube):
+    import yaml
+
+    out = kube.helm("template", "agl", str(CHART), "--set", "dashboard.enabled=true", "--set",
+                    "dashboard.namespace=monitoring", "--show-only", "templates/dashboard.yaml").stdout
+    cm = yaml.safe_load(out)
+    assert cm["metadata"]["namespace"] == "monitoring" and cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = (CHART / "dashboards" / "autoglm-endpoints.json").read_text()
+    assert json.loads(cm["data"]["autoglm-endpoints.json"]) == json.loads(shipped)
+    assert "templates/dashboard.yaml" not in kube.helm("template", "agl", str(CHART)).stdout  # off by default
