@@ -114,3 +114,47 @@ def test_hpa_provider_without_a_metrics_adapter_says_why_in_status(kube, namespa
 
     msg = wait_for(message, timeout=90, interval=1.0, message="the HPA's reason in status.autoscaler")
     assert "autoglm_requests_waiting" in msg or "custom.metrics" in msg, msg
+
+
+def test_a_pod_that_never_turns_ready_does_not_stall_scaling_for_the_others(kube, namespace, operator, node_models,
+                                                                          keda):
+    """One of the new pods hangs before it ever serves (its process is frozen with SIGSTOP): the
+    autoscaler still brings the others up, they take the load, and nothing fails."""
+    import os
+    import signal
+
+    apply(kube, namespace, autoscaled(kube, "KEDA", scaleDownStabilizationSeconds=600))
+    wait_phase(kube, namespace, "tiny", "Healthy", timeout=180)
+    first = pods(kube, namespace, "tiny")[0]["metadata"]["name"]
+    ip = service_ip(kube, namespace, "tiny")
+    frozen: list[int] = []
+
+    def freeze_one_new_pod() -> str | None:
+        for p in pods(kube, namespace, "tiny"):
+            if p["metadata"]["name"] == first:
+                continue
+            pid_file = kube.dir / "procnode" / "pods" / p["metadata"]["uid"] / "containers" / "runtime" / "pid"
+            if pid_file.exists():
+                pid = int(pid_file.read_text())
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+                return p["metadata"]["name"]
+        return None
+
+    try:
+        with Load(f"http://{ip}:8000/v1", "tiny", n=12, max_tokens=48) as load:
+            stuck = wait_for(freeze_one_new_pod, timeout=120, interval=0.2, message="a new pod to freeze")
+            # The other new pod turns Ready and serves; the frozen one never does.
+            wait_for(lambda: sum(1 for p in pods(kube, namespace, "tiny")
+                                 if any(c["type"] == "Ready" and c["status"] == "True"
+                                        for c in p.get("status", {}).get("conditions", []))) >= 2,
+                     timeout=120, interval=1.0, message="two Ready pods despite the stuck one")
+            before = load.ok
+            wait_for(lambda: load.ok >= before + 24, timeout=60, message="load served by the Ready pods")
+        stuck_pod = next(p for p in pods(kube, namespace, "tiny") if p["metadata"]["name"] == stuck)
+        assert not any(c["type"] == "Ready" and c["status"] == "True" for c in stuck_pod["status"]["conditions"])
+        assert get(kube, namespace, "deployments")["items"][0]["spec"]["replicas"] == 3
+        assert load.failed == [], load.failed[:5]
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
