@@ -4,6 +4,7 @@ resource and nothing is served in plaintext."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_https_endpoint_verified_by_the_openai_client(kube, namespace, operator,
 
     from openai import OpenAI
 
-    with httpx.Client(verify=str(ca)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as http:
         client = OpenAI(base_url=f"https://{ip}:8000/v1", api_key="none", http_client=http)
         answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4)
