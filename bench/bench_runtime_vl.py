@@ -78,6 +78,14 @@ class Result:
     note: str = ""
 
 
+def _result(system: str, wall: float, records: list[dict], note: str = "") -> Result:
+    """Throughput and latency of one system's run over the HTTP driver's records."""
+    total = sum(r["tokens"] for r in records)
+    ttfts = [r["ttft"] for r in records]
+    return Result(system, wall, total, total / wall, _pct(ttfts, 0.5), _pct(ttfts, 0.99),
+                  _pct([r["e2e"] for r in records], 0.5), note=note)
+
+
 def screenshot(seed: int, w: int = 1080, h: int = 2400) -> bytes:
     from PIL import Image, ImageDraw
 
@@ -299,20 +307,7 @@ def run_autoglm(model_dir: Path, plans: dict[str, list[list[Step]]], new_tokens:
         asyncio.run(_drive(base, warm, 2))
         for name, plan in plans.items():
             wall, records = asyncio.run(_drive(base, plan, new_tokens))
-            total = sum(r["tokens"] for r in records)
-            ttfts = [r["ttft"] for r in records]
-            results[name] = (
-                Result(
-                    name,
-                    wall,
-                    total,
-                    total / wall,
-                    _pct(ttfts, 0.5),
-                    _pct(ttfts, 0.99),
-                    _pct([r["e2e"] for r in records], 0.5),
-                ),
-                {r["key"]: r["ids"] for r in records},
-            )
+            results[name] = (_result(name, wall, records), {r["key"]: r["ids"] for r in records})
     finally:
         srv.stop()
     return results
@@ -359,18 +354,8 @@ def run_hf_serve(model_dir: Path, plan: list[list[Step]], new_tokens: int, args,
         return f"does not serve it ({type(exc).__name__}: {str(exc)[:120]}): {' / '.join(why)[:300]}"
     finally:
         srv.stop()
-    total = sum(r["tokens"] for r in records)
-    ttfts = [r["ttft"] for r in records]
-    return Result(
-        "2 transformers serve --continuous-batching",
-        wall,
-        total,
-        total / wall,
-        _pct(ttfts, 0.5),
-        _pct(ttfts, 0.99),
-        _pct([r["e2e"] for r in records], 0.5),
-        note="frequency_penalty sent; whether it applies it is not checked",
-    )
+    return _result("2 transformers serve --continuous-batching", wall, records,
+                   note="frequency_penalty sent; whether it applies it is not checked")
 
 
 # ------------------------------------------------------------------ report

@@ -82,6 +82,7 @@ from .engine_api import (
     EngineDrainingError,
     EngineStats,
     InvalidRequestError,
+    QueuedStream,
     QueueFullError,
     RequestOutput,
     check_lengths,
@@ -182,29 +183,14 @@ def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
         fut.set_exception(exc)
 
 
-class _RequestStream:
+class _RequestStream(QueuedStream):
     """The outputs of one admitted request (``EngineClient.add_request``'s answer)."""
 
     def __init__(self, engine: Engine, req: _Request) -> None:
+        super().__init__(req.seq.request_id, req.queue)
         self._engine = engine
         self._req = req
-        self.request_id = req.seq.request_id
-        self._done = False
         self._closed = False
-
-    def __aiter__(self) -> _RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._req.queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item.finished:
-            self._done = True
-        return item
 
     async def aclose(self) -> None:
         """Aborts the request if it has not finished and returns once its slot is free."""

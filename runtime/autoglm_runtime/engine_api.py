@@ -15,6 +15,7 @@ Torch-free, so the server (and its fake-engine tests) import it without loading 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,33 @@ class RequestStream(Protocol):
     def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
     async def __anext__(self) -> RequestOutput: ...
     async def aclose(self) -> None: ...
+
+
+class QueuedStream:
+    """A ``RequestStream`` over an ``asyncio.Queue`` of outputs: each item is a ``RequestOutput`` (the
+    last one ``finished``) or the exception that ended the request. Engines subclass it for ``aclose``."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue[Any]) -> None:
+        self.request_id = request_id
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> QueuedStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
 
 
 class EngineClient(Protocol):

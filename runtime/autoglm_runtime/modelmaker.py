@@ -177,8 +177,14 @@ def make_model(size: Literal["tiny", "small"], out: Path | str, seed: int = 0) -
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    for f in out.iterdir():  # safetensors writes 0600; a pod runs as another user and mounts it read-only
-        f.chmod(0o644)
+    return readable_by_all(out)
+
+
+def readable_by_all(out: Path) -> Path:
+    """safetensors writes 0600; a pod runs as another user and mounts the folder read-only."""
+    for f in out.iterdir():
+        if f.is_file():
+            f.chmod(0o644)
     return out
 
 

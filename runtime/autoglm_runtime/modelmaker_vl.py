@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .modelmaker import BOS, EOS, PAD, make_tokenizer
+from .modelmaker import BOS, EOS, PAD, make_tokenizer, readable_by_all
 
 __all__ = ["VL_SIZES", "VL_CHAT_TEMPLATE", "make_vl_model"]
 
@@ -151,4 +151,4 @@ def make_vl_model(size: str, out: Path | str, seed: int = 0) -> Path:
     # (AutoImageProcessor picks the PIL backend when torchvision is absent).
     image_processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
+    return readable_by_all(out)

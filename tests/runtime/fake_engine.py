@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoglm_runtime.engine_api import EngineDeadError, EngineStats, QueueFullError, RequestOutput
+from autoglm_runtime.engine_api import EngineDeadError, EngineStats, QueuedStream, QueueFullError, RequestOutput
 
 
 class FakeTokenizer:
@@ -48,26 +48,11 @@ class FakeRequest:
     sent_tokens: int = 0
 
 
-class FakeStream:
+class FakeStream(QueuedStream):
     def __init__(self, engine: FakeEngine, req: FakeRequest) -> None:
+        super().__init__(req.request_id, req.queue)
         self.engine = engine
         self.req = req
-        self.request_id = req.request_id
-        self._done = False
-
-    def __aiter__(self) -> FakeStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self.req.queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item.finished:
-            self._done = True
-        return item
 
     async def aclose(self) -> None:
         if not self.req.finished:
