@@ -1,4 +1,4 @@
-"""kopf wiring only: every handler is one call into the Reconciler (reconcile.py).
+"""kopf wiring only: every handler is one call into the Reconciler (workqueue.py).
 
 Why ``@kopf.on.event`` and not create/update/resume/timer handlers: event handlers are not
 change-detecting, so kopf stores no ``last-handled-configuration`` annotation and no progress
@@ -25,8 +25,8 @@ import kopf
 from . import builders as b
 from .kube import Kube
 from .models import GROUP, PLURAL, VERSION
-from .reconcile import Reconciler
 from .settings import SettingsError, load_settings
+from .workqueue import Reconciler
 
 log = logging.getLogger("autoglm_operator")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 
 from autoglm_operator import builders as b
-from autoglm_operator.reconcile import Reconciler, reconcile
+from autoglm_operator.reconcile import reconcile
 from autoglm_operator.settings import OperatorSettings
+from autoglm_operator.workqueue import Reconciler
 from tests.operator.fakes import FakeKube
 
 NS = "demo"

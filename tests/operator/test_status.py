@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from autoglm_operator import builders as b
-from autoglm_operator.reconcile import (
-    Decision, Problem, Revision, compute_status, decide_revisions, pod_problems, status_patch, transition_events,
-)
+from autoglm_operator.observe import Problem, Revision, pod_problems
+from autoglm_operator.policy import Decision, decide_revisions
+from autoglm_operator.status import compute_status, status_patch, transition_events
 from tests.operator.test_builders import cr_for, resolved
 
 SPEC = {"model": {"uri": "hf://a/b"}, "runtime": {"version": "0.1.0"}, "replicas": 2}
@@ -138,7 +138,7 @@ def test_pod_problems_crash_loop_quotes_the_containers_last_words() -> None:
 
 
 def test_deployment_problems_put_refused_pods_first() -> None:
-    from autoglm_operator.reconcile import deployment_problems
+    from autoglm_operator.observe import deployment_problems
 
     dep = {"metadata": {"name": "chat-new", "labels": {b.LABEL_REVISION: "new"}, "generation": 1},
            "spec": {"replicas": 1},

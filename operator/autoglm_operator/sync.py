@@ -1,0 +1,253 @@
+"""Writing children, one function per kind: compare desired with observed, write only what differs.
+
+Each ``sync_*`` takes what ``observe`` read and what the rollout policy decided, writes through
+``KubeAPI``, counts its writes in the ``Outcome`` and appends the events of what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from . import builders as b
+from .kube import ApiError, KubeAPI
+from .models import ResolvedSpec
+from .observe import Observed, Problem, _controlled_by, uses_keda
+from .policy import Decision, desired_replicas, wanted_replicas
+from .settings import OperatorSettings
+from .status import status_patch, transition_events
+
+Events = list[tuple[str, str, str]]
+
+
+@dataclasses.dataclass
+class Outcome:
+    writes: int = 0
+    status_written: bool = False
+    gone: bool = False
+    requeue_after: float | None = None  # poll again (for state we do not watch: PVCs, Secrets)
+
+
+# ==================================================================== comparing
+
+
+def needs_update(desired: Any, actual: Any) -> bool:
+    """True when ``desired`` is not contained in ``actual`` (lists: same length, item-wise).
+
+    Server defaults (extra keys in ``actual``) never cause an update; missing or different values do.
+    """
+    return not _subset(desired, actual)
+
+
+def _subset(desired: Any, actual: Any) -> bool:
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(k in actual and _subset(v, actual[k]) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(desired) == len(actual)
+            and all(_subset(d, a) for d, a in zip(desired, actual, strict=True))
+        )
+    return desired == actual
+
+
+def _child_differs(
+    desired: dict[str, Any], actual: dict[str, Any] | None, exact: Callable[[dict], Any] | None = None
+) -> bool:
+    if actual is None:
+        return True
+    keys = {"metadata": {k: desired["metadata"][k] for k in ("labels", "ownerReferences")}, "spec": desired["spec"]}
+    if needs_update(keys, actual):
+        return True
+    return exact is not None and exact(desired) != exact(actual)
+
+
+# ==================================================================== one sync per child kind
+
+
+async def sync_deployments(
+    kube: KubeAPI,
+    cr: dict[str, Any],
+    r: ResolvedSpec,
+    desired_hash: str,
+    decision: Decision,
+    obs: Observed,
+    out: Outcome,
+    events: Events,
+    logger: Any,
+) -> None:
+    """The desired revision's Deployment (created, or updated to the current template), then the others' replicas."""
+    namespace = cr["metadata"]["namespace"]
+    for rev_hash in [desired_hash] + sorted(h for h in obs.revisions if h != desired_hash):
+        if rev_hash in decision.delete:
+            continue
+        want = wanted_replicas(r, rev_hash, decision, obs.revisions)
+        existing = obs.revisions.get(rev_hash)
+        if rev_hash == desired_hash:
+            body = b.build_deployment(cr, r, rev_hash, replicas=want if want is not None else 1)
+            if existing is None:
+                if obs.preconditions:
+                    continue  # cannot run without its PVC/Secret: wait (status says why)
+                out.writes += 1
+                if await kube.create("Deployment", namespace, body) is not None:
+                    logger.info("Created revision %s (version %s).", body["metadata"]["name"], r.version)
+                    events.append(
+                        (
+                            "Normal",
+                            "RevisionCreated",
+                            f"Created revision {body['metadata']['name']} (version {r.version})",
+                        )
+                    )
+                continue
+            if existing.spec_hash != body["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH]:
+                body["spec"]["replicas"] = existing.desired if want is None else want
+                current = await kube.get("Deployment", namespace, existing.name)
+                if current is not None:
+                    body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                    out.writes += 1
+                    await kube.replace("Deployment", namespace, existing.name, body)
+                    logger.info("Updated deployment %s to the current template.", existing.name)
+                continue
+        if existing is not None and want is not None and existing.desired != want:
+            out.writes += 1
+            await kube.patch("Deployment", namespace, existing.name, {"spec": {"replicas": want}})
+            logger.info("Scaled deployment %s from %d to %d replicas.", existing.name, existing.desired, want)
+
+
+async def sync_service(
+    kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, decision: Decision, obs: Observed, out: Outcome, logger: Any
+) -> None:
+    """The Service selects the serving revision only."""
+    namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+    svc = b.build_service(cr, r, [decision.stable])
+    if _child_differs(svc, obs.service, exact=lambda o: (o.get("spec") or {}).get("selector")):
+        out.writes += 1
+        await kube.apply("Service", namespace, svc)
+        logger.info("Applied service %s selecting revision %s.", name, b.revision_name(name, decision.stable))
+
+
+async def sync_autoscaler(
+    kube: KubeAPI,
+    settings: OperatorSettings,
+    cr: dict[str, Any],
+    r: ResolvedSpec,
+    decision: Decision,
+    obs: Observed,
+    out: Outcome,
+    logger: Any,
+) -> list[Problem]:
+    """The autoscaler on the serving revision: our HPA, or a KEDA ScaledObject (KEDA makes the HPA)."""
+    name = cr["metadata"]["name"]
+    a = r.spec.autoscaling
+    hpa = b.build_hpa(cr, r, b.revision_name(name, decision.stable)) if a.enabled and a.provider == "HPA" else None
+    await _sync_optional_child(kube, cr, "HorizontalPodAutoscaler", "autoscaler", hpa, obs.hpa, out, logger)
+    problems: list[Problem] = []
+    prometheus = a.prometheus.address or settings.prometheus_address
+    so = None
+    if uses_keda(r):
+        if prometheus:
+            so = b.build_scaled_object(cr, r, decision.stable, prometheus)
+        else:
+            problems.append(
+                Problem(
+                    "PrometheusAddressMissing",
+                    (
+                        "autoscaling.provider KEDA needs a Prometheus: set spec.autoscaling.prometheus.address "
+                        "or the operator's AUTOGLM_OPERATOR_PROMETHEUS_ADDRESS"
+                    ),
+                )
+            )
+    if so is not None or obs.scaled_object is not None:
+        try:
+            await _sync_optional_child(kube, cr, "ScaledObject", "scaled object", so, obs.scaled_object, out, logger)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            problems.append(
+                Problem(
+                    "KEDANotInstalled",
+                    (
+                        "autoscaling.provider is KEDA but this cluster has no scaledobjects.keda.sh "
+                        "(install KEDA, or use provider HPA)"
+                    ),
+                )
+            )
+    return problems
+
+
+async def sync_pdb(
+    kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, decision: Decision, obs: Observed, out: Outcome, logger: Any
+) -> None:
+    """A PodDisruptionBudget when more than one replica is wanted."""
+    pdb = b.build_pdb(cr, r) if desired_replicas(r, decision, obs.revisions) > 1 else None
+    await _sync_optional_child(kube, cr, "PodDisruptionBudget", "disruption budget", pdb, obs.pdb, out, logger)
+
+
+async def sync_network_policy(
+    kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, obs: Observed, out: Outcome, logger: Any
+) -> None:
+    netpol = b.build_network_policy(cr, r) if r.spec.network_policy.enabled else None
+    await _sync_optional_child(kube, cr, "NetworkPolicy", "network policy", netpol, obs.network_policy, out, logger)
+
+
+async def delete_revisions(
+    kube: KubeAPI, cr: dict[str, Any], decision: Decision, obs: Observed, out: Outcome, events: Events, logger: Any
+) -> None:
+    """Old revisions go only after the Service points at the serving one (call this last)."""
+    namespace = cr["metadata"]["namespace"]
+    for rev_hash in decision.delete:
+        rv = obs.revisions[rev_hash]
+        out.writes += 1
+        if await kube.delete("Deployment", namespace, rv.name, uid=rv.uid):
+            logger.info("Deleted revision %s.", rv.name)
+            events.append(("Normal", "RevisionDeleted", f"Deleted revision {rv.name} (version {rv.version})"))
+
+
+async def _sync_optional_child(
+    kube: KubeAPI,
+    cr: dict[str, Any],
+    kind: str,
+    what: str,
+    desired: dict[str, Any] | None,
+    observed: dict[str, Any] | None,
+    out: Outcome,
+    logger: Any,
+) -> None:
+    """A child that exists only when wanted: apply it when it differs, delete it (if ours) when not wanted."""
+    namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+    if desired is not None:
+        if _child_differs(desired, observed):
+            out.writes += 1
+            await kube.apply(kind, namespace, desired)
+            logger.info("Applied %s %s.", what, name)
+    elif observed is not None and _controlled_by(observed, cr["metadata"]["uid"]):
+        out.writes += 1
+        await kube.delete(kind, namespace, name)
+        logger.info("Deleted %s %s.", what, name)
+
+
+async def write_status(
+    kube: KubeAPI,
+    cr: dict[str, Any],
+    old: dict[str, Any],
+    new: dict[str, Any],
+    out: Outcome,
+    logger: Any,
+    events: Events | None = None,
+) -> None:
+    events = list(events or [])
+    patch = status_patch(old, new)
+    if patch is not None:
+        out.writes += 1
+        out.status_written = True
+        if await kube.patch_status(cr["metadata"]["namespace"], cr["metadata"]["name"], patch) is None:
+            return
+        if old.get("phase") != new.get("phase"):
+            logger.info(
+                "Changed phase of %s from %s to %s.", cr["metadata"]["name"], old.get("phase"), new.get("phase")
+            )
+        events += transition_events(old, new)
+    for type_, reason, message in events:
+        out.writes += 1
+        await kube.post_event(cr, type_, reason, message)
