@@ -138,10 +138,12 @@ class Client:
         self.api = client.CustomObjectsApi()
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        obj: dict[str, Any] = self.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return obj
 
     def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return self.api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
+        obj: dict[str, Any] = self.api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
+        return obj
 
 
 def _annotate(key: str, value: str | None) -> dict[str, Any]:
