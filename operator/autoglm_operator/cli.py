@@ -19,7 +19,7 @@ import argparse
 import datetime as dt
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from .models import DEFAULT_STEPS, GROUP, PLURAL, VERSION, parse_duration
 from .policy import ANNOTATION_ABORT, ANNOTATION_PAUSED, ANNOTATION_PROMOTE, parse_time
@@ -138,12 +138,11 @@ class Client:
         self.api = client.CustomObjectsApi()
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
-        obj: dict[str, Any] = self.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        return obj
+        return cast(dict[str, Any], self.api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
 
     def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        obj: dict[str, Any] = self.api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
-        return obj
+        obj = self.api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
+        return cast(dict[str, Any], obj)
 
 
 def _annotate(key: str, value: str | None) -> dict[str, Any]:
