@@ -6,8 +6,8 @@ Every command is a read or a small patch of the AutoGLMDeployment; the operator 
 
 - promote / abort: set ``autoglm.io/promote`` / ``autoglm.io/abort`` (the operator removes them once acted on);
 - pause / resume: set / remove ``autoglm.io/paused``;
-- undo: during a rollout, abort it and set spec.runtime.version back to the stable's; after one, set
-  spec.runtime.version to status.previousStableVersion (a canary rollout back to it).
+- undo: during a rollout (or after a rollback), abort it and set spec.runtime.version back to the
+  stable's; after a promotion, set it to status.previousStableVersion (a canary rollout back to it).
 
 ``status --watch`` prints the rollout whenever it changes and exits like ``kubectl rollout status``:
 0 once the spec's revision is promoted and the old one is gone, 1 on rollback or abort, 2 on timeout.
@@ -200,7 +200,10 @@ def run(args: argparse.Namespace, client: Client) -> int:
         client.patch(ns, name, _annotate(ANNOTATION_PAUSED, None))
         print(f'rollout of "{name}" resumed')
     elif args.command == "undo":
-        target = st.get("stableVersion") if in_rollout else st.get("previousStableVersion")
+        # Mid-rollout or rolled back, the spec is ahead of the stable: back to the stable's version.
+        # Otherwise back to the version the last promotion replaced (a canary rollout of it).
+        to_stable = in_rollout or st.get("rolloutPhase") == "RolledBack"
+        target = st.get("stableVersion") if to_stable else st.get("previousStableVersion")
         if not target:
             print(f'error: "{name}" has no previous version to go back to', file=sys.stderr)
             return 1
