@@ -381,13 +381,16 @@ class _Machine:
                     f"{self._name(self.stable)} (version {self.stable_version})",
                 )
             )
+            # A stable with no Ready pod serves nothing: no traffic to protect, no steps to walk.
+            stable = self.revs.get(self.stable)
+            walk = bool(self.spec.steps) and (stable is None or stable.ready > 0)
             st = RolloutState(
-                phase="Progressing" if self.spec.steps else "Promoting",
+                phase="Progressing" if walk else "Promoting",
                 stable=self.stable,
                 stable_version=self.stable_version,
                 canary=self.desired,
                 canary_version=self.r.version,
-                step=0 if self.spec.steps else len(self.spec.steps),
+                step=0 if walk else len(self.spec.steps),
                 step_started_at=self.now,
                 previous_stable=st.previous_stable,
                 previous_stable_version=st.previous_stable_version,

@@ -252,7 +252,8 @@ def test_get_shows_printer_columns(crd, namespace):
     header = crd.kubectl("get", "agd", "-n", namespace).stdout.splitlines()[0].split()
     assert header == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "AGE"]
     wide = crd.kubectl("get", "agd", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split()
-    assert wide == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "MODEL", "ENDPOINT", "AGE"]
+    assert wide == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "STEP", "ROLLOUT", "MODEL", "ENDPOINT",
+                    "AGE"]
 
     # What the operator writes shows up in the columns (and the status schema accepts it).
     status = {"status": {"phase": "Progressing", "ready": "1/1", "replicas": 2, "readyReplicas": 1, "desiredReplicas": 1,

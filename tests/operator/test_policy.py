@@ -220,6 +220,9 @@ ROWS = [
     Row("steps: [] → blue/green: straight to promoting at full count", [OLD4], RolloutState(stable="old"),
         spec=spec(steps=[]), expect={"phase": "Promoting", "step": 0, "replicas": {"old": 4, "new": 4},
                                      "route_weight": 0, "events": ["CanaryStarted"]}),
+    Row("stable with no Ready pod (broken): nothing to protect, straight to promoting",
+        [rev("old", 4, ready=0)], RolloutState(stable="old"), expect={
+            "phase": "Promoting", "step": 2, "replicas": {"old": 4, "new": 4}, "events": ["CanaryStarted"]}),
     Row("no status (restart before the first write): the revision with Ready pods is stable",
         [rev("a", 4), rev("new", 1, ready=0, version="0.2.0")], RolloutState(), expect={
             "stable": "a", "canary": "new", "step": 0, "delete": ()}),
