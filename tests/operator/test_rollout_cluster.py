@@ -9,6 +9,7 @@ is no traffic and no analysis here: the real-traffic scenarios are in tests/e2e)
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_operator.analysis import judge, measure
 from tests.helpers import wait_for
+from tests.operator.test_builders import resolved
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures used by name
     LABEL_DEPLOYMENT,
     agd,
@@ -197,3 +200,15 @@ def test_gateway_api_route_is_accepted_and_keeps_a_users_rule(kube, namespace, o
     rv = route["metadata"]["resourceVersion"]
     time.sleep(12)
     assert get(kube, namespace, "httproute/gw")["metadata"]["resourceVersion"] == rv
+
+
+async def test_analysis_promql_runs_on_a_real_prometheus(kube):
+    """Every analysis query parses and runs on the session's Prometheus (no traffic: 0 requests, inconclusive)."""
+    spec = {"model": {"uri": "hf://a/b"}, "rollout": {"analysis": {"minRequests": 1}}}
+    r = resolved("chat", spec)
+    now = dt.datetime.now(dt.UTC)
+    m = await measure(kube.prometheus_url, r, "ccc", "sss", now - dt.timedelta(seconds=30), now)
+    assert m.error == "", m.error
+    assert m.requests is None and m.latency_p99 is None
+    a = judge(m, r.spec.rollout.analysis, now)
+    assert a.verdict == "Inconclusive" and "fewer than minRequests 1" in a.reason
