@@ -17,7 +17,8 @@ import aiohttp
 
 from . import queries
 from .models import AnalysisSpec, ResolvedSpec
-from .policy import Analysis, RolloutState, analysis_window
+from .policy import analysis_window
+from .rollout_state import Analysis, RolloutState
 
 TIMEOUT_SECONDS = 5.0
 

@@ -24,7 +24,8 @@ from .analysis import analyse_if_due
 from .kube import KubeAPI
 from .models import InvalidSpec, resolve_spec
 from .observe import autoscaler_status, deployment_problems, observe, pod_problems
-from .policy import RolloutState, decide
+from .policy import decide
+from .rollout_state import RolloutState
 from .settings import OperatorSettings
 from .status import compute_status, invalid_status
 from .sync import (

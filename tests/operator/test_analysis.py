@@ -14,7 +14,7 @@ from aiohttp import web
 
 from autoglm_operator import queries
 from autoglm_operator.analysis import Measurement, analyse_if_due, judge, measure
-from autoglm_operator.policy import RolloutState
+from autoglm_operator.rollout_state import RolloutState
 from tests.operator.fakes import FakeKube
 from tests.operator.test_builders import resolved
 from tests.operator.test_reconcile import NS, cr, deployments, edit, make, run

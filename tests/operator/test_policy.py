@@ -22,13 +22,12 @@ from autoglm_operator.policy import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
     ANNOTATION_PROMOTE,
-    Analysis,
-    RolloutState,
     analysis_window,
     canary_count,
     decide,
     effective_weight,
 )
+from autoglm_operator.rollout_state import Analysis, RolloutState
 from tests.operator.test_builders import resolved
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,8 @@ from autoglm_operator import builders as b
 from autoglm_operator.observe import Problem, Revision, pod_problems
 import datetime as dt
 
-from autoglm_operator.policy import RolloutState, decide
+from autoglm_operator.policy import decide
+from autoglm_operator.rollout_state import RolloutState
 from autoglm_operator.status import compute_status, status_patch, transition_events
 from tests.operator.test_builders import cr_for, resolved
 
