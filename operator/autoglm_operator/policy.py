@@ -112,15 +112,11 @@ def _replicas(
     """
     s_count = stable_count(r, stable)
     target = s_count if weight >= 100 else canary_count(weight, s_count)
-    surge = r.spec.rollout.max_surge
-    fixed = None if r.spec.autoscaling.enabled else s_count
+    surge = r.spec.rollout.max_surge  # only with a fixed count (models.py and the CRD refuse it with autoscaling)
     if surge is None:
-        return fixed, target, target
+        return None if r.spec.autoscaling.enabled else s_count, target, target
     stable_pods = max(stable.desired, stable.pods) if stable else 0
-    room = max(0, s_count + surge - stable_pods)
-    c_want = min(target, room)
-    if fixed is None:
-        return None, c_want, target
+    c_want = min(target, max(0, s_count + surge - stable_pods))
     share = 0 if weight >= 100 else math.ceil((100 - weight) * s_count / 100)
     c_ready = canary.ready if canary else 0
     s_want = max(share, s_count - c_ready, s_count + surge - target)

@@ -156,6 +156,8 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("latency-zero", spec(rollout={"analysis": {"latencyP99MaxSeconds": 0}}), ("spec.rollout.analysis.latencyP99MaxSeconds",)),
     ("interval-words", spec(rollout={"analysis": {"interval": "often"}}), ("spec.rollout.analysis.interval",)),
     ("max-surge-0", spec(rollout={"maxSurge": 0}), ("spec.rollout.maxSurge",)),
+    ("max-surge-with-autoscaling", spec(replicas=DELETE, autoscaling={"enabled": True}, rollout={"maxSurge": 1}),
+     ("spec.rollout.maxSurge", "needs a fixed replica count")),
     ("ratio-below-1", spec(rollout={"analysis": {"maxRatioToStable": 0.5}}), ("spec.rollout.analysis.maxRatioToStable",)),
     ("ttft-zero", spec(rollout={"analysis": {"ttftP99MaxSeconds": 0}}), ("spec.rollout.analysis.ttftP99MaxSeconds",)),
     ("prometheus-no-scheme", spec(rollout={"analysis": {"prometheus": {"address": "prometheus:9090"}}}),
