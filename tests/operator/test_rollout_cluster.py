@@ -212,3 +212,21 @@ async def test_analysis_promql_runs_on_a_real_prometheus(kube):
     assert m.requests is None and m.latency_p99 is None
     a = judge(m, r.spec.rollout.analysis, now)
     assert a.verdict == "Inconclusive" and "fewer than minRequests 1" in a.reason
+
+
+def test_max_surge_keeps_the_pod_count_within_budget(kube, namespace, operator):  # noqa: F811
+    apply(kube, namespace, agd("surge", replicas=3, rollout={"maxSurge": 1, "steps": [{"weight": 34}, {"weight": 67}]}))
+    wait_phase(kube, namespace, "surge", "Healthy", timeout=60, ready="3/3")
+    merge(kube, namespace, "agd/surge", {"spec": {"runtime": {"version": "0.2.0"}}})
+    counts: list[int] = []
+
+    def promoted():
+        pods = get(kube, namespace, "pods", "-l", f"{LABEL_DEPLOYMENT}=surge")["items"]
+        counts.append(len(pods))  # terminating ones included: they still hold their GPU
+        st = status(kube, namespace, "surge")
+        return st.get("rolloutPhase") == "Promoted" and st.get("stableVersion") == "0.2.0" and len(pods) == 3
+    wait_for(promoted, timeout=180, interval=0.3, message="promoted within the surge budget")
+    assert max(counts) <= 4, counts
+    assert max(counts) == 4  # the budget was used (a canary pod beside the stable's)
+    [dep] = deployments(kube, namespace, "surge")
+    assert version_of(dep) == "0.2.0" and dep["spec"]["replicas"] == 3
