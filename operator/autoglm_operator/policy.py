@@ -24,7 +24,7 @@ import math
 
 from .models import ResolvedSpec, RolloutSpec
 from .observe import Problem, Revision
-from .rollout_state import Analysis, RolloutState
+from .rollout_state import Analysis, RolloutState, format_time
 
 ANNOTATION_PROMOTE = "autoglm.io/promote"
 ANNOTATION_ABORT = "autoglm.io/abort"
@@ -342,7 +342,7 @@ class _Machine:
                 )
                 if st.phase == "Progressing" and held >= pause and checked:
                     return self._advance(st)
-                reason, msg = self._waiting(st, held, pause, checked)
+                reason, msg = self._waiting(st, held, pause)
                 if st.phase == "Progressing" and held > pause + deadline:
                     return self._rollback(
                         f"no passing analysis within {deadline:.0f}s after the pause of step {st.step}; last: "
@@ -387,9 +387,13 @@ class _Machine:
             return self.spec.steps[-1].weight if self.spec.steps else 0
         return weight
 
-    def _waiting(self, st: RolloutState, held: float, pause: float, checked: bool) -> tuple[str, str]:
+    def _waiting(self, st: RolloutState, held: float, pause: float) -> tuple[str, str]:
+        """Progressing's reason and message while a step holds (no countdown: the message stays put)."""
+        assert st.step is not None and st.step_ready_at is not None
         if pause > held:
-            return "CanaryProgressing", f"Step {st.step}: holding for {pause - held:.0f}s more"
+            until = format_time(st.step_ready_at + dt.timedelta(seconds=pause))
+            weight = self.spec.steps[st.step].weight
+            return "CanaryProgressing", f"Step {st.step} ({weight}%): holding until {until}"
         last = st.last_analysis
         if last is not None and last.verdict == "Inconclusive" and last.time > (st.step_ready_at or last.time):
             return "AnalysisInconclusive", f"Step {st.step}: waiting for a conclusive check; last: {last.reason}"

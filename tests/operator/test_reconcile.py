@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
 from autoglm_operator import builders as b
@@ -366,6 +367,8 @@ async def test_promote_annotation_is_acted_on_then_removed() -> None:
     kube.settle(NS, new)
     out = await run(kube)
     assert cr(kube)["status"]["currentStep"] == 0 and out.requeue_after and out.requeue_after > 3000  # the 1 h pause
+    await asyncio.sleep(1.1)
+    await assert_idle(kube)  # holding a step writes nothing (no countdown in the status)
     cr(kube)["metadata"]["annotations"] = {"autoglm.io/promote": "true", "team": "x"}
     await run(kube)
     assert cr(kube)["metadata"]["annotations"] == {"team": "x"}
