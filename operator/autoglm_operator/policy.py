@@ -48,10 +48,6 @@ class Decision:
     problem: Problem | None = None  # the rollout's Degraded reason (AnalysisFailed, RolledBack)
     progressing: tuple[str, str] | None = None  # (reason, message) of Progressing=True; None = status decides
 
-    @property
-    def candidate(self) -> str | None:  # the name status.py and sync.py used before canaries
-        return self.canary
-
 
 def stable_count(r: ResolvedSpec, stable: Revision | None) -> int:
     """The stable revision's pods wanted now: the fixed count, or the autoscaler's current choice."""
@@ -89,9 +85,7 @@ def analysis_window(spec: RolloutSpec, state: RolloutState, desired: str, now: d
     A check is due ``interval`` after the later of: the canary reaching the step's weight, the last
     check. The last check's time is in the status, so a restart never counts a window twice.
     """
-    if spec.analysis is None or state.phase != "Progressing" or state.canary != desired:
-        return None
-    if state.step_ready_at is None:
+    if spec.analysis is None or state.phase != "Progressing" or state.canary != desired or not state.step_ready_at:
         return None
     start = state.step_ready_at
     last = state.last_analysis
@@ -208,10 +202,10 @@ class _Machine:
             requeue_after=2.0 if progressing else None,
         )
 
-    def _rollback(self, why: str, reason: str = "RolledBack") -> Decision:
+    def _rollback(self, st: RolloutState, why: str, reason: str = "RolledBack") -> Decision:
         msg = f"Rolled back revision {self._name(self.desired)} (version {self.r.version}): {why}"
         self.events.append(("Warning", reason, msg))
-        state = dataclasses.replace(self.state, phase="RolledBack", rolled_back=self.desired, rollback_message=msg)
+        state = dataclasses.replace(st, phase="RolledBack", rolled_back=self.desired, rollback_message=msg)
         return self._steady(state, Problem("RolledBack", msg))
 
     def _name(self, h: str | None) -> str:
@@ -270,12 +264,12 @@ class _Machine:
                 previous_stable_version=st.previous_stable_version,
             )
         if self.abort:
-            return self._rollback("aborted by the autoglm.io/abort annotation", reason="Aborted")
+            return self._rollback(st, "aborted by the autoglm.io/abort annotation", reason="Aborted")
 
         st = self._record_analysis(st)
         if st.failed_checks >= (self.spec.analysis.failure_threshold if self.spec.analysis else 1):
             assert st.last_analysis is not None
-            return self._rollback(f"{st.failed_checks} failed checks in a row; last: {st.last_analysis.reason}")
+            return self._rollback(st, f"{st.failed_checks} failed checks in a row; last: {st.last_analysis.reason}")
         if self.promote and st.phase in ("Progressing", "Paused"):
             self.events.append(("Normal", "Promoting", "Skipping the remaining steps (autoglm.io/promote)"))
             st = dataclasses.replace(
@@ -315,7 +309,7 @@ class _Machine:
                 return self._promoted(st)
             if since_start > deadline:
                 ready = canary.ready if canary else 0
-                return self._rollback(f"not Ready at {c_target} replicas within {deadline:.0f}s ({ready} ready)")
+                return self._rollback(st, f"not Ready at {c_target} replicas within {deadline:.0f}s ({ready} ready)")
             progressing = (
                 "Promoting",
                 f"Scaling canary {self._name(self.desired)} to {c_target} replicas before it takes all traffic "
@@ -329,7 +323,7 @@ class _Machine:
                 if since_start > deadline and st.phase == "Progressing":
                     ready = canary.ready if canary else 0
                     return self._rollback(
-                        f"not Ready at step {st.step} ({c_target} replicas) within {deadline:.0f}s ({ready} ready)"
+                        st, f"not Ready at step {st.step} ({c_target} replicas) within {deadline:.0f}s ({ready} ready)"
                     )
                 requeue.append(deadline - since_start)
                 reason, msg = "CanaryProgressing", f"Waiting for {c_target} Ready canary pod(s) at step {st.step}"
@@ -345,8 +339,9 @@ class _Machine:
                 reason, msg = self._waiting(st, held, pause)
                 if st.phase == "Progressing" and held > pause + deadline:
                     return self._rollback(
+                        st,
                         f"no passing analysis within {deadline:.0f}s after the pause of step {st.step}; last: "
-                        + (st.last_analysis.reason if st.last_analysis else "no check")
+                        + (st.last_analysis.reason if st.last_analysis else "no check"),
                     )
                 if pause > held:
                     requeue.append(pause - held)

@@ -141,6 +141,7 @@ ROWS = [
         analysis=failed(60), expect={
             "canary": None, "phase": "RolledBack", "delete": ("new",), "replicas": {"old": 4},
             "rolled_back": "new", "problem": "RolledBack", "problem_message": "latency p99 3.1s > 2.0s",
+            "last_verdict": "Failed", "failed_checks": 0,
             "events": ["AnalysisFailed", "RolledBack"], "serving": ("old",)}),
     Row("canary not Ready within progressDeadlineSeconds: rollback", [OLD4, rev("new", 1, ready=0, version="0.2.0")],
         canary_state(), now=901, expect={"phase": "RolledBack", "delete": ("new",), "problem": "RolledBack",
