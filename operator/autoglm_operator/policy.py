@@ -315,6 +315,7 @@ class _Machine:
                 f"Scaling canary {self._name(self.desired)} to {c_target} replicas before it takes all traffic "
                 f"({canary.ready if canary else 0} ready)",
             )
+            requeue.append(deadline - since_start)
         else:
             if at_weight and st.step_ready_at is None:
                 st = dataclasses.replace(st, step_ready_at=self.now)
