@@ -245,7 +245,8 @@ def test_explain_shows_descriptions(crd):
     deep = crd.kubectl("explain", "agd.spec.rollout.analysis.successRateMin").stdout
     assert "non-5xx" in deep
     status = crd.kubectl("explain", "agd.status").stdout
-    for field in ("ready", "stableVersion", "canaryWeight", "selector", "revisions", "conditions"):
+    for field in ("ready", "stableVersion", "canaryWeight", "selector", "revisions", "conditions", "rolloutPhase",
+                  "currentStep", "stepStartedAt", "failedChecks", "lastAnalysis", "previousStableVersion"):
         assert field in status
 
 
