@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from autoglm_operator import queries
-from autoglm_operator.analysis import Measurement, analyse_if_due, judge, measure
+from autoglm_operator.analysis import Measurement, analyse_if_due, judge, measure, success_figures
 from autoglm_operator.rollout_state import RolloutState
 from tests.operator.fakes import FakeKube
 from tests.operator.test_builders import resolved
@@ -41,6 +43,8 @@ def good(**kw) -> Measurement:
     (good(requests=None), "Inconclusive", ["0 canary requests"]),
     (Measurement(30, error="Prometheus at http://x did not answer: timeout"), "Inconclusive", ["did not answer"]),
     (good(success_rate=0.95), "Failed", ["success rate 0.95 < 0.99"]),
+    (good(success_rate=0.6, refused=35), "Failed",
+     ["success rate 0.6 < 0.99 (35 refused as invalid beyond the stable's share)"]),
     (good(latency_p99=2.5, stable_latency_p99=2.4), "Failed", ["latency p99 2.5s > 2.0s"]),
     (good(ttft_p99=1.2, stable_ttft_p99=1.0), "Failed", ["TTFT p99 1.2s > 1.0s"]),
     (good(inter_token_p99=0.2, stable_inter_token_p99=0.15), "Failed", ["inter-token p99 0.2s > 0.1s"]),
@@ -55,17 +59,26 @@ def test_judge(m: Measurement, verdict: str, words: list[str]) -> None:
     assert a.time == NOW and a.requests == m.requests
 
 
-async def fake_prometheus(answers: dict[tuple[str, str], float | None], seen: list[str], canary: list[str]):
-    """Answers ``(role, metric)`` from ``answers``; the role is canary for a revision listed in ``canary``."""
+async def fake_prometheus(answers: dict[tuple[str, str], Any], seen: list[str], canary: list[str]):
+    """Answers from ``answers``: ``(role, "counts")`` = {status: count} for the by-status query, ``(role,
+    metric)`` = a p99; the role is canary for a revision hash listed in ``canary``, else stable."""
+
+    def role(revision: str) -> str:
+        return "canary" if revision in canary else "stable"
 
     async def query(request: web.Request) -> web.Response:
-        promql = request.query["query"]
+        promql, at = request.query["query"], float(request.query["time"])
         seen.append(promql)
-        revision = "canary" if any(f'revision="{h}"' in promql for h in canary) else "stable"
-        metric = next((m for m in ("request_duration", "time_to_first", "inter_token", "status=\"success\"")
-                       if m in promql), "requests")
-        value = answers.get((revision, metric))
-        result = [] if value is None else [{"metric": {}, "value": [float(request.query["time"]), str(value)]}]
+        result = []
+        if "by (revision, status)" in promql:
+            for revision in re.search(r'revision=~"([^"]+)"', promql)[1].split("|"):  # type: ignore[index]
+                for status, n in (answers.get((role(revision), "counts")) or {}).items():
+                    result.append({"metric": {"revision": revision, "status": status}, "value": [at, str(n)]})
+        else:
+            revision = re.search(r'revision="([^"]+)"', promql)[1]  # type: ignore[index]
+            metric = next(m for m in ("request_duration", "time_to_first", "inter_token") if m in promql)
+            value = answers.get((role(revision), metric))
+            result = [] if value is None else [{"metric": {}, "value": [at, str(value)]}]
         return web.json_response({"status": "success", "data": {"resultType": "vector", "result": result}})
 
     app = web.Application()
@@ -80,7 +93,8 @@ async def fake_prometheus(answers: dict[tuple[str, str], float | None], seen: li
 
 async def test_measure_asks_for_the_canary_and_the_stable_over_the_window() -> None:
     seen: list[str] = []
-    answers = {("canary", "requests"): 40.0, ("canary", 'status="success"'): 0.975,
+    answers = {("canary", "counts"): {"success": 39, "error": 1, "rejected": 7, "aborted": 2},
+               ("stable", "counts"): {"success": 100},
                ("canary", "request_duration"): 0.8, ("canary", "time_to_first"): 0.3, ("canary", "inter_token"): 0.05,
                ("stable", "request_duration"): 0.4}
     runner, url = await fake_prometheus(answers, seen, ["ccc"])
@@ -91,12 +105,27 @@ async def test_measure_asks_for_the_canary_and_the_stable_over_the_window() -> N
     assert m.error == ""
     assert (m.requests, m.success_rate, m.latency_p99, m.ttft_p99, m.inter_token_p99) == (40, 0.975, 0.8, 0.3, 0.05)
     assert m.stable_latency_p99 == 0.4 and m.stable_ttft_p99 is None
-    sel = queries.selector("demo", "tiny", "ccc")
-    assert queries.served_requests(sel, "30s") in seen
+    both = queries.selector("demo", "tiny", "ccc|sss", regex=True)
+    assert queries.requests_by_status(both, "30s") in seen
     assert all("[30s]" in q for q in seen)
     verdict = judge(m, ANALYSIS, NOW)
     assert verdict.verdict == "Failed" and "success rate 0.975 < 0.99" in verdict.reason
     assert "latency p99 0.8s > 1.5 x stable's 0.4s" in verdict.reason
+
+
+@pytest.mark.parametrize("canary,stable,want", [
+    ({"success": 90, "error": 10}, {"success": 100}, (100, 0.9, 0)),
+    # Client mistakes at the stable's own rate are not the canary's failures...
+    ({"success": 90, "invalid": 10}, {"success": 90, "invalid": 10}, (100, 1.0, 0)),
+    # ...refusing what the stable serves (a maxModelLen too small) is.
+    ({"success": 60, "invalid": 40}, {"success": 95, "invalid": 5}, (100, 60 / 95, 35)),
+    # Load shedding and disconnects never count; nothing answered: no rate.
+    ({"rejected": 5, "aborted": 3}, {}, (0, None, 0)),
+])
+def test_success_figures(canary, stable, want) -> None:
+    requests, rate, refused = success_figures(canary, stable)
+    assert requests == want[0] and refused == pytest.approx(want[2])
+    assert rate == (None if want[1] is None else pytest.approx(want[1]))
 
 
 async def test_unreachable_prometheus_is_inconclusive_never_a_pass() -> None:
@@ -119,7 +148,7 @@ async def test_analyse_if_due_only_when_the_interval_passed_and_without_address_
 async def test_reconcile_records_each_check_and_rolls_back_after_failure_threshold() -> None:
     """Through reconcile: checks every interval (1 s here), written to status; 2 failures roll back."""
     seen: list[str] = []
-    answers = {("canary", "requests"): 50.0, ("canary", 'status="success"'): 0.5}
+    answers = {("canary", "counts"): {"success": 25, "error": 25}, ("stable", "counts"): {"success": 100}}
     canary: list[str] = []
     runner, url = await fake_prometheus(answers, seen, canary)
     try:
