@@ -209,7 +209,7 @@ async def test_analysis_promql_runs_on_a_real_prometheus(kube):
     now = dt.datetime.now(dt.UTC)
     m = await measure(kube.prometheus_url, r, "ccc", "sss", now - dt.timedelta(seconds=30), now)
     assert m.error == "", m.error
-    assert m.requests is None and m.latency_p99 is None
+    assert m.requests == 0 and m.success_rate is None and m.latency_p99 is None
     a = judge(m, r.spec.rollout.analysis, now)
     assert a.verdict == "Inconclusive" and "fewer than minRequests 1" in a.reason
 
