@@ -51,6 +51,7 @@ def _can(kube, sa: str, verb: str, resource: str, ns: str = "default") -> bool:
 
 def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_models):
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kube.kubectl("apply", "--server-side", "-f", str(kube.bin_dir / "crds"))  # Gateway API (httproutes)
     release = f"agl-{namespace[-5:]}"
     # The operator's own pod is simulated (kwok-cpu-0: no operator image on the process node); what
     # is checked here is its RBAC, then the real operator process runs with its ServiceAccount's token.
@@ -63,11 +64,13 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
     dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
     assert dep["status"].get("availableReplicas") == 1
 
+    # patch on the resource itself: only to remove the autoglm.io/promote and /abort annotations once acted on.
     for verb, res in [("create", "deployments.apps"), ("delete", "horizontalpodautoscalers.autoscaling"),
-                      ("patch", "autoglmdeployments.autoglm.io/status"), ("get", "secrets"), ("watch", "pods")]:
+                      ("patch", "autoglmdeployments.autoglm.io/status"), ("get", "secrets"), ("watch", "pods"),
+                      ("patch", "autoglmdeployments.autoglm.io"), ("create", "httproutes.gateway.networking.k8s.io")]:
         assert _can(kube, sa, verb, res), f"{sa} should be allowed to {verb} {res}"
     for verb, res in [("list", "secrets"), ("watch", "secrets"), ("delete", "pods"), ("create", "pods"),
-                      ("patch", "autoglmdeployments.autoglm.io"), ("delete", "autoglmdeployments.autoglm.io"),
+                      ("update", "autoglmdeployments.autoglm.io"), ("delete", "autoglmdeployments.autoglm.io"),
                       ("create", "clusterroles.rbac.authorization.k8s.io"), ("delete", "nodes"),
                       ("create", "customresourcedefinitions.apiextensions.k8s.io")]:
         assert not _can(kube, sa, verb, res), f"{sa} must not be allowed to {verb} {res}"
