@@ -141,6 +141,9 @@ async def sync_route(
         what = f"{role} service"
         await _sync_optional_child(kube, cr, "Service", what, desired, observed, out, logger, name=svc_name)
     if not gateway:
+        if any(obs.route_services.values()):  # switched away from GatewayAPI: our route goes with its Services
+            route_now = await kube.get("HTTPRoute", namespace, name)
+            await _sync_optional_child(kube, cr, "HTTPRoute", "route", None, route_now, out, logger)
         return
     route = b.build_http_route(cr, r, decision.route_weight, (obs.route or {}).get("spec", {}).get("rules") or [])
     if _child_differs(route, obs.route, exact=lambda o: (o.get("spec") or {}).get("rules")):

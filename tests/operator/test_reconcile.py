@@ -375,3 +375,33 @@ async def test_promote_annotation_is_acted_on_then_removed() -> None:
     assert cr(kube)["status"]["rolloutPhase"] == "Promoting"
     await run(kube)  # canary already Ready at the stable's count (1): promoted
     assert cr(kube)["status"]["stableRevision"] == new and deployments(kube) == [new]
+
+
+async def test_gateway_api_routing_children_follow_the_canary_and_go_when_switched_off() -> None:
+    kube = FakeKube()
+    gw = {"trafficRouting": "GatewayAPI", "gateway": {"name": "gw"}, "steps": [{"weight": 30, "pause": "1h"}]}
+    make(kube, {**SPEC, "replicas": 2, "rollout": gw})
+    await run(kube)
+    [old] = deployments(kube)
+    kube.settle(NS, old)
+    await run(kube)
+    assert kube.names("Service", NS) == ["chat", "chat-canary", "chat-stable"]
+    route = kube.obj("HTTPRoute", NS, "chat")
+    assert route["spec"]["rules"][1]["backendRefs"][1]["weight"] == 0
+    await assert_idle(kube)
+
+    edit(kube, lambda s: s["runtime"].update(version="0.2.0"))
+    await run(kube)
+    [new] = [d for d in deployments(kube) if d != old]
+    kube.settle(NS, new)
+    await run(kube)
+    rules = kube.obj("HTTPRoute", NS, "chat")["spec"]["rules"]
+    assert [(ref["name"], ref["weight"]) for ref in rules[1]["backendRefs"]] == [("chat-stable", 70), ("chat-canary", 30)]
+    assert kube.obj("Service", NS, "chat-canary")["spec"]["selector"][b.LABEL_REVISION] == new.rsplit("-", 1)[1]
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"][b.LABEL_REVISION] == old.rsplit("-", 1)[1]
+    assert cr(kube)["status"]["canaryWeight"] == 30
+
+    edit(kube, lambda s: s["rollout"].update(trafficRouting="Replicas"))
+    await run(kube)
+    assert kube.names("Service", NS) == ["chat"] and kube.names("HTTPRoute", NS) == []
+    assert cr(kube)["status"]["canaryWeight"] == 33  # now the Ready pod share: 1 canary pod beside 2
