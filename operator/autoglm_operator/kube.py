@@ -19,6 +19,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from . import metrics
 from .builders import MANAGER
 from .models import GROUP, PLURAL, VERSION
 
@@ -37,6 +38,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Secret": ("/api/v1", "secrets"),
     "Event": ("/api/v1", "events"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 
 
@@ -72,6 +74,17 @@ def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | 
     if sub:
         path += f"/{sub}"
     return path
+
+
+def _verb(method: str, path: str) -> str:
+    """The Kubernetes verb of a request (a GET of a collection is a list)."""
+    if method == "GET":
+        parts = path.split("/")  # a collection: .../namespaces/<ns>/<plural> or a cluster-wide .../<plural>
+        return "list" if "namespaces" not in parts or parts[-3] == "namespaces" else "get"
+    return _VERBS.get(method, method.lower())
+
+
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
 def _load_api_client(pool_size: int) -> Any:
@@ -139,7 +152,16 @@ class Kube:
     async def _request(self, method: str, path: str, kind: str, **kw: Any) -> Any:
         (self.reads if method == "GET" else self.writes)[f"{method} {kind}"] += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self._call, method, path, **kw))
+        code = "error"
+        try:
+            result = await loop.run_in_executor(self._executor, functools.partial(self._call, method, path, **kw))
+            code = "2xx"
+            return result
+        except ApiError as exc:
+            code = str(exc.status)
+            raise
+        finally:
+            metrics.count_request(_verb(method, path), kind, code)
 
     # ------------------------------------------------------------ verbs
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from . import metrics
 from .kube import ApiError, KubeAPI
 from .reconcile import reconcile
 from .settings import OperatorSettings
@@ -74,11 +75,13 @@ class Reconciler:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - retried with backoff, never fatal
+                    metrics.observe_reconcile(time.monotonic() - started, exc)
                     self._schedule_retry(key, exc)
                     return
                 finally:
                     self.runs += 1
                     self.last_durations = (self.last_durations + [time.monotonic() - started])[-200:]
+                metrics.observe_reconcile(time.monotonic() - started)
                 self._failures.pop(key, None)
                 if outcome.gone:
                     self.forget(*key)
