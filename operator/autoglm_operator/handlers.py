@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from . import builders as b
+from . import metrics
 from .kube import Kube
+from .leader import LeaderElector
 from .models import GROUP, PLURAL, VERSION
 from .settings import SettingsError, load_settings
 from .workqueue import Reconciler
@@ -51,19 +55,46 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         op = load_settings()
     except SettingsError as exc:
         raise kopf.PermanentError(f"Invalid operator settings:\n{exc}") from None
-    # Peering is left to the CLI: `autoglm-operator` passes --standalone unless --peering is given
-    # (a peering object is PATCHed every ~50 s, which the zero-idle-writes figure excludes).
+    # kopf's peering is off (`autoglm-operator` passes --standalone): one active replica comes from
+    # our own Lease (leader.py explains why), when AUTOGLM_OPERATOR_LEADER_ELECTION is true.
     settings.posting.enabled = False  # our own events go through kube.py, on transitions only
     for child in CHILDREN:
         settings.watching.label_selectors[_selector(*child)] = f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
+    if op.metrics_port:
+        try:
+            memo.metrics_server = metrics.serve(op.metrics_port, op.metrics_address)
+        except OSError as exc:
+            raise kopf.PermanentError(
+                f"Cannot serve metrics on {op.metrics_address}:{op.metrics_port}: {exc}"
+            ) from None
     kube = Kube(threads=op.api_threads)
     memo.kube = kube
     memo.reconciler = Reconciler(kube, op, logger=log)
-    memo.resync_task = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(), name="resync")
+    memo.leader = None
+
+    def start_acting() -> None:
+        memo.reconciler.trigger_all()  # a standby taking over: everything it has seen meanwhile
+        memo.resync_task = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(), name="resync")
+
+    if op.leader_election:
+        # Standby until the Lease is ours: kopf's watches run (``seen`` keeps the resources known) but
+        # nothing is reconciled. A leader that loses the Lease stops acting and exits (restarted as
+        # a standby), as client-go's leader election does.
+        memo.leader = LeaderElector(
+            kube,
+            op.leader_election_namespace,
+            op.leader_election_name,
+            on_started_leading=start_acting,
+            on_stopped_leading=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        )
+        memo.leader_task = asyncio.get_running_loop().create_task(memo.leader.run(), name="leader-election")
+    else:
+        start_acting()
     log.info(
-        "Started autoglm-operator: namespaces=%s resync=%ss image=%s:%s.",
+        "Started autoglm-operator: namespaces=%s resync=%ss metrics=%s image=%s:%s.",
         ",".join(op.namespaces) or "*",
         op.resync_seconds,
+        f"{op.metrics_address}:{op.metrics_port}" if op.metrics_port else "off",
         op.default_runtime_image,
         op.default_runtime_version,
     )
@@ -71,13 +102,20 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("resync_task")
-    if task is not None:
-        task.cancel()
+    for name in ("leader_task", "resync_task"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()
+    if memo.get("leader") is not None:
+        await memo.leader.release()
     if memo.get("reconciler") is not None:
         await memo.reconciler.close()
     if memo.get("kube") is not None:
         memo.kube.close()
+    if memo.get("metrics_server") is not None:
+        memo.metrics_server.shutdown()
+        memo.metrics_server.server_close()
+    metrics.PHASES.clear()
 
 
 @kopf.on.probe(id="reconciles")
@@ -86,14 +124,31 @@ def probe(memo: kopf.Memo, **_: Any) -> int:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_autoglmdeployment(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+async def on_autoglmdeployment(
+    type: str, namespace: str | None, name: str, status: Mapping[str, Any], memo: Any, **_: Any
+) -> None:
     assert namespace is not None  # the resource is namespaced
-    memo.reconciler.observe_event(namespace, name, deleted=(type == "DELETED"))
+    if type == "DELETED":
+        metrics.PHASES.forget(namespace, name)
+    else:
+        metrics.PHASES.set(namespace, name, status.get("phase"))
+    if _acting(memo):
+        memo.reconciler.observe_event(namespace, name, deleted=(type == "DELETED"))
+    elif type == "DELETED":
+        memo.reconciler.forget(namespace, name)
+    else:
+        memo.reconciler.seen(namespace, name)  # a standby remembers, reconciles once it leads
 
 
 async def on_child(labels: Mapping[str, str], namespace: str | None, memo: Any, **_: Any) -> None:
     assert namespace is not None  # every child kind is namespaced
-    memo.reconciler.trigger(namespace, labels[b.LABEL_DEPLOYMENT])
+    if _acting(memo):
+        memo.reconciler.trigger(namespace, labels[b.LABEL_DEPLOYMENT])
+
+
+def _acting(memo: Any) -> bool:
+    """Without leader election always; with it, only while this process holds the Lease."""
+    return memo.leader is None or memo.leader.leading
 
 
 for _child in CHILDREN:

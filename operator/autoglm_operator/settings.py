@@ -49,6 +49,24 @@ class OperatorSettings(BaseSettings):
     )
     max_concurrent_reconciles: int = Field(default=16, ge=1, le=1024)
     api_threads: int = Field(default=16, ge=1, le=256, description="Threads for the blocking API client.")
+    metrics_port: int = Field(
+        default=8081,
+        ge=0,
+        le=65535,
+        description="Port of the operator's Prometheus /metrics (0 = no metrics server).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics server listens on (the chart sets 0.0.0.0 for its Service).",
+    )
+    leader_election: bool = Field(
+        default=False,
+        description="Hold a Lease to act (one active replica, the others standby); see leader.py.",
+    )
+    leader_election_namespace: str = Field(
+        default="default", description="Namespace of the leader-election Lease (the chart: its release's)."
+    )
+    leader_election_name: str = Field(default="autoglm-operator", description="Name of the leader-election Lease.")
     liveness_endpoint: str | None = Field(
         default=None,
         description="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
