@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import wait_for
 
@@ -123,9 +126,17 @@ def crd(kube):
     kube.kubectl("wait", "--for=condition=Established", "crd/autoglmdeployments.autoglm.io", "--timeout=60s")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def op_env(kube, monkeypatch) -> dict[str, str]:
-    env = {"KUBECONFIG": str(kube.kubeconfig), "AUTOGLM_OPERATOR_RESYNC_SECONDS": "5"}
+    # The metrics server on a free loopback port (the default 8081 may be taken on a shared machine).
+    env = {"KUBECONFIG": str(kube.kubeconfig), "AUTOGLM_OPERATOR_RESYNC_SECONDS": "5",
+           "AUTOGLM_OPERATOR_METRICS_PORT": str(free_port()), "AUTOGLM_OPERATOR_METRICS_ADDRESS": "127.0.0.1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return {**kube.env, **env}
@@ -163,7 +174,21 @@ def operator_process(env: dict[str, str], namespace: str, log: Path):
 # ------------------------------------------------------------------ tests
 
 
-def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator):
+def scrape_metrics(port: str) -> dict[str, float]:
+    """The operator's /metrics, summed by sample name and the labels given in the key: ``name{k=v}``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name] = out.get(s.name, 0.0) + s.value
+            for k, v in s.labels.items():
+                key = f"{s.name}{{{k}={v}}}"
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator, op_env):
     apply(kube, namespace, agd("chat", replicas=1))
     st = wait_phase(kube, namespace, "chat", "Healthy")
     [dep] = deployments(kube, namespace, "chat")
@@ -202,6 +227,14 @@ def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator):
     stays(lambda: resource_versions(kube, namespace) == before, seconds=20,
           message="a resourceVersion changed while idle")
     assert len(event_reasons(kube, namespace, "chat")) == events_before
+
+    # The operator's own /metrics, scraped from its server.
+    m = scrape_metrics(op_env["AUTOGLM_OPERATOR_METRICS_PORT"])
+    assert m["autoglm_operator_reconcile_duration_seconds_count"] > 0, m
+    assert m["autoglm_operator_api_requests_total{verb=get}"] > 0, m
+    assert m["autoglm_operator_api_requests_total{resource=Deployment}"] > 0, m
+    assert m["autoglm_operator_resources{phase=Healthy}"] == 1, m
+    assert m["autoglm_operator_rollouts_in_progress"] == 0, m
 
 
 def test_autoscaling_in_place_then_version_rollout(kube, namespace, operator):
