@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm_operator import metrics
 from autoglm_operator.kube import ApiError, _verb
-from autoglm_operator.workqueue import Reconciler
 from autoglm_operator.settings import OperatorSettings
+from autoglm_operator.workqueue import Reconciler
 from tests.operator.fakes import FakeKube
 from tests.operator.test_reconcile import NS, SPEC, make
 
