@@ -56,12 +56,13 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
     # is checked here is its RBAC, then the real operator process runs with its ServiceAccount's token.
     values = kube.dir / f"{release}-values.yaml"
     values.write_text("nodeSelector: {kubernetes.io/hostname: kwok-cpu-0}\n"
-                      "tolerations: [{key: autoglm.io/simulated, operator: Exists, effect: NoSchedule}]\n")
+                      "tolerations: [{key: autoglm.io/simulated, operator: Exists, effect: NoSchedule}]\n"
+                      "replicas: 2\n")  # leader election: its Role is checked too
     kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "90s",
               "-f", str(values))
     sa = f"system:serviceaccount:{namespace}:{release}-autoglm"
     dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
-    assert dep["status"].get("availableReplicas") == 1
+    assert dep["status"].get("availableReplicas") == 2
 
     for verb, res in [("create", "deployments.apps"), ("delete", "horizontalpodautoscalers.autoscaling"),
                       ("patch", "autoglmdeployments.autoglm.io/status"), ("get", "secrets"), ("watch", "pods")]:
@@ -87,7 +88,10 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
         contexts: [{{name: c, context: {{cluster: c, user: sa}}}}]
         current-context: c
         """))
-    env = {**kube.env, "KUBECONFIG": str(sa_kubeconfig), "AUTOGLM_OPERATOR_METRICS_PORT": "0"}
+    env = {**kube.env, "KUBECONFIG": str(sa_kubeconfig), "AUTOGLM_OPERATOR_METRICS_PORT": "0",
+           **{e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+              if e["name"].startswith("AUTOGLM_OPERATOR_LEADER_ELECTION")}}
+    assert env["AUTOGLM_OPERATOR_LEADER_ELECTION"] == "true"
     log = open(kube.dir / f"{release}-operator.log", "wb")
     op = subprocess.Popen([str(REPO / ".venv" / "bin" / "autoglm-operator"), "--namespace", namespace],
                           env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -102,6 +106,7 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
                  message=f"tiny Healthy under the chart's RBAC (log: {kube.dir}/{release}-operator.log)")
         forbidden = (kube.dir / f"{release}-operator.log").read_text()
         assert "403" not in forbidden and "Forbidden" not in forbidden, forbidden[-2000:]
+        assert f"Became the leader: Lease {namespace}/{release}-autoglm" in forbidden, forbidden[-2000:]
     finally:
         op.terminate()
         op.wait(timeout=30)
