@@ -106,10 +106,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task = memo.get(name)
         if task is not None:
             task.cancel()
-    if memo.get("leader") is not None:
-        await memo.leader.release()
     if memo.get("reconciler") is not None:
         await memo.reconciler.close()
+    if memo.get("leader") is not None:  # after the last reconcile: never two acting at once
+        await memo.leader.release()
     if memo.get("kube") is not None:
         memo.kube.close()
     if memo.get("metrics_server") is not None:
