@@ -55,7 +55,9 @@ NODES = [
 PROC_NODE = "proc-0"
 RUNTIME_IMAGE = "ghcr.io/autoglm/runtime"   # any tag runs the project's own `autoglm-runtime`
 HOST_IMAGE = "autoglm.local/host"           # any tag: the host's own programs (tests' helper pods)
-# The apiserver audits every write (metadata only), so tests can count the writes a component makes.
+# The apiserver audits every write (metadata only), so tests can count the writes a component makes,
+# and the reads (get/list, not watch) of the admin user (tests' clients and the operator they run:
+# told apart by User-Agent), so tests can count the operator's reads too.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -63,6 +65,9 @@ omitStages: ["RequestReceived"]
 rules:
 - level: Metadata
   verbs: ["create", "update", "patch", "delete", "deletecollection"]
+- level: Metadata
+  verbs: ["get", "list"]
+  users: ["admin"]
 - level: None
 """
 # Prometheus discovers pods through the apiserver and scrapes those annotated prometheus.io/scrape.
@@ -319,6 +324,13 @@ class Cluster:
         """Write requests (create/update/patch/delete) the apiserver audited after the Unix time
         ``since``, optionally only from clients whose User-Agent starts with ``user_agent`` and in
         ``namespace``. Each entry is the audit event (verb, objectRef, userAgent, responseStatus...)."""
+        return [ev for ev in self._audit(since, user_agent, namespace) if ev.get("verb") not in ("get", "list")]
+
+    def audit_reads(self, since: float = 0.0, user_agent: str = "", namespace: str = "") -> list[dict]:
+        """Like ``audit_writes``, for get/list requests (only the admin user's are audited; watches never)."""
+        return [ev for ev in self._audit(since, user_agent, namespace) if ev.get("verb") in ("get", "list")]
+
+    def _audit(self, since: float, user_agent: str, namespace: str) -> list[dict]:
         import json
         from datetime import datetime
 
