@@ -56,7 +56,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.enabled = False  # our own events go through kube.py, on transitions only
     for child in CHILDREN:
         settings.watching.label_selectors[_selector(*child)] = f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
-    kube = Kube(threads=op.api_threads)
+    kube = Kube(threads=op.api_threads, timeout=op.api_timeout_seconds, qps=op.api_qps, burst=op.api_burst)
     memo.kube = kube
     memo.reconciler = Reconciler(kube, op, logger=log)
     memo.resync_task = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(), name="resync")
