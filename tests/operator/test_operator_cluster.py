@@ -25,6 +25,7 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 LABEL_DEPLOYMENT = "autoglm.io/deployment"
 LABEL_REVISION = "autoglm.io/revision"
+OPERATOR_UA = "autoglm-operator/"  # kube.py's User-Agent (kopf's own requests say kopf/...)
 
 
 def agd(name: str, **spec_overrides) -> dict:
@@ -86,6 +87,28 @@ def wait_phase(kube, namespace: str, name: str, phase: str, timeout: float = 60,
                 return None
         return st
     return wait_for(check, timeout=timeout, message=f"{name} phase {phase} {cond}")
+
+
+def simulated(name: str, **spec_overrides) -> dict:
+    """A resource whose pods go to the simulated CPU node (kwok-cpu-0): many fit, nothing runs."""
+    return agd(name, resources={"gpus": 0, "cpu": "100m", "memory": "128Mi"},
+               nodeSelector={"kubernetes.io/hostname": "kwok-cpu-0"},
+               tolerations=[{"key": "autoglm.io/simulated", "operator": "Exists", "effect": "NoSchedule"}],
+               **spec_overrides)
+
+
+def operator_requests(kube, since: float, namespace: str) -> tuple[list[dict], list[dict]]:
+    """(writes, reads) the operator's own client made (User-Agent autoglm-operator/...), from the audit log."""
+    return (kube.audit_writes(since=since, user_agent=OPERATOR_UA, namespace=namespace),
+            kube.audit_reads(since=since, user_agent=OPERATOR_UA, namespace=namespace))
+
+
+def by_verb(events: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ev in events:
+        key = f"{ev['verb']} {ev.get('objectRef', {}).get('resource', '')}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def resource_versions(kube, namespace: str) -> dict[str, str]:
@@ -318,3 +341,26 @@ def test_network_policy_is_accepted_and_removed_when_disabled(kube, namespace, o
     assert pol["spec"]["ingress"][0]["from"][0] == {"podSelector": {"matchLabels": {"team": "agents"}}}
     merge(kube, namespace, "autoglmdeployment/np", {"spec": {"networkPolicy": {"enabled": False}}})
     wait_for(lambda: try_get(kube, namespace, "networkpolicy/np") is None, timeout=30, message="NetworkPolicy gone")
+
+
+def test_fifty_resources_idle_make_no_writes_and_no_reads(kube, namespace, operator):
+    """Idle with 50 resources over at least two resyncs (every 5 s): the operator's client sends
+    nothing at all, counted from the apiserver's audit log (a no-op PATCH would not bump a
+    resourceVersion, so resourceVersions cannot show it; reads are audited for this too)."""
+    n = 50
+    kube.kubectl("apply", "-n", namespace, "-f", "-",
+                 input="---\n".join(yaml.safe_dump(simulated(f"idle-{i:02d}")) for i in range(n)))
+
+    def all_healthy():
+        items = get(kube, namespace, "autoglmdeployments")["items"]
+        healthy = [i for i in items if (i.get("status") or {}).get("phase") == "Healthy"
+                   and i["status"].get("observedGeneration") == i["metadata"]["generation"]]
+        return len(healthy) == n
+    wait_for(all_healthy, timeout=240, interval=2, message=f"{n} resources Healthy")
+    time.sleep(6)  # what the last status writes trigger settles (one resync period)
+    t0 = time.time()
+    time.sleep(12)  # two resyncs at least
+    writes, reads = operator_requests(kube, t0, namespace)
+    print(f"idle 12 s with {n} resources: writes {by_verb(writes)}, reads {by_verb(reads)}")
+    assert writes == [], by_verb(writes)
+    assert reads == [], by_verb(reads)
