@@ -11,6 +11,9 @@ therefore makes zero writes. Level-based reconcile is triggered by:
 - any event of a child it owns (Deployments, Pods, Services, HPAs, PDBs carrying our
   ``managed-by`` label; the label selector is applied server-side so kopf never sees other objects);
 - one background task that re-triggers every known resource each ``resync_seconds``.
+
+Reads come from ``@kopf.index`` per kind (cache.py), fed by the same watch streams: a reconcile
+with nothing changed reads nothing from the API and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import kopf
 
 from . import builders as b
+from .cache import CACHED, CachedKube, index_id, index_keys
 from .kube import Kube
 from .models import GROUP, PLURAL, VERSION
 from .settings import SettingsError, load_settings
@@ -30,14 +34,9 @@ from .workqueue import Reconciler
 
 log = logging.getLogger("autoglm_operator")
 
-# (group, version, plural) of the children we watch (always with our label, server-side).
-CHILDREN: list[tuple[str, str, str]] = [
-    ("apps", "v1", "deployments"),
-    ("", "v1", "pods"),
-    ("", "v1", "services"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("policy", "v1", "poddisruptionbudgets"),
-]
+# (group, version, plural) of the children we watch (always with our label, server-side); a kind
+# whose CRD is missing (ScaledObject without KEDA) is simply not watched (kopf re-scans for it).
+CHILDREN: list[tuple[str, str, str]] = [ref for kind, ref in CACHED.items() if kind != "AutoGLMDeployment"]
 CHILD_LABELS: dict[str, Any] = {b.LABEL_MANAGED_BY: b.MANAGER, b.LABEL_DEPLOYMENT: kopf.PRESENT}
 
 
@@ -46,7 +45,7 @@ def _selector(group: str, version: str, plural: str) -> tuple[str, str] | tuple[
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     try:
         op = load_settings()
     except SettingsError as exc:
@@ -58,8 +57,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         settings.watching.label_selectors[_selector(*child)] = f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
     kube = Kube(threads=op.api_threads, timeout=op.api_timeout_seconds, qps=op.api_qps, burst=op.api_burst)
     memo.kube = kube
-    memo.reconciler = Reconciler(kube, op, logger=log)
-    memo.resync_task = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(), name="resync")
+    # kopf hands startup handlers the (still empty) indexes; they fill before any other handler runs.
+    indexes = {kind: kwargs[index_id(kind)] for kind in CACHED}
+    memo.reconciler = Reconciler(CachedKube(kube, indexes), op, logger=log, api=kube)
+    loop = asyncio.get_running_loop()
+    memo.resync_task = loop.create_task(memo.reconciler.resync_forever(), name="resync")
+    memo.poll_task = loop.create_task(memo.reconciler.poll_preconditions_forever(), name="preconditions")
     log.info(
         "Started autoglm-operator: namespaces=%s resync=%ss image=%s:%s.",
         ",".join(op.namespaces) or "*",
@@ -71,9 +74,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("resync_task")
-    if task is not None:
-        task.cancel()
+    for name in ("resync_task", "poll_task"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()
     if memo.get("reconciler") is not None:
         await memo.reconciler.close()
     if memo.get("kube") is not None:
@@ -98,3 +102,15 @@ async def on_child(labels: Mapping[str, str], namespace: str | None, memo: Any, 
 
 for _child in CHILDREN:
     kopf.on.event(*_selector(*_child), labels=CHILD_LABELS, id=f"child-{_child[2]}")(on_child)
+
+
+async def index_object(namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    """The object itself, by name and by owner (cache.py serves reconcile's reads from these)."""
+    assert namespace is not None  # every cached kind is namespaced
+    obj = dict(body)
+    return {key: obj for key in index_keys(namespace, name, labels)}
+
+
+for _kind, _ref in CACHED.items():
+    _labels = None if _kind == "AutoGLMDeployment" else CHILD_LABELS
+    kopf.index(*_selector(*_ref), labels=_labels, id=index_id(_kind))(index_object)

@@ -102,7 +102,7 @@ def _retry_after(headers: Any) -> float | None:
 class KubeAPI(Protocol):
     """What reconcile needs; ``Kube`` talks to a cluster, tests may pass an in-memory fake."""
 
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def get(self, kind: str, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None: ...
     async def list(
         self, kind: str, namespace: str | None, label_selector: str | None = None
     ) -> list[dict[str, Any]]: ...
@@ -219,7 +219,8 @@ class Kube:
 
     # ------------------------------------------------------------ verbs
 
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get(self, kind: str, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """The object, ``None`` when it does not exist (always read from the API: ``fresh`` is implied)."""
         try:
             return await self._request("GET", _path(kind, namespace, name), kind)
         except ApiError as exc:

@@ -51,6 +51,7 @@ class Revision:
     spec_hash: str
     deadline_exceeded: str = ""  # message of Progressing=False/ProgressDeadlineExceeded
     replica_failure: str = ""  # message of ReplicaFailure=True (pods refused: admission, quota)
+    replicas_managed_elsewhere: bool = False  # another field manager (an HPA, kubectl scale) set spec.replicas
 
     @property
     def is_ready(self) -> bool:
@@ -90,7 +91,18 @@ class Revision:
             spec_hash=(meta.get("annotations") or {}).get(b.ANNOTATION_SPEC_HASH, ""),
             deadline_exceeded=deadline,
             replica_failure=failure,
+            replicas_managed_elsewhere=_replicas_managed_elsewhere(meta),
         )
+
+
+def _replicas_managed_elsewhere(meta: dict[str, Any]) -> bool:
+    """Whether a field manager other than our server-side apply owns ``spec.replicas`` (managedFields)."""
+    for entry in meta.get("managedFields") or []:
+        if entry.get("manager") == b.MANAGER and entry.get("operation") == "Apply":
+            continue
+        if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
+            return True
+    return False
 
 
 @dataclasses.dataclass
@@ -104,6 +116,8 @@ class Observed:
     network_policy: dict[str, Any] | None = None
     scaled_object: dict[str, Any] | None = None
     keda_hpa: dict[str, Any] | None = None  # the HPA KEDA made for our ScaledObject
+    # (kind, name, resourceVersion or "" when missing) of each Secret/PVC a precondition waits for
+    waiting_for: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
 
 
 def _controlled_by(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -145,19 +159,28 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         if rev.hash:
             revisions[rev.hash] = rev
     problems: list[Problem] = []
+    waiting: list[tuple[str, str, str]] = []
+
+    def wait_for(kind: str, name: str, obj: dict[str, Any] | None) -> None:
+        waiting.append((kind, name, (obj or {}).get("metadata", {}).get("resourceVersion", "")))
+
     if pvc_name and pvc is None:
         problems.append(
             Problem("PersistentVolumeClaimNotFound", f"PersistentVolumeClaim {pvc_name} not found in namespace {ns}")
         )
+        wait_for("PersistentVolumeClaim", pvc_name, None)
     if ref is not None:
         if secret is None:
             problems.append(Problem("SecretNotFound", f"Secret {ref.name} not found in namespace {ns}"))
+            wait_for("Secret", ref.name, None)
         elif ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
             problems.append(Problem("SecretNotFound", f"Secret {ref.name} has no key {ref.key}"))
+            wait_for("Secret", ref.name, secret)
     if r.spec.tls is not None:
         problem = tls_secret_problem(r.spec.tls.secret_ref.name, ns, tls_secret)
         if problem:
             problems.append(problem)
+            wait_for("Secret", r.spec.tls.secret_ref.name, tls_secret)
     return Observed(
         revisions=revisions,
         pods=[p for p in pods if _controlled_by_revision(p, revisions)],
@@ -168,6 +191,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         scaled_object=so,
         network_policy=np,
         keda_hpa=keda_hpa,
+        waiting_for=waiting,
     )
 
 
