@@ -69,6 +69,7 @@ class FakeKube:
     def __init__(self, missing_kinds: set[str] | None = None) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.writes: collections.Counter[str] = collections.Counter()
+        self.reads: collections.Counter[str] = collections.Counter()
         self.events: list[tuple[str, str, str]] = []
         self.missing_kinds = missing_kinds or set()  # kinds whose CRD is not installed (writes get 404)
         self.applied: dict[tuple[str, str, str], dict[str, Any]] = {}  # what we last applied (our fields)
@@ -107,10 +108,12 @@ class FakeKube:
 
     # the KubeAPI protocol
     async def get(self, kind, namespace, name, *, fresh=False):
+        self.reads[f"GET {kind}"] += 1
         o = self.objects.get((kind, namespace, name))
         return copy.deepcopy(o) if o is not None else None
 
     async def list(self, kind, namespace, label_selector=None):
+        self.reads[f"LIST {kind}"] += 1
         return [copy.deepcopy(o) for (k, ns, _), o in sorted(self.objects.items())
                 if k == kind and (namespace is None or ns == namespace)
                 and _match(o["metadata"].get("labels") or {}, label_selector)]
