@@ -219,12 +219,14 @@ def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator):
     assert get(kube, namespace, "pdb/chat")["spec"]["maxUnavailable"] == 1
     assert "ScaledUp" in event_reasons(kube, namespace, "chat")
 
-    # Idle: several resyncs (every 5 s) and nothing is written.
-    before = resource_versions(kube, namespace)
-    events_before = len(event_reasons(kube, namespace, "chat"))
-    stays(lambda: resource_versions(kube, namespace) == before, seconds=20,
-          message="a resourceVersion changed while idle")
-    assert len(event_reasons(kube, namespace, "chat")) == events_before
+    # Idle: several resyncs (every 5 s) and nothing is written, counted from the audit log (a no-op
+    # PATCH would leave every resourceVersion as it was).
+    time.sleep(3)
+    t0 = time.time()
+    time.sleep(12)
+    for agent in (OPERATOR_UA, "kopf/"):
+        writes = kube.audit_writes(since=t0, user_agent=agent, namespace=namespace)
+        assert writes == [], f"{agent} wrote while idle: {by_verb(writes)}"
 
 
 def test_autoscaling_in_place_then_version_rollout(kube, namespace, operator):
@@ -364,3 +366,46 @@ def test_fifty_resources_idle_make_no_writes_and_no_reads(kube, namespace, opera
     print(f"idle 12 s with {n} resources: writes {by_verb(writes)}, reads {by_verb(reads)}")
     assert writes == [], by_verb(writes)
     assert reads == [], by_verb(reads)
+
+
+def test_a_users_service_and_pdb_are_never_adopted(kube, namespace, operator):
+    """Objects of the user's that carry the resource's name: left alone (no ownerReference of ours,
+    so not garbage-collected with it); the resource is Degraded with reason ChildConflict."""
+    kube.kubectl("create", "service", "clusterip", "web", "-n", namespace, "--tcp=80:8080")
+    kube.kubectl("create", "poddisruptionbudget", "web", "-n", namespace, "--selector=app=web", "--min-available=1")
+    apply(kube, namespace, agd("web", replicas=2))
+    st = wait_phase(kube, namespace, "web", "Degraded", Degraded="ChildConflict")
+    assert "Service web" in condition(st, "Degraded")["message"]
+    assert "Degraded" in event_reasons(kube, namespace, "web")
+    for what in ("service/web", "pdb/web"):
+        obj = get(kube, namespace, what, "--show-managed-fields")
+        assert not obj["metadata"].get("ownerReferences"), f"{what} adopted: {obj['metadata']}"
+        managers = {m["manager"] for m in obj["metadata"].get("managedFields") or []}
+        assert "autoglm-operator" not in managers, f"{what} written by the operator: {managers}"
+    assert get(kube, namespace, "service/web")["spec"]["selector"] == {"app": "web"}
+    # The user's objects survive the resource's deletion (they were never ours).
+    kube.kubectl("delete", "-n", namespace, "agd/web", "--wait=true", "--timeout=30s")
+    wait_for(lambda: not deployments(kube, namespace, "web"), timeout=60, message="revisions collected")
+    assert try_get(kube, namespace, "service/web") is not None and try_get(kube, namespace, "pdb/web") is not None
+
+
+def test_rollout_restart_survives_a_template_update_and_dropped_fields_are_pruned(kube, namespace, operator):
+    apply(kube, namespace, simulated("rr", replicas=1, rollout={"progressDeadlineSeconds": 300}))
+    wait_phase(kube, namespace, "rr", "Healthy")
+    [dep] = deployments(kube, namespace, "rr")
+    name = dep["metadata"]["name"]
+    kube.kubectl("rollout", "restart", "-n", namespace, f"deployment/{name}")
+    kube.kubectl("label", "-n", namespace, f"deployment/{name}", "team=web")
+    stamp = get(kube, namespace, f"deployment/{name}")["spec"]["template"]["metadata"]["annotations"][
+        "kubectl.kubernetes.io/restartedAt"]
+    # A change of the same revision (not what the pods run): the Deployment is updated in place.
+    merge(kube, namespace, "agd/rr", {"spec": {"rollout": {"progressDeadlineSeconds": 400}}})
+    wait_for(lambda: get(kube, namespace, f"deployment/{name}")["spec"]["progressDeadlineSeconds"] == 400,
+             timeout=30, message="Deployment updated in place")
+    d = get(kube, namespace, f"deployment/{name}", "--show-managed-fields")
+    assert d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] == stamp
+    assert d["metadata"]["labels"]["team"] == "web"
+    # Every field we own is in our one server-side-apply set, so what we stop sending is pruned.
+    managed = [m for m in d["metadata"]["managedFields"] if m["manager"] == "autoglm-operator"]
+    assert {m["operation"] for m in managed} == {"Apply"}, managed
+    wait_phase(kube, namespace, "rr", "Healthy")
