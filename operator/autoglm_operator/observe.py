@@ -151,6 +151,10 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             kube.get("NetworkPolicy", ns, name),
         ),
     )
+    if keda and keda_hpa is None:
+        # KEDA makes this one and copies the ScaledObject's labels onto it, so the cache has it; a
+        # miss cannot prove it absent (labels excluded by annotation, an old KEDA): ask the API.
+        keda_hpa = await kube.get("HorizontalPodAutoscaler", ns, b.keda_hpa_name(name), fresh=True)
     revisions: dict[str, Revision] = {}
     for d in deps:
         if not _controlled_by(d, uid) or d["metadata"].get("deletionTimestamp"):
