@@ -148,7 +148,14 @@ class CachedKube:
 
     # ------------------------------------------------------------ writes (remembered until the index catches up)
 
+    def _expire(self) -> None:
+        if len(self._written) > 256:  # entries are dropped when read; these were never read again
+            now = time.monotonic()
+            for key in [k for k, (at, _, _) in self._written.items() if now - at > WRITTEN_TTL_SECONDS]:
+                del self._written[key]
+
     def _remember(self, kind: str, obj: dict[str, Any] | None) -> dict[str, Any] | None:
+        self._expire()
         if obj is not None and kind in self.indexes:
             meta = obj["metadata"]
             self._written[(kind, meta["namespace"], meta["name"])] = (time.monotonic(), obj, "")

@@ -426,3 +426,36 @@ async def test_shared_poll_reconciles_only_when_an_awaited_secret_changes() -> N
     await asyncio.gather(*list(rec._tasks))
     assert rec.waiting == {} and len(kube.names("Deployment", NS)) == 2
     await rec.close()
+
+
+async def test_a_reconcile_that_lost_a_race_is_retried_from_the_api_not_the_cache() -> None:
+    import asyncio
+
+    from autoglm_operator.kube import ApiError
+
+    class Racing(FakeKube):
+        """Reads like a cache that has not caught up; its first write loses a race (409)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lost = False
+
+        async def apply(self, kind, namespace, body, *, force=True):
+            if not self.lost:
+                self.lost = True
+                raise ApiError(409, "Conflict", "the object has been modified")
+            return await super().apply(kind, namespace, body, force=force)
+
+    api = FakeKube()
+    cache = Racing()
+    cache.objects = api.objects  # same state; only the first one is "the cache"
+    make(api, SPEC)
+    rec = Reconciler(cache, SETTINGS, api=api)
+    rec.observe_event(NS, "chat")
+    await asyncio.gather(*list(rec._tasks))
+    assert rec._stale == {(NS, "chat")} and deployments(api) == []
+    rec._retry((NS, "chat"))  # the backoff timer firing
+    await asyncio.gather(*list(rec._tasks))
+    assert len(deployments(api)) == 1 and api.writes["APPLY Deployment"] == 1
+    assert rec._stale == set()
+    await rec.close()
