@@ -111,30 +111,9 @@ def by_verb(events: list[dict]) -> dict[str, int]:
     return counts
 
 
-def resource_versions(kube, namespace: str) -> dict[str, str]:
-    kinds = "autoglmdeployments,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
-    items = get(kube, namespace, kinds)["items"]
-    return {f"{i['kind']}/{i['metadata']['name']}": i["metadata"]["resourceVersion"] for i in items}
-
-
 def event_reasons(kube, namespace: str, name: str) -> list[str]:
     items = get(kube, namespace, "events", "--field-selector", f"involvedObject.name={name}")["items"]
     return [e["reason"] for e in items]
-
-
-def stays(predicate, seconds: float, message: str = "") -> None:
-    """Fail if ``predicate()`` is ever falsy during ``seconds`` (the negative of wait_for)."""
-    deadline = time.monotonic() + seconds
-    violations: list = []
-
-    def over() -> bool:
-        value = predicate()
-        if not value:
-            violations.append(value)
-        return bool(violations) or time.monotonic() >= deadline
-
-    wait_for(over, timeout=seconds + 60, interval=1.0, message=message)
-    assert not violations, message
 
 
 # ------------------------------------------------------------------ fixtures
