@@ -6,9 +6,9 @@ returns them. Repeatable creates: 409 on create and 404 on delete/get are expect
 Every request is counted by verb and kind in ``Kube.writes`` / ``Kube.reads`` (tests, figures).
 
 Client settings: one pooled connection per thread (one ``ApiClient`` for the process), a token
-bucket (``api_qps``/``api_burst``) in front of every request, a per-request timeout, 429 and
-``Retry-After`` honoured (bounded), and a distinctive User-Agent (``autoglm-operator/<version>``) so
-the apiserver's audit log tells our requests from kopf's (``kopf/...``) and kubectl's.
+bucket in front of every request (``api_qps``/``api_burst``: settings.py says why 100/200), a
+per-request timeout, 429 and ``Retry-After`` honoured (bounded), and a distinctive User-Agent
+(``autoglm-operator/<version>``) so the audit log tells our requests from kopf's and kubectl's.
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ class Kube:
         *,
         threads: int = 16,
         timeout: float = 30.0,
-        qps: float = 50.0,
-        burst: int = 100,
+        qps: float = 100.0,
+        burst: int = 200,
     ) -> None:
         self._api = api_client or _load_api_client(threads)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
