@@ -115,3 +115,27 @@ async def test_own_writes_are_seen_before_the_watch_delivers_them() -> None:
     indexes["Service"].frozen = copy.deepcopy(kube.objects)
     await ck.delete("Service", NS, "chat")
     assert await ck.get("Service", NS, "chat") is None
+
+
+async def test_referenced_secrets_are_read_only_while_they_gate_something() -> None:
+    """Before the revision exists (the Secret gates its creation) and while the status shows it
+    missing; a running resource's resync reads nothing, Secrets included."""
+    kube = FakeKube()
+    kube.put("AutoGLMDeployment", {"apiVersion": "autoglm.io/v1alpha1", "kind": "AutoGLMDeployment",
+                                   "metadata": {"name": "chat", "namespace": NS},
+                                   "spec": {**copy.deepcopy(SPEC), "auth": {"apiKeySecretRef": {"name": "key"}}}})
+    ck, _ = cached(kube)
+    await reconcile(ck, OperatorSettings(), NS, "chat")
+    assert kube.reads["GET Secret"] >= 1 and kube.names("Deployment", NS) == []  # missing: it gates
+    kube.reads.clear()
+    await reconcile(ck, OperatorSettings(), NS, "chat")
+    assert kube.reads["GET Secret"] == 1  # still shown missing: read again
+    kube.put("Secret", {"metadata": {"name": "key", "namespace": NS}, "data": {"token": "eA=="}})
+    await reconcile(ck, OperatorSettings(), NS, "chat")
+    [dep] = kube.names("Deployment", NS)
+    kube.settle(NS, dep)
+    await reconcile(ck, OperatorSettings(), NS, "chat")
+    assert kube.obj("AutoGLMDeployment", NS, "chat")["status"]["phase"] == "Healthy"
+    kube.reads.clear()
+    await reconcile(ck, OperatorSettings(), NS, "chat")
+    assert sum(kube.reads.values()) == 0, kube.reads
