@@ -54,6 +54,19 @@ def index_keys(namespace: str, name: str, labels: Mapping[str, str]) -> list[tup
     return keys
 
 
+def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """What reconcile reads of an object, and no more (memory at N = 1,000): ``managedFields`` only
+    for Deployments (who owns ``spec.replicas``), only metadata and status for Pods."""
+    obj = dict(body)
+    meta = dict(obj.get("metadata") or {})
+    if kind != "Deployment":
+        meta.pop("managedFields", None)
+    obj["metadata"] = meta
+    if kind == "Pod":
+        obj.pop("spec", None)
+    return obj
+
+
 def _rv(obj: Mapping[str, Any]) -> int:
     try:
         return int(obj["metadata"].get("resourceVersion") or 0)

@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 
 from . import builders as b
-from .cache import CACHED, CachedKube, index_id, index_keys
+from .cache import CACHED, CachedKube, index_id, index_keys, slim
 from .kube import Kube
 from .models import GROUP, PLURAL, VERSION
 from .settings import SettingsError, load_settings
@@ -104,13 +104,18 @@ for _child in CHILDREN:
     kopf.on.event(*_selector(*_child), labels=CHILD_LABELS, id=f"child-{_child[2]}")(on_child)
 
 
-async def index_object(namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
-    """The object itself, by name and by owner (cache.py serves reconcile's reads from these)."""
-    assert namespace is not None  # every cached kind is namespaced
-    obj = dict(body)
-    return {key: obj for key in index_keys(namespace, name, labels)}
+def _indexer(kind: str) -> Any:
+    async def index_object(
+        namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, **_: Any
+    ) -> Any:
+        """The object (what reconcile reads of it), by name and by owner: cache.py serves reads from these."""
+        assert namespace is not None  # every cached kind is namespaced
+        obj = slim(kind, body)
+        return {key: obj for key in index_keys(namespace, name, labels)}
+
+    return index_object
 
 
 for _kind, _ref in CACHED.items():
     _labels = None if _kind == "AutoGLMDeployment" else CHILD_LABELS
-    kopf.index(*_selector(*_ref), labels=_labels, id=index_id(_kind))(index_object)
+    kopf.index(*_selector(*_ref), labels=_labels, id=index_id(_kind))(_indexer(_kind))

@@ -139,3 +139,16 @@ async def test_referenced_secrets_are_read_only_while_they_gate_something() -> N
     kube.reads.clear()
     await reconcile(ck, OperatorSettings(), NS, "chat")
     assert sum(kube.reads.values()) == 0, kube.reads
+
+
+def test_slim_keeps_what_reconcile_reads() -> None:
+    from autoglm_operator.cache import slim
+
+    mf = [{"manager": "x", "fieldsV1": {}}]
+    pod = {"kind": "Pod", "metadata": {"name": "p", "labels": {"a": "b"}, "managedFields": mf},
+           "spec": {"containers": []}, "status": {"phase": "Running"}}
+    assert slim("Pod", pod) == {"kind": "Pod", "metadata": {"name": "p", "labels": {"a": "b"}},
+                                "status": {"phase": "Running"}}
+    dep = {"metadata": {"name": "d", "managedFields": mf}, "spec": {"replicas": 1}}
+    assert slim("Deployment", dep) == dep  # managedFields say who owns spec.replicas
+    assert "managedFields" not in slim("Service", dep)["metadata"] and pod["metadata"]["managedFields"] == mf
