@@ -8,6 +8,12 @@ initial listing, and reconcile is only ever triggered by a handler or by the res
 handler has seen, so reads never see a half-filled cache. A kind whose CRD is missing (ScaledObject
 without KEDA) has no watch stream and blocks nothing: its index stays empty, which is the truth.
 
+kopf relists a kind after a watch is lost for longer than etcd keeps history (410 Gone, e.g. an
+apiserver restart) without dropping from its indexes the objects deleted meanwhile. ``audit()``,
+run every ``cache_audit_seconds`` (10 min: one LIST per kind and namespace, ~0.1 request/s at
+N = 1,000 in 10 namespaces), finds those, confirms each with a GET, hides them from reads and
+names their owners for a reconcile.
+
 Writes go to ``Kube``. Their answers are kept for a few seconds and preferred to the index while
 they are newer (by resourceVersion), so the re-observe after a write, and the next reconcile, see
 what was just written rather than a watch event still on its way (no duplicate status writes or
@@ -16,13 +22,15 @@ events). ``get(..., fresh=True)`` and the kinds not cached (Secrets, PVCs, Event
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import builders as b
-from .kube import KubeAPI
+from .kube import ApiError, KubeAPI
 from .models import GROUP, PLURAL, VERSION
 
 # kind → (group, version, plural) of what is served from an index.
@@ -36,6 +44,9 @@ CACHED: dict[str, tuple[str, str, str]] = {
     "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
     "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
 }
+log = logging.getLogger(__name__)
+# The server-side label selector of the children's watches (handlers.py), for the audit's LISTs.
+CHILD_SELECTOR = f"{b.MANAGED_SELECTOR},{b.LABEL_DEPLOYMENT}"
 # How long an object a write returned is preferred to an index that has not caught up.
 WRITTEN_TTL_SECONDS = 10.0
 
@@ -104,12 +115,52 @@ class CachedKube:
         self.hits: dict[str, int] = {}
         # (kind, namespace, name) → (monotonic time, object a write returned | None after a delete, uid deleted)
         self._written: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None, str]] = {}
+        # (kind, namespace, name) → uid of an object the index still holds but the API no longer has
+        self._gone: dict[tuple[str, str, str], str] = {}
 
     # ------------------------------------------------------------ reads
 
     def _from_index(self, kind: str, key: tuple[str, str, str]) -> list[Mapping[str, Any]]:
         store = self.indexes[kind].get(key)
-        return list(store) if store is not None else []
+        found = list(store) if store is not None else []
+        if self._gone:
+            found = [o for o in found if self._gone.get((kind, key[1], o["metadata"]["name"])) != o["metadata"]["uid"]]
+        return found
+
+    async def audit(self, namespaces: Iterable[str]) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """(kind, namespace, name, object) the indexes hold that the API does not (deleted while a
+        watch was down): from now on hidden from reads. One LIST per kind and namespace; a GET
+        confirms each suspect (an object created after the LIST is not one)."""
+        stale = []
+        for key in [k for k, uid in self._gone.items() if not self._still_indexed(*k, uid)]:
+            del self._gone[key]  # the index dropped it (or holds a new object of that name)
+        for kind in self.indexes:
+            for ns in sorted(set(namespaces)):
+                selector = None if kind == "AutoGLMDeployment" else CHILD_SELECTOR
+                try:
+                    live = {o["metadata"]["uid"] for o in await self.api.list(kind, ns, selector)}
+                except ApiError as exc:
+                    if exc.status == 404:  # no such kind (ScaledObject without KEDA)
+                        break
+                    raise
+                for key in list(self.indexes[kind]):
+                    if key[0] != "name" or key[1] != ns:
+                        continue
+                    for obj in self._from_index(kind, key):
+                        meta = obj["metadata"]
+                        if meta["uid"] in live:
+                            continue
+                        now = await self.api.get(kind, ns, meta["name"])
+                        if now is None or now["metadata"]["uid"] != meta["uid"]:
+                            self._gone[(kind, ns, meta["name"])] = meta["uid"]
+                            stale.append((kind, ns, meta["name"], dict(obj)))
+        for kind, ns, name, _ in stale:
+            log.warning("Dropped %s %s/%s from the cache: deleted while a watch was down.", kind, ns, name)
+        return stale
+
+    def _still_indexed(self, kind: str, namespace: str, name: str, uid: str) -> bool:
+        store = self.indexes[kind].get(("name", namespace, name))
+        return any(o["metadata"]["uid"] == uid for o in store or [])
 
     def _overlay(self, kind: str, namespace: str, name: str, cached: Mapping[str, Any] | None) -> Any:
         """The newer of the index's copy and what our last write returned (``None``: gone)."""
@@ -203,3 +254,26 @@ class CachedKube:
 
     async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         await self.api.post_event(obj, type_, reason, message)
+
+
+async def audit_forever(
+    cache: CachedKube,
+    known: Callable[[], Iterable[tuple[str, str]]],
+    trigger: Callable[[str, str], None],
+    period: float,
+) -> None:
+    """Every ``period`` seconds: ``cache.audit()`` over the namespaces of the known resources, then a
+    reconcile of each resource that had a stale object (the resource itself, or its child)."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            stale = await cache.audit({ns for ns, _ in known()})
+        except ApiError as exc:
+            log.warning("Failed to audit the cache: %s", exc)
+            continue
+        for kind, ns, name, obj in stale:
+            owner = (
+                name if kind == "AutoGLMDeployment" else (obj["metadata"].get("labels") or {}).get(b.LABEL_DEPLOYMENT)
+            )
+            if owner:
+                trigger(ns, owner)

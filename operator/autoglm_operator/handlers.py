@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 
 from . import builders as b
-from .cache import CACHED, CachedKube, index_id, index_keys, slim
+from .cache import CACHED, CachedKube, audit_forever, index_id, index_keys, slim
 from .kube import Kube
 from .models import GROUP, PLURAL, VERSION
 from .settings import SettingsError, load_settings
@@ -59,8 +59,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     memo.kube = kube
     # kopf hands startup handlers the (still empty) indexes; they fill before any other handler runs.
     indexes = {kind: kwargs[index_id(kind)] for kind in CACHED}
-    memo.reconciler = Reconciler(CachedKube(kube, indexes), op, logger=log, api=kube)
+    cache = CachedKube(kube, indexes)
+    memo.reconciler = Reconciler(cache, op, logger=log, api=kube)
     loop = asyncio.get_running_loop()
+    memo.audit_task = loop.create_task(
+        audit_forever(cache, lambda: memo.reconciler.known, memo.reconciler.trigger, op.cache_audit_seconds),
+        name="cache-audit",
+    )
     memo.resync_task = loop.create_task(memo.reconciler.resync_forever(), name="resync")
     memo.poll_task = loop.create_task(memo.reconciler.poll_preconditions_forever(), name="preconditions")
     log.info(
@@ -74,7 +79,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("resync_task", "poll_task"):
+    for name in ("resync_task", "poll_task", "audit_task"):
         task = memo.get(name)
         if task is not None:
             task.cancel()

@@ -58,6 +58,12 @@ class OperatorSettings(BaseSettings):
     api_qps: float = Field(default=100.0, gt=0, le=10000, description="Sustained API requests per second.")
     api_burst: int = Field(default=200, ge=1, le=10000, description="API requests allowed in a burst.")
     api_timeout_seconds: float = Field(default=30.0, gt=0, le=600, description="Timeout of one API request.")
+    cache_audit_seconds: float = Field(
+        default=600.0,
+        ge=10.0,
+        le=86400.0,
+        description="Period of the check that the cache holds no object deleted while a watch was down.",
+    )
     precondition_poll_seconds: float = Field(
         default=10.0,
         ge=1.0,

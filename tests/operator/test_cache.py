@@ -152,3 +152,24 @@ def test_slim_keeps_what_reconcile_reads() -> None:
     dep = {"metadata": {"name": "d", "managedFields": mf}, "spec": {"replicas": 1}}
     assert slim("Deployment", dep) == dep  # managedFields say who owns spec.replicas
     assert "managedFields" not in slim("Service", dep)["metadata"] and pod["metadata"]["managedFields"] == mf
+
+
+async def test_audit_hides_what_was_deleted_while_a_watch_was_down() -> None:
+    """kopf relists after a 410 without dropping what was deleted meanwhile: the audit finds it."""
+    kube = FakeKube()
+    make(kube)
+    ck, indexes = cached(kube)
+    await reconcile(ck, OperatorSettings(), NS, "chat")
+    [dep] = kube.names("Deployment", NS)
+    assert await ck.audit([NS]) == []  # all in sync: nothing stale
+    for index in indexes.values():
+        index.frozen = copy.deepcopy(kube.objects)  # the watch is down from here
+    del kube.objects[("Deployment", NS, dep)]  # deleted meanwhile; no event will say so
+    stale = await ck.audit([NS])
+    assert [(k, n) for k, _, n, _ in stale] == [("Deployment", dep)]
+    assert await ck.get("Deployment", NS, dep) is None
+    sel = f"{b.LABEL_DEPLOYMENT}=chat,{b.MANAGED_SELECTOR}"
+    assert await ck.list("Deployment", NS, sel) == []
+    # The next reconcile puts the revision back.
+    await reconcile(ck, OperatorSettings(), NS, "chat")
+    assert kube.names("Deployment", NS) == [dep]
