@@ -8,12 +8,14 @@ therefore makes zero writes. Level-based reconcile is triggered by:
 
 - any event of an AutoGLMDeployment (including the initial listing at start-up, which is how a
   restarted operator resumes from the cluster's state);
-- any event of a child it owns (Deployments, Pods, Services, HPAs, PDBs carrying our
-  ``managed-by`` label; the label selector is applied server-side so kopf never sees other objects);
+- any event of a child it owns (Deployments, Pods, Services, HPAs, PDBs, NetworkPolicies,
+  ScaledObjects carrying our ``managed-by`` label; the label selector is applied server-side so
+  kopf never sees other objects);
 - one background task that re-triggers every known resource each ``resync_seconds``.
 
-Reads come from ``@kopf.index`` per kind (cache.py), fed by the same watch streams: a reconcile
-with nothing changed reads nothing from the API and writes nothing.
+Reads come from one ``@kopf.index`` per kind (cache.py), fed by the same watch streams: a
+reconcile with nothing changed reads nothing from the API and writes nothing. Three background
+tasks: the resync, the shared poll of awaited Secrets/PVCs (workqueue.py) and the cache audit.
 """
 
 from __future__ import annotations
