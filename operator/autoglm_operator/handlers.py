@@ -8,9 +8,14 @@ therefore makes zero writes. Level-based reconcile is triggered by:
 
 - any event of an AutoGLMDeployment (including the initial listing at start-up, which is how a
   restarted operator resumes from the cluster's state);
-- any event of a child it owns (Deployments, Pods, Services, HPAs, PDBs carrying our
-  ``managed-by`` label; the label selector is applied server-side so kopf never sees other objects);
+- any event of a child it owns (Deployments, Pods, Services, HPAs, PDBs, NetworkPolicies,
+  ScaledObjects carrying our ``managed-by`` label; the label selector is applied server-side so
+  kopf never sees other objects);
 - one background task that re-triggers every known resource each ``resync_seconds``.
+
+Reads come from one ``@kopf.index`` per kind (cache.py), fed by the same watch streams: a
+reconcile with nothing changed reads nothing from the API and writes nothing. Three background
+tasks: the resync, the shared poll of awaited Secrets/PVCs (workqueue.py) and the cache audit.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import kopf
 
 from . import builders as b
 from . import metrics
+from .cache import CACHED, CachedKube, audit_forever, index_id, index_keys, slim
 from .kube import Kube
 from .leader import LeaderElector
 from .models import GROUP, PLURAL, VERSION
@@ -34,14 +40,9 @@ from .workqueue import Reconciler
 
 log = logging.getLogger("autoglm_operator")
 
-# (group, version, plural) of the children we watch (always with our label, server-side).
-CHILDREN: list[tuple[str, str, str]] = [
-    ("apps", "v1", "deployments"),
-    ("", "v1", "pods"),
-    ("", "v1", "services"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("policy", "v1", "poddisruptionbudgets"),
-]
+# (group, version, plural) of the children we watch (always with our label, server-side); a kind
+# whose CRD is missing (ScaledObject without KEDA) is simply not watched (kopf re-scans for it).
+CHILDREN: list[tuple[str, str, str]] = [ref for kind, ref in CACHED.items() if kind != "AutoGLMDeployment"]
 CHILD_LABELS: dict[str, Any] = {b.LABEL_MANAGED_BY: b.MANAGER, b.LABEL_DEPLOYMENT: kopf.PRESENT}
 
 
@@ -50,7 +51,7 @@ def _selector(group: str, version: str, plural: str) -> tuple[str, str] | tuple[
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     try:
         op = load_settings()
     except SettingsError as exc:
@@ -67,19 +68,28 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             raise kopf.PermanentError(
                 f"Cannot serve metrics on {op.metrics_address}:{op.metrics_port}: {exc}"
             ) from None
-    kube = Kube(threads=op.api_threads)
+    kube = Kube(threads=op.api_threads, timeout=op.api_timeout_seconds, qps=op.api_qps, burst=op.api_burst)
     memo.kube = kube
-    memo.reconciler = Reconciler(kube, op, logger=log)
+    # kopf hands startup handlers the (still empty) indexes; they fill before any other handler runs.
+    indexes = {kind: kwargs[index_id(kind)] for kind in CACHED}
+    cache = CachedKube(kube, indexes)
+    memo.reconciler = Reconciler(cache, op, logger=log, api=kube)
     memo.leader = None
+    loop = asyncio.get_running_loop()
 
     def start_acting() -> None:
         memo.reconciler.trigger_all()  # a standby taking over: everything it has seen meanwhile
-        memo.resync_task = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(), name="resync")
+        memo.resync_task = loop.create_task(memo.reconciler.resync_forever(), name="resync")
+        memo.poll_task = loop.create_task(memo.reconciler.poll_preconditions_forever(), name="preconditions")
+        memo.audit_task = loop.create_task(
+            audit_forever(cache, lambda: memo.reconciler.known, memo.reconciler.trigger, op.cache_audit_seconds),
+            name="cache-audit",
+        )
 
     if op.leader_election:
-        # Standby until the Lease is ours: kopf's watches run (``seen`` keeps the resources known) but
-        # nothing is reconciled. A leader that loses the Lease stops acting and exits (restarted as
-        # a standby), as client-go's leader election does.
+        # Standby until the Lease is ours: kopf's watches run (``seen`` keeps the resources known, the
+        # indexes stay warm) but nothing is reconciled. A leader that loses the Lease stops acting and
+        # exits (restarted as a standby), as client-go's leader election does.
         memo.leader = LeaderElector(
             kube,
             op.leader_election_namespace,
@@ -87,7 +97,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             on_started_leading=start_acting,
             on_stopped_leading=lambda: os.kill(os.getpid(), signal.SIGTERM),
         )
-        memo.leader_task = asyncio.get_running_loop().create_task(memo.leader.run(), name="leader-election")
+        memo.leader_task = loop.create_task(memo.leader.run(), name="leader-election")
     else:
         start_acting()
     log.info(
@@ -102,7 +112,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("leader_task", "resync_task"):
+    for name in ("leader_task", "resync_task", "poll_task", "audit_task"):
         task = memo.get(name)
         if task is not None:
             task.cancel()
@@ -153,3 +163,20 @@ def _acting(memo: Any) -> bool:
 
 for _child in CHILDREN:
     kopf.on.event(*_selector(*_child), labels=CHILD_LABELS, id=f"child-{_child[2]}")(on_child)
+
+
+def _indexer(kind: str) -> Any:
+    async def index_object(
+        namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, **_: Any
+    ) -> Any:
+        """The object (what reconcile reads of it), by name and by owner: cache.py serves reads from these."""
+        assert namespace is not None  # every cached kind is namespaced
+        obj = slim(kind, body)
+        return {key: obj for key in index_keys(namespace, name, labels)}
+
+    return index_object
+
+
+for _kind, _ref in CACHED.items():
+    _labels = None if _kind == "AutoGLMDeployment" else CHILD_LABELS
+    kopf.index(*_selector(*_ref), labels=_labels, id=index_id(_kind))(_indexer(_kind))

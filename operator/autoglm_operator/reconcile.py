@@ -39,7 +39,6 @@ from .sync import (
 log = logging.getLogger(__name__)
 
 CR_KIND = "AutoGLMDeployment"
-PRECONDITION_POLL_SECONDS = 5.0
 
 
 async def reconcile(
@@ -86,7 +85,8 @@ async def reconcile(
         obs = await observe(kube, cr, r)
         decision = decide_revisions(desired_hash, obs.revisions, b.revision_name(name, decision.stable))
     problems = (
-        obs.preconditions
+        out.conflicts
+        + obs.preconditions
         + autoscaler_problems
         + pod_problems(obs.pods, obs.revisions)
         + deployment_problems(obs.revisions.values())
@@ -97,8 +97,8 @@ async def reconcile(
     autoscaler = autoscaler_status(r, obs)
     if autoscaler is not None:
         new_status["autoscaler"] = autoscaler
-    if obs.preconditions:
-        # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): poll.
-        out.requeue_after = PRECONDITION_POLL_SECONDS
+    # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): the
+    # Reconciler's one shared poll looks at those it waits for and reconciles when one changes.
+    out.waiting_for = obs.waiting_for
     await write_status(kube, cr, old_status, new_status, out, logger, events)
     return out

@@ -343,6 +343,11 @@ class Cluster:
         return [ev for ev in self.audit_events(since, user_agent=user_agent, namespace=namespace)
                 if ev.get("verb") in WRITE_VERBS]
 
+    def audit_reads(self, since: float = 0.0, user_agent: str = "", namespace: str = "") -> list[dict]:
+        """Like ``audit_writes``, for get/list requests (only ``OPERATOR_USER``'s reads are audited)."""
+        return [ev for ev in self.audit_events(since, user_agent=user_agent, namespace=namespace)
+                if ev.get("verb") in ("get", "list")]
+
     def audit_events(self, since: float = 0.0, user_agent: str = "", namespace: str = "",
                      user: str = "") -> list[dict]:
         """Every audited request (writes by anyone, reads by ``OPERATOR_USER``) after ``since``, one
