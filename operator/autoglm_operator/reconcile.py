@@ -45,7 +45,6 @@ from .sync import (
 log = logging.getLogger(__name__)
 
 CR_KIND = "AutoGLMDeployment"
-PRECONDITION_POLL_SECONDS = 5.0
 
 
 async def reconcile(
@@ -105,6 +104,7 @@ async def reconcile(
         obs = await observe(kube, cr, r)
     problems = (
         ([decision.problem] if decision.problem else [])
+        + out.conflicts
         + obs.preconditions
         + autoscaler_problems
         + pod_problems(obs.pods, obs.revisions)
@@ -114,10 +114,10 @@ async def reconcile(
     autoscaler = autoscaler_status(r, obs)
     if autoscaler is not None:
         new_status["autoscaler"] = autoscaler
-    out.requeue_after = decision.requeue_after
-    if obs.preconditions:
-        # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): poll.
-        out.requeue_after = min(out.requeue_after or PRECONDITION_POLL_SECONDS, PRECONDITION_POLL_SECONDS)
+    out.requeue_after = decision.requeue_after  # the rollout's clock: pause end, next check, deadline
+    # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): the
+    # Reconciler's one shared poll looks at those it waits for and reconciles when one changes.
+    out.waiting_for = obs.waiting_for
     await write_status(kube, cr, old_status, new_status, out, logger, events)
     await clear_annotations(kube, cr, decision.clear_annotations, out)  # after the status that records the act
     return out
