@@ -6,7 +6,7 @@ returns them. Repeatable creates: 409 on create and 404 on delete/get are expect
 Every request is counted by verb and kind in ``Kube.writes`` / ``Kube.reads`` (tests, figures).
 
 Client settings: one pooled connection per thread (one ``ApiClient`` for the process), a token
-bucket in front of every request (``api_qps``/``api_burst``: settings.py says why 100/200), a
+bucket in front of every request (``api_qps``/``api_burst``: settings.py says why 200/400), a
 per-request timeout, 429 and ``Retry-After`` honoured (bounded), and a distinctive User-Agent
 (``autoglm-operator/<version>``) so the audit log tells our requests from kopf's and kubectl's.
 """

@@ -446,8 +446,13 @@ class Cluster:
                      f"--root-ca-file={pki / 'ca.crt'}", f"--cluster-signing-cert-file={pki / 'ca.crt'}",
                      f"--cluster-signing-key-file={pki / 'ca.key'}", "--use-service-account-credentials=true",
                      f"--service-cluster-ip-range={r.service_range}",
-                     "--horizontal-pod-autoscaler-sync-period=5s", "--profiling=false")
-            c._spawn("kube-scheduler", "kube-scheduler", *common, f"--secure-port={sched_port}", "--profiling=false")
+                     "--horizontal-pod-autoscaler-sync-period=5s", "--profiling=false",
+                     # Client limits sized for 1,000+ Deployments (the defaults, 20 qps and 5 workers,
+                     # take minutes to make 1,000 ReplicaSets and pods; large clusters raise them too).
+                     "--kube-api-qps=400", "--kube-api-burst=800",
+                     "--concurrent-deployment-syncs=20", "--concurrent-replicaset-syncs=20")
+            c._spawn("kube-scheduler", "kube-scheduler", *common, f"--secure-port={sched_port}", "--profiling=false",
+                     "--kube-api-qps=300", "--kube-api-burst=600")
             stages = d / "kwok-stages.yaml"
             stages.write_text("---\n".join((bin_dir / "stages" / f"{s}.yaml").read_text() for s in KWOK_STAGES))
             c._spawn("kwok", "kwok", f"--kubeconfig={kubeconfig}", f"--config={stages}",
