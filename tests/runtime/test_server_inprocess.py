@@ -453,6 +453,19 @@ async def test_reload_drops_the_old_revisions_gauges(tmp_path):
             assert f'{gauge}{{model="fake",revision="r1"}}' not in text
 
 
+async def test_the_revision_header_follows_a_reload_and_rides_on_a_bugs_500(tmp_path):
+    (tmp_path / "models" / "other").mkdir(parents=True)
+    engine = FakeEngine()
+    async with serve(tmp_path, engine, enable_reload=True) as s:
+        assert (await s.client.get("/health")).headers["x-autoglm-revision"] == "r1"
+        r = await s.client.post("/admin/reload", json={"model": str(tmp_path / "models" / "other"), "revision": "r2"})
+        assert r.status_code == 200 and r.headers["x-autoglm-revision"] == "r2"
+        engine.refuse = RuntimeError("a bug")  # Starlette's last-resort handler, outside every middleware
+        r = await s.client.post("/v1/completions", json=COMPLETION, headers={"x-request-id": "bug-1"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+        assert r.headers["x-autoglm-revision"] == "r2" and r.headers["x-request-id"] == "bug-1"
+
+
 async def test_a_request_being_tokenized_when_drain_starts_is_served(tmp_path):
     """In-flight accounting starts before tokenization (which runs off the event loop): a drain waits for it."""
     import threading
