@@ -386,6 +386,8 @@ async def test_lengths_are_checked_in_one_place(tmp_path, body, param, code):
         assert r.status_code == 400, r.text
         assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
         assert not s.engine.requests
+        if code == "context_length_exceeded":  # a revision too short for its traffic shows in its metrics
+            assert 'autoglm_requests_total{model="fake",revision="r1",status="invalid"} 1.0' in s.metrics()
 
 
 # ------------------------------------------------------------------ reload safety
