@@ -1,0 +1,462 @@
+"""Canary rollouts end to end: real runtime pods on the process node, real Prometheus, real traffic.
+
+Every scenario runs the real `autoglm-operator` process, sends streaming and non-streaming requests
+through the Service's ClusterIP during the whole rollout (tests/e2e/traffic.py), records who answered
+each request (the runtime's `x-autoglm-revision` header) and samples the CR's status and the pods twice
+a second (`Watch`). Bad canaries fail for real reasons: a model that cannot load, a revision that is
+slower under the same load, a `maxModelLen` too small for the traffic's prompts.
+
+Analysis windows are short (interval 5 s, Prometheus scrapes every second), so a scenario takes a
+minute or two. Figures (time to promotion against the sum of pauses, rollback reaction times, failed
+requests) are printed with `-s`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_runtime_pods import service_ip, tiny
+from tests.e2e.traffic import Traffic
+from tests.helpers import report, wait_for
+from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
+    apply, condition, crd, event_reasons, get, merge, op_env, operator_process, try_get, wait_phase,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
+
+NAME = "chat"
+INTERVAL = 5.0            # analysis interval (seconds)
+FAILURE_THRESHOLD = 2
+GROUP, VERSION, PLURAL = "autoglm.io", "v1alpha1", "autoglmdeployments"
+CLI = Path(sys.executable).parent / "autoglm"
+LABEL_REVISION = "autoglm.io/revision"
+
+
+# ------------------------------------------------------------------ the resource
+
+
+def analysis(kube, **over) -> dict:
+    """Analysis on the cluster's Prometheus with short windows; ``over`` replaces any field."""
+    return {"prometheus": {"address": kube.prometheus_url}, "interval": f"{INTERVAL:.0f}s", "minRequests": 10,
+            "successRateMin": 0.95, "failureThreshold": FAILURE_THRESHOLD, **over}
+
+
+def canary_cr(replicas: int = 2, steps: list[dict] | None = None, analysis: dict | None = None,
+              deadline: int = 120, **rollout) -> dict:
+    """The tiny model with ``replicas`` pods and a canary rollout."""
+    body = tiny(NAME, replicas=replicas, runtime={"version": "0.1.0", "maxBatchSize": 8, "maxQueue": 64})
+    spec = {"steps": steps or [{"weight": 34, "pause": "5s"}, {"weight": 67, "pause": "5s"}],
+            "trafficRouting": "Replicas", "progressDeadlineSeconds": deadline, **rollout}
+    if analysis is not None:
+        spec["analysis"] = analysis
+    body["spec"]["rollout"] = spec
+    return body
+
+
+# ------------------------------------------------------------------ observing
+
+
+@dataclass
+class Sample:
+    t: float                      # monotonic
+    status: dict
+    pods: list[tuple[str, str, bool]]   # (name, revision, ready), terminating pods left out
+    all_pods: int                 # every pod object, terminating included (what occupies the node)
+
+    @property
+    def weight(self) -> int:
+        return int(self.status.get("canaryWeight") or 0)
+
+    def ready(self, revision: str | None) -> int:
+        return sum(1 for _, rev, ok in self.pods if ok and rev == revision)
+
+    @property
+    def canary_rev(self) -> str | None:
+        return _hash(self.status.get("canaryRevision"))
+
+    @property
+    def stable_rev(self) -> str | None:
+        return _hash(self.status.get("stableRevision"))
+
+    def pod_ratio(self) -> float:
+        """The canary's share of the ready pods behind the Service (Replicas routing)."""
+        canary, total = self.ready(self.canary_rev), sum(1 for _, _, ok in self.pods if ok)
+        return canary / total if total else 0.0
+
+
+def _hash(revision_name: str | None) -> str | None:
+    """``chat-5d8f…`` (status, Deployment name) → ``5d8f…`` (pod label, metrics, the response header)."""
+    return revision_name[len(NAME) + 1:] if revision_name else None
+
+
+class Watch:
+    """The CR's status and the pods, sampled every ``period`` seconds in a thread (kubernetes client: no
+    kubectl processes on a two-core machine)."""
+
+    def __init__(self, kube, namespace: str, period: float = 0.5) -> None:
+        from kubernetes import client
+
+        api = kube.api_client()
+        self.custom, self.core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+        self.ns, self.period = namespace, period
+        self.samples: list[Sample] = []
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="watch")
+
+    def sample(self) -> Sample:
+        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, NAME)
+        items = self.core.list_namespaced_pod(self.ns, label_selector=f"autoglm.io/deployment={NAME}").items
+        pods = []
+        for p in items:
+            if p.metadata.deletion_timestamp:
+                continue
+            ready = any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
+            pods.append((p.metadata.name, p.metadata.labels.get(LABEL_REVISION), ready))
+        return Sample(time.monotonic(), obj.get("status") or {}, pods, len(items))
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.samples.append(self.sample())
+            except Exception:  # noqa: BLE001 - an apiserver hiccup skips one sample
+                pass
+            self.stop_event.wait(self.period)
+
+    def __enter__(self) -> "Watch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+
+    def first(self, predicate: Callable[[Sample], bool], after: float = 0.0) -> Sample | None:
+        return next((s for s in list(self.samples) if s.t >= after and predicate(s)), None)
+
+    def weights(self) -> list[int]:
+        """The distinct canary weights in the order they were seen (0 left out)."""
+        seen: list[int] = []
+        for s in list(self.samples):
+            if s.weight and (not seen or seen[-1] != s.weight):
+                seen.append(s.weight)
+        return seen
+
+    def steady_windows(self, settle: float = 2.0) -> list[tuple[float, float, int, float]]:
+        """Stretches where the canary weight and the ready pods of both revisions did not change:
+        ``(since, until, weight, canary pod ratio)``, each starting ``settle`` seconds late (kube-proxy
+        follows the endpoints a moment after the pods turn Ready)."""
+        out, start = [], None
+        samples = [s for s in list(self.samples) if s.canary_rev]
+        for prev, cur in zip(samples, samples[1:] + [None]):
+            key = (prev.weight, prev.ready(prev.canary_rev), prev.ready(prev.stable_rev))
+            start = start or prev
+            if cur is None or (cur.weight, cur.ready(cur.canary_rev), cur.ready(cur.stable_rev)) != key:
+                if prev.t - (start.t + settle) > 2.0 and key[0] > 0 and key[1] > 0:
+                    out.append((start.t + settle, prev.t, key[0], start.pod_ratio()))
+                start = None
+        return out
+
+    def timeline(self) -> str:
+        rows, last = [], None
+        t0 = self.samples[0].t if self.samples else 0.0
+        for s in list(self.samples):
+            row = (s.status.get("rolloutPhase"), s.weight, s.status.get("currentStep"), s.status.get("failedChecks"),
+                   s.ready(s.stable_rev), s.ready(s.canary_rev), s.all_pods,
+                   (s.status.get("lastAnalysis") or {}).get("verdict"))
+            if row != last:
+                rows.append(f"  t={s.t - t0:6.1f}s phase={row[0]} weight={row[1]} step={row[2]} failed={row[3]} "
+                            f"ready stable/canary={row[4]}/{row[5]} pods={row[6]} analysis={row[7]}")
+                last = row
+        return "\n".join(rows)
+
+
+# ------------------------------------------------------------------ acting
+
+
+@dataclass
+class Scenario:
+    """One namespace, the operator process, and what a test does to the rollout."""
+
+    kube: object
+    ns: str
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, body: dict) -> None:
+        apply(self.kube, self.ns, body)
+
+    def status(self) -> dict:
+        return (get(self.kube, self.ns, f"autoglmdeployment/{NAME}").get("status") or {})
+
+    def patch(self, spec: dict) -> float:
+        """Merge ``spec`` into the CR's spec; returns when (monotonic) the change was made."""
+        t = time.monotonic()
+        merge(self.kube, self.ns, f"autoglmdeployment/{NAME}", {"spec": spec})
+        return t
+
+    def set_version(self, version: str, **runtime) -> float:
+        return self.patch({"runtime": {"version": version, **runtime}})
+
+    def annotate(self, key: str, value: str = "true") -> None:
+        self.kube.kubectl("annotate", "-n", self.ns, f"autoglmdeployment/{NAME}", f"{key}={value}", "--overwrite")
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``autoglm rollout …`` as a user runs it (what `kubectl autoglm` runs too)."""
+        proc = subprocess.run([str(CLI), "rollout", *args, NAME, "-n", self.ns], capture_output=True, text=True,
+                              env=self.env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"autoglm rollout {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}"
+                                 f"{proc.stderr}")
+        return proc
+
+    def describe(self) -> str:
+        return self.kube.kubectl("describe", "-n", self.ns, f"agd/{NAME}").stdout
+
+    def url(self) -> str:
+        return f"http://{service_ip(self.kube, self.ns, NAME)}:8000/v1"
+
+    def traffic(self, **kw) -> Traffic:
+        return Traffic(self.url(), "tiny", **kw)
+
+    def wait(self, predicate: Callable[[dict], object], timeout: float, message: str) -> dict:
+        """Poll the status until ``predicate(status)`` holds; returns that status."""
+        def check():
+            st = self.status()
+            return st if predicate(st) else None
+        return wait_for(check, timeout=timeout, interval=0.5, message=f"{message} (operator log: {self.log})")
+
+    def wait_healthy(self, replicas: int, timeout: float = 180) -> dict:
+        return wait_phase(self.kube, self.ns, NAME, "Healthy", timeout=timeout, ready=f"{replicas}/{replicas}")
+
+    def wait_promoted(self, stable_before: str, timeout: float) -> dict:
+        """The new revision is stable, no canary is left, and only its pods exist (the old ones drained)."""
+        def done(st: dict) -> bool:
+            if st.get("stableRevision") in (None, stable_before) or st.get("canaryRevision"):
+                return False
+            revs = {p["metadata"]["labels"][LABEL_REVISION]
+                    for p in get(self.kube, self.ns, "pods", "-l", f"autoglm.io/deployment={NAME}")["items"]}
+            return revs == {_hash(st["stableRevision"])} and condition(st, "Progressing").get("status") == "False"
+        return self.wait(done, timeout, "promoted, old pods gone")
+
+    def wait_rolled_back(self, stable: str, timeout: float) -> dict:
+        def done(st: dict) -> bool:
+            return (st.get("stableRevision") == stable and not st.get("canaryRevision")
+                    and condition(st, "Degraded").get("reason") == "RolledBack")
+        return self.wait(done, timeout, "rolled back")
+
+    def children(self) -> dict[str, list[str]]:
+        """The operator's children in the namespace, by kind."""
+        out = {}
+        for kind in ("deployments", "services", "scaledobjects.keda.sh"):
+            items = try_get(self.kube, self.ns, kind)
+            out[kind] = sorted(i["metadata"]["name"] for i in (items or {}).get("items", []))
+        return out
+
+
+@pytest.fixture
+def scenario(kube, crd, op_env, namespace, node_models, tmp_path) -> Iterator[Scenario]:
+    """The real operator process for this namespace (killable), its log kept for the failure message."""
+    log = tmp_path / "operator.log"
+    env = {**op_env, "AUTOGLM_OPERATOR_RESYNC_SECONDS": "2"}
+    with operator_process(env, namespace, log):
+        yield Scenario(kube, namespace, log, env)
+
+
+@contextmanager
+def rolled_out(sc: Scenario, body: dict, replicas: int) -> Iterator[str]:
+    """Apply ``body`` and wait until its first revision serves (straight to 100 %); yields the stable revision."""
+    sc.apply(body)
+    st = sc.wait_healthy(replicas)
+    yield st["stableRevision"]
+
+
+def within_binomial(share: float, expected: float, n: int) -> bool:
+    """``share`` of ``n`` answers is within 3 standard deviations (at least 0.08) of ``expected``."""
+    return abs(share - expected) <= max(0.08, 3 * math.sqrt(expected * (1 - expected) / max(n, 1)))
+
+
+def reaction(watch: Watch, since: float, what: Callable[[Sample], bool]) -> float | None:
+    s = watch.first(what, after=since)
+    return None if s is None else s.t - since
+
+
+# ------------------------------------------------------------------ (a) a good canary
+
+
+def test_good_canary_is_promoted_through_every_step_with_no_failed_request(kube, scenario):
+    sc = scenario
+    steps = [{"weight": 34, "pause": "5s"}, {"weight": 67, "pause": "5s"}]
+    with rolled_out(sc, canary_cr(replicas=2, steps=steps, analysis=analysis(kube)), 2) as stable:
+        with sc.traffic(streams=3, calls=3) as traffic, Watch(kube, sc.ns) as watch:
+            traffic.wait_answers(30)
+            t0 = sc.set_version("0.1.1")
+            st = sc.wait_promoted(stable, timeout=240)
+            promoted_s = time.monotonic() - t0
+            traffic.wait_answers(30)  # the new stable serves
+    report(f"\n(a) good canary timeline:\n{watch.timeline()}")
+    pauses = sum(float(s["pause"].rstrip("s")) for s in steps)
+    report(f"(a) version change → full promotion (old pods gone) {promoted_s:.1f}s; sum of pauses {pauses:.0f}s; "
+           f"traffic: {traffic.summary()}")
+    assert traffic.failed == [], traffic.summary()
+    assert watch.weights() == [s["weight"] for s in steps], watch.timeline()
+    new = _hash(st["stableRevision"])
+    for since, until, weight, ratio in watch.steady_windows():
+        share, n = traffic.share(new, since, until)
+        report(f"(a) weight {weight}%: canary answered {share:.2f} of {n} requests; its share of ready pods {ratio:.2f}")
+        if n >= 30:
+            assert within_binomial(share, ratio, n), (weight, share, ratio, n)
+    assert st["stableVersion"] == "0.1.1" and st.get("previousStableRevision") == stable
+    assert {"CanaryStarted", "StepAdvanced", "Promoted"} <= set(event_reasons(kube, sc.ns, NAME))
+    assert promoted_s >= pauses
+
+
+# ------------------------------------------------------------------ (b) bad canaries, caught by real failures
+
+
+def test_a_canary_whose_model_cannot_load_never_gets_traffic_and_is_rolled_back_at_the_deadline(kube, scenario):
+    sc = scenario
+    deadline = 30
+    with rolled_out(sc, canary_cr(analysis=analysis(kube), deadline=deadline), 2) as stable:
+        with sc.traffic(streams=2, calls=2) as traffic, Watch(kube, sc.ns) as watch:
+            traffic.wait_answers(20)
+            t0 = sc.patch({"model": {"uri": "file:///models/broken"}})
+            st = sc.wait_rolled_back(stable, timeout=deadline + 60)
+            back_s = time.monotonic() - t0
+            traffic.wait_answers(20)
+    report(f"\n(b) broken model timeline:\n{watch.timeline()}")
+    report(f"(b) broken model: rolled back {back_s:.1f}s after the change (deadline {deadline}s); "
+           f"traffic: {traffic.summary()}")
+    assert traffic.failed == [], traffic.summary()
+    assert all(s.ready(s.canary_rev) == 0 for s in watch.samples), "a broken canary pod turned Ready"
+    assert set(traffic.by_revision()) == {_hash(stable)}, "a request reached the broken canary"
+    assert deadline <= back_s <= deadline + INTERVAL + 10, back_s
+    assert "RolledBack" in event_reasons(kube, sc.ns, NAME)
+    assert str(deadline) in condition(st, "Degraded")["message"] or "deadline" in condition(st, "Degraded")["message"]
+
+
+def _bad_canary(kube, sc: Scenario, change: dict, analysis_over: dict, traffic_kw: dict, what: str):
+    """Roll out ``change`` under load; returns (status after rollback, reaction seconds, traffic, watch).
+
+    The reaction time runs from the first moment the canary had a Ready pod behind the Service (it
+    could take traffic, so analysis could see it) to the rollback (weight 0, Degraded/RolledBack)."""
+    with rolled_out(sc, canary_cr(analysis=analysis(kube, **analysis_over), deadline=600), 2) as stable:
+        with sc.traffic(**traffic_kw) as traffic, Watch(kube, sc.ns) as watch:
+            traffic.wait_answers(20)
+            t0 = sc.patch(change)
+            st = sc.wait_rolled_back(stable, timeout=180)
+            t_back = time.monotonic()
+            traffic.wait_answers(20)
+    serving = watch.first(lambda s: s.weight > 0 and s.ready(s.canary_rev) > 0, after=t0)
+    assert serving is not None, f"the canary never served:\n{watch.timeline()}"
+    react = t_back - serving.t
+    budget = FAILURE_THRESHOLD * INTERVAL + INTERVAL
+    report(f"\n({what}) timeline:\n{watch.timeline()}")
+    report(f"({what}) rolled back {react:.1f}s after the canary first served (budget {budget:.0f}s, "
+           f"measured by polling every 0.5s); last analysis {st.get('lastAnalysis')}; traffic: {traffic.summary()}")
+    return st, react, traffic, watch, stable, t_back
+
+
+def test_a_slower_canary_is_caught_by_latency_and_rolled_back(kube, scenario):
+    # maxBatchSize 1: the canary serves one request at a time, so under the same load its requests
+    # queue; stable batches them. Caught by the ratio of its p99s to the stable's.
+    st, react, traffic, watch, stable, _ = _bad_canary(
+        kube, scenario, {"runtime": {"version": "0.1.1", "maxBatchSize": 1}},
+        {"maxRatioToStable": 1.5, "successRateMin": 0.9}, {"streams": 4, "calls": 4, "max_tokens": 16}, "b slow")
+    assert traffic.failed == [], traffic.summary()
+    assert st["lastAnalysis"]["verdict"] == "Failed", st["lastAnalysis"]
+    assert "latency" in st["lastAnalysis"]["reason"].lower() or "p99" in st["lastAnalysis"]["reason"].lower()
+    assert react <= FAILURE_THRESHOLD * INTERVAL + INTERVAL + 3, react  # + 3 s: polling and the status write
+
+
+def test_a_canary_whose_max_model_len_is_too_small_is_caught_by_success_rate(kube, scenario):
+    # Prompts of ~60 tokens; the canary's maxModelLen 48 refuses them (400 context_length_exceeded).
+    prompt = "client {i} asks: " + "please summarise the following words " * 8
+    st, react, traffic, watch, stable, t_back = _bad_canary(
+        kube, scenario, {"model": {"maxModelLen": 48}}, {}, {"streams": 2, "calls": 2, "prompt": prompt},
+        "b maxModelLen")
+    failed = traffic.failed
+    assert failed and {a.revision for a in failed} == {watch.samples[-1].canary_rev or
+                                                       next(s.canary_rev for s in watch.samples if s.canary_rev)}
+    assert all(a.start < t_back for a in failed), "requests failed after the rollback"
+    assert st["lastAnalysis"]["verdict"] == "Failed" and st["lastAnalysis"]["successRate"] < 0.95
+    assert react <= FAILURE_THRESHOLD * INTERVAL + INTERVAL + 3, react
+    report(f"(b maxModelLen) {len(failed)} requests failed, all answered by the canary before the rollback")
+
+
+# ------------------------------------------------------------------ (c) too little traffic
+
+
+def test_too_little_traffic_is_inconclusive_never_promoted_and_says_why(kube, scenario):
+    sc = scenario
+    steps = [{"weight": 50, "pause": "2s"}]
+    with rolled_out(sc, canary_cr(steps=steps, analysis=analysis(kube, minRequests=20), deadline=600), 2) as stable:
+        with sc.traffic(streams=1, calls=0, pause=1.0) as traffic, Watch(kube, sc.ns) as watch:
+            sc.set_version("0.1.1")
+            st = sc.wait(lambda st: (st.get("lastAnalysis") or {}).get("verdict") == "Inconclusive",
+                         timeout=120, message="an inconclusive analysis")
+            time.sleep(4 * INTERVAL)  # several more windows: still not promoted
+            st = sc.status()
+    report(f"\n(c) low traffic timeline:\n{watch.timeline()}\n(c) {st['lastAnalysis']}; traffic {traffic.summary()}")
+    assert st["stableRevision"] == stable and st.get("canaryRevision"), st
+    assert st["lastAnalysis"]["verdict"] == "Inconclusive" and st["lastAnalysis"]["requests"] < 20
+    assert "20" in st["lastAnalysis"]["reason"], st["lastAnalysis"]  # says how many it needs
+    prog = condition(st, "Progressing")
+    assert prog["reason"] == "AnalysisInconclusive" and prog["status"] == "True", prog
+    assert all(s.stable_rev == _hash(stable) for s in watch.samples)
+    assert traffic.failed == [], traffic.summary()
+
+
+# ------------------------------------------------------------------ (d) manual control
+
+
+def test_pause_resume_promote_abort_and_undo_by_annotation_and_cli(kube, scenario):
+    sc = scenario
+    steps = [{"weight": 34, "pause": "1h"}, {"weight": 67, "pause": "1h"}]
+    with rolled_out(sc, canary_cr(steps=steps, deadline=3600), 2) as first:
+        with sc.traffic(streams=2, calls=2) as traffic:
+            # Annotation: pause and resume; promote moves on.
+            sc.set_version("0.1.1")
+            sc.wait(lambda st: st.get("canaryWeight") == 34, 120, "canary at 34%")
+            sc.annotate("autoglm.io/paused")
+            st = sc.wait(lambda st: condition(st, "Progressing").get("reason") == "CanaryPaused", 30, "paused")
+            sc.cli("resume")
+            sc.wait(lambda st: condition(st, "Progressing").get("reason") != "CanaryPaused", 30, "resumed")
+            sc.annotate("autoglm.io/promote")
+            second = sc.wait_promoted(first, timeout=180)["stableRevision"]
+            report(f"\n(d) kubectl autoglm rollout status:\n{sc.cli('status').stdout}")
+            # CLI: a third version, aborted; then undo goes back to the previous stable (the first).
+            sc.set_version("0.1.2")
+            sc.wait(lambda st: st.get("canaryWeight") == 34, 120, "second canary at 34%")
+            sc.cli("abort")
+            st = sc.wait(lambda st: not st.get("canaryRevision") and st.get("stableRevision") == second, 60, "aborted")
+            assert "Aborted" in event_reasons(kube, sc.ns, NAME)
+            sc.cli("undo")
+            sc.cli("promote")
+            st = sc.wait_promoted(second, timeout=180)
+    report(f"(d) manual control: traffic {traffic.summary()}")
+    assert st["stableRevision"] == first and st["stableVersion"] == "0.1.0", st
+    assert traffic.failed == [], traffic.summary()
+
+
+def test_cli_status_watch_exits_zero_on_promotion_and_nonzero_on_rollback(kube, scenario):
+    sc = scenario
+    with rolled_out(sc, canary_cr(steps=[{"weight": 50, "pause": "3s"}]), 2):
+        sc.set_version("0.1.1")
+        ok = sc.cli("status", "--watch", timeout=240, check=False)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        report(f"\n(d) autoglm rollout status --watch (promotion):\n{ok.stdout[-3000:]}")
+        sc.patch({"model": {"uri": "file:///models/broken"}, "rollout": {"progressDeadlineSeconds": 20}})
+        bad = sc.cli("status", "--watch", timeout=240, check=False)
+        assert bad.returncode != 0, bad.stdout + bad.stderr
+    report(f"(d) kubectl describe agd {NAME}:\n{sc.describe()}")
