@@ -460,3 +460,144 @@ def test_cli_status_watch_exits_zero_on_promotion_and_nonzero_on_rollback(kube, 
         bad = sc.cli("status", "--watch", timeout=240, check=False)
         assert bad.returncode != 0, bad.stdout + bad.stderr
     report(f"(d) kubectl describe agd {NAME}:\n{sc.describe()}")
+
+
+# ------------------------------------------------------------------ (e) superseded, reverted
+
+
+def test_a_newer_revision_supersedes_the_canary_and_reverting_to_stable_aborts_at_once(kube, scenario):
+    sc = scenario
+    steps = [{"weight": 34, "pause": "1h"}, {"weight": 67, "pause": "1h"}]
+    with rolled_out(sc, canary_cr(steps=steps, deadline=3600), 2) as stable:
+        stable_pods = {n for n, _, _ in Watch(kube, sc.ns).sample().pods}
+        with sc.traffic(streams=2, calls=2) as traffic, Watch(kube, sc.ns) as watch:
+            sc.set_version("0.1.1")
+            first = sc.wait(lambda st: st.get("canaryWeight") == 34, 120, "canary 0.1.1 at 34%")["canaryRevision"]
+            sc.set_version("0.1.2")
+            st = sc.wait(lambda st: st.get("canaryVersion") == "0.1.2" and st.get("canaryWeight") == 34, 120,
+                         "0.1.2 supersedes 0.1.1")
+            second = st["canaryRevision"]
+            wait_for(lambda: first not in sc.children()["deployments"], timeout=60, message="0.1.1 removed")
+            t_revert = sc.set_version("0.1.0")
+            st = sc.wait(lambda st: not st.get("canaryRevision") and st.get("canaryWeight") in (0, None), 60,
+                         "reverted to stable")
+            revert_s = time.monotonic() - t_revert
+            wait_for(lambda: sc.children()["deployments"] == [stable], timeout=60, message="only stable left")
+            traffic.wait_answers(20)
+    report(f"\n(e) supersede/revert timeline:\n{watch.timeline()}\n(e) reverted to stable {revert_s:.1f}s after "
+           f"the spec change; traffic {traffic.summary()}")
+    assert first != second and st["stableRevision"] == stable
+    assert {n for n, _, _ in watch.sample().pods} == stable_pods, "a stable pod was replaced"
+    assert traffic.failed == [], traffic.summary()
+    assert revert_s < 2 * INTERVAL, revert_s
+
+
+# ------------------------------------------------------------------ (f) maxSurge
+
+
+def test_max_surge_one_never_runs_more_than_replicas_plus_one_pods(kube, scenario):
+    sc = scenario
+    replicas = 3
+    steps = [{"weight": 34, "pause": "3s"}, {"weight": 67, "pause": "3s"}]
+    with rolled_out(sc, canary_cr(replicas=replicas, steps=steps, maxSurge=1), replicas) as stable:
+        with sc.traffic(streams=2, calls=2) as traffic, Watch(kube, sc.ns, period=0.25) as watch:
+            t0 = sc.set_version("0.1.1")
+            sc.wait_promoted(stable, timeout=300)
+            promoted_s = time.monotonic() - t0
+    most = max(len(s.pods) for s in watch.samples)
+    most_with_terminating = max(s.all_pods for s in watch.samples)
+    report(f"\n(f) maxSurge 1 timeline:\n{watch.timeline()}\n(f) promoted in {promoted_s:.1f}s; most pods "
+           f"{most} (with terminating ones {most_with_terminating}), replicas {replicas}; traffic {traffic.summary()}")
+    assert most <= replicas + 1, watch.timeline()
+    assert traffic.failed == [], traffic.summary()
+    assert min(s.ready(s.stable_rev) + s.ready(s.canary_rev) for s in watch.samples
+               if s.canary_rev) >= replicas - 1, "serving capacity dropped by more than the surge"
+
+
+# ------------------------------------------------------------------ (g) KEDA during a canary
+
+
+def test_keda_keeps_scaling_stable_during_a_canary_and_promotion_has_no_cliff(kube, scenario, keda):
+    sc = scenario
+    body = canary_cr(steps=[{"weight": 50, "pause": "5s"}], analysis=analysis(kube))
+    body["spec"].pop("replicas")
+    body["spec"]["runtime"].update(maxBatchSize=2, maxQueue=256)
+    body["spec"]["autoscaling"] = {"enabled": True, "provider": "KEDA", "minReplicas": 2, "maxReplicas": 4,
+                                   "targetQueueDepth": 4, "scaleDownStabilizationSeconds": 600,
+                                   "prometheus": {"address": kube.prometheus_url}}
+    with rolled_out(sc, body, 2) as stable:
+        with sc.traffic(streams=3, calls=3, max_tokens=16) as traffic, Watch(kube, sc.ns) as watch:
+            traffic.wait_answers(30)
+            before = traffic.snapshot()[-1].end
+            t0 = sc.set_version("0.1.1")
+            st = sc.wait_promoted(stable, timeout=300)
+            promoted_s = time.monotonic() - t0
+            so = get(kube, sc.ns, f"scaledobject/{NAME}")
+            traffic.wait_answers(30)
+    report(f"\n(g) KEDA canary timeline:\n{watch.timeline()}\n(g) promoted in {promoted_s:.1f}s; traffic "
+           f"{traffic.summary()}")
+    stable_counts = [s.ready(_hash(stable)) for s in watch.samples if s.stable_rev == _hash(stable)]
+    assert max(stable_counts) < 4, "stable was scaled to max during the canary"
+    assert so["spec"]["scaleTargetRef"]["name"] == st["stableRevision"]
+    assert traffic.failed == [], traffic.summary()
+    # No cliff: when the new revision took all traffic it had at least as many ready pods as stable had.
+    took_all = watch.first(lambda s: s.stable_rev != _hash(stable) and s.stable_rev is not None, after=before)
+    assert took_all is not None and took_all.ready(took_all.stable_rev) >= 2, watch.timeline()
+
+
+# ------------------------------------------------------------------ (h) the operator killed at random points
+
+
+def test_operator_sigkilled_at_random_points_every_rollout_ends_right_with_no_orphans(kube, crd, op_env, namespace,
+                                                                                    node_models, tmp_path):
+    import random
+    import signal
+
+    rng = random.Random(int(os.environ.get("AUTOGLM_KILL_SEED", "10")))
+    log = tmp_path / "operator.log"
+    env = {**op_env, "AUTOGLM_OPERATOR_RESYNC_SECONDS": "2"}
+    sc = Scenario(kube, namespace, log, env)
+    kills: list[float] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        """Run the operator; SIGKILL it after a random 2–8 s, start it again, until stopped."""
+        while not stop.is_set():
+            with operator_process(env, namespace, log) as proc:
+                if stop.wait(rng.uniform(2, 8)):
+                    return
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills.append(time.monotonic())
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        steps = [{"weight": 34, "pause": "3s"}, {"weight": 67, "pause": "3s"}]
+        sc.apply(canary_cr(steps=steps, analysis=analysis(kube), deadline=40))
+        first = sc.wait(lambda st: st.get("phase") == "Healthy" and st.get("ready") == "2/2", 240,
+                        "first revision")["stableRevision"]
+        with sc.traffic(streams=2, calls=2) as traffic:
+            sc.set_version("0.1.1")                                         # 1: promoted
+            second = sc.wait_promoted(first, timeout=300)["stableRevision"]
+            sc.patch({"model": {"uri": "file:///models/broken"}})          # 2: deadline → rolled back
+            sc.wait_rolled_back(second, timeout=240)
+            sc.patch({"model": {"uri": "file:///models/tiny"}, "runtime": {"version": "0.1.2"}})
+            sc.wait(lambda st: (st.get("canaryWeight") or 0) > 0, 240, "third canary")
+            sc.annotate("autoglm.io/abort")                                # 3: aborted
+            sc.wait(lambda st: not st.get("canaryRevision") and st.get("stableRevision") == second, 240, "aborted")
+            while len(kills) < 10:
+                time.sleep(1)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    with operator_process(env, namespace, log):   # one last, unkilled operator settles everything
+        st = sc.wait(lambda st: st.get("phase") in ("Healthy", "Degraded") and not st.get("canaryRevision"), 120,
+                     "settled")
+        wait_for(lambda: sc.children()["deployments"] == [second], timeout=120, message="only the stable Deployment")
+    report(f"\n(h) {len(kills)} SIGKILLs; final {sc.children()}; traffic {traffic.summary()}")
+    assert len(kills) >= 10
+    assert st["stableRevision"] == second and st["stableVersion"] == "0.1.1"
+    assert sc.children()["services"] == [NAME]
+    assert sc.children()["scaledobjects.keda.sh"] == []
+    assert traffic.failed == [], traffic.summary()
