@@ -490,3 +490,67 @@ def build_pdb(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
         "metadata": _metadata(cr, r.name, common_labels(r.name)),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(r.name)}},
     }
+
+
+# ---------------------------------------------------------------- GatewayAPI routing
+
+ROUTE_RULE_PREFIX = "autoglm-"  # rules with this name prefix are ours; any other rule is the user's
+RULE_CANARY_HEADER = "autoglm-canary-header"
+RULE_WEIGHTED = "autoglm-weighted"
+
+
+def route_service_names(name: str) -> tuple[str, str]:
+    """The Services the HTTPRoute's backendRefs name: (stable, canary)."""
+    return f"{name}-stable", f"{name}-canary"
+
+
+def build_route_service(cr: dict[str, Any], r: ResolvedSpec, role: str, rev_hash: str) -> dict[str, Any]:
+    """ClusterIP Service ``{name}-{role}`` (stable or canary) selecting one revision's pods."""
+    svc = build_service(cr, r, [rev_hash])
+    svc["metadata"]["name"] = f"{r.name}-{role}"
+    svc["metadata"]["labels"] = {**svc["metadata"]["labels"], "autoglm.io/role": role}
+    return svc
+
+
+def build_http_route(cr: dict[str, Any], r: ResolvedSpec, canary_weight: int, rules: list[dict]) -> dict[str, Any]:
+    """HTTPRoute ``{name}``: our two rules (the canary header, then the weighted split) first, then the
+    user's rules from ``rules`` unchanged (the ones not named ``autoglm-*``)."""
+    ro = r.spec.rollout
+    assert ro.gateway is not None  # the CRD and the model require it for GatewayAPI routing
+    stable, canary = route_service_names(r.name)
+    parent: dict[str, Any] = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": ro.gateway.name,
+        "namespace": ro.gateway.namespace or r.namespace,
+    }
+    if ro.gateway.section_name:
+        parent["sectionName"] = ro.gateway.section_name
+
+    def backend(service: str, weight: int) -> dict[str, Any]:
+        return {"group": "", "kind": "Service", "name": service, "port": PORT, "weight": weight}
+
+    ours = [
+        {
+            "name": RULE_CANARY_HEADER,
+            "matches": [
+                {
+                    "path": {"type": "PathPrefix", "value": "/"},
+                    "headers": [{"type": "Exact", "name": ro.canary_header, "value": "always"}],
+                }
+            ],
+            "backendRefs": [backend(canary, 1)],
+        },
+        {
+            "name": RULE_WEIGHTED,
+            "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+            "backendRefs": [backend(stable, 100 - canary_weight), backend(canary, canary_weight)],
+        },
+    ]
+    theirs = [rule for rule in rules if not str(rule.get("name", "")).startswith(ROUTE_RULE_PREFIX)]
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": _metadata(cr, r.name, common_labels(r.name)),
+        "spec": {"parentRefs": [parent], "rules": ours + theirs},
+    }

@@ -107,20 +107,87 @@ class NetworkPolicySpec(_Model):
     monitoring_namespace: str = "monitoring"
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``30s``, ``1m30s`` or ``500ms`` (the CRD's pattern)."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{text!r} is not a duration such as 30s, 5m or 1h30m")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
 class RolloutStep(_Model):
-    weight: int
+    weight: int = Field(ge=1, le=100)
     pause: str | None = None
+
+    @field_validator("pause")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    @property
+    def pause_seconds(self) -> float:
+        return parse_duration(self.pause) if self.pause else 0.0
+
+
+# The CRD's default for spec.rollout.steps (tests/operator/test_policy.py checks they agree).
+DEFAULT_STEPS = (RolloutStep(weight=10, pause="60s"), RolloutStep(weight=50, pause="120s"))
+
+
+class GatewayRef(_Model):
+    name: str
+    namespace: str | None = None
+    section_name: str | None = None
+
+
+class AnalysisSpec(_Model):
+    """Metric checks of the canary; present = analysis on (Prometheus falls back to the operator's)."""
+
+    prometheus: PrometheusRef = Field(default_factory=PrometheusRef)
+    interval: str = "30s"
+    min_requests: int = Field(default=20, ge=0)
+    success_rate_min: float = Field(default=0.99, ge=0, le=1)
+    latency_p99_max_seconds: float | None = Field(default=None, gt=0)
+    ttft_p99_max_seconds: float | None = Field(default=None, gt=0)
+    inter_token_p99_max_seconds: float | None = Field(default=None, gt=0)
+    max_ratio_to_stable: float | None = Field(default=None, ge=1)
+    failure_threshold: int = Field(default=2, ge=1)
+
+    @field_validator("interval")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @property
+    def interval_seconds(self) -> float:
+        return max(1.0, parse_duration(self.interval))
 
 
 class RolloutSpec(_Model):
-    """Schema only for now; the canary behaviour reads it in a later issue."""
+    """How a new revision replaces the stable one (policy.py reads it; nothing else does)."""
 
-    steps: list[RolloutStep] = Field(default_factory=list)
+    steps: tuple[RolloutStep, ...] = DEFAULT_STEPS
+    max_surge: int | None = Field(default=None, ge=1)
     traffic_routing: Literal["Replicas", "GatewayAPI"] = "Replicas"
-    gateway: dict[str, Any] | None = None
+    gateway: GatewayRef | None = None
     canary_header: str = "x-autoglm-canary"
-    analysis: dict[str, Any] | None = None
+    analysis: AnalysisSpec | None = None
     progress_deadline_seconds: int = Field(default=900, ge=1)
+
+    @model_validator(mode="after")
+    def _rules(self) -> RolloutSpec:
+        weights = [s.weight for s in self.steps]
+        if any(a >= b for a, b in zip(weights, weights[1:], strict=False)):
+            raise ValueError(f"step weights must be strictly increasing, got {weights}")
+        if self.traffic_routing == "GatewayAPI" and self.gateway is None:
+            raise ValueError("gateway is required when trafficRouting is GatewayAPI")
+        return self
 
 
 class AutoGLMDeploymentSpec(_Model):

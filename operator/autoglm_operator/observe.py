@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -51,6 +52,7 @@ class Revision:
     spec_hash: str
     deadline_exceeded: str = ""  # message of Progressing=False/ProgressDeadlineExceeded
     replica_failure: str = ""  # message of ReplicaFailure=True (pods refused: admission, quota)
+    pods: int = 0  # its pods now, terminating ones included (what occupies GPUs)
 
     @property
     def is_ready(self) -> bool:
@@ -104,6 +106,9 @@ class Observed:
     network_policy: dict[str, Any] | None = None
     scaled_object: dict[str, Any] | None = None
     keda_hpa: dict[str, Any] | None = None  # the HPA KEDA made for our ScaledObject
+    draining: int = 0  # pods of revisions whose Deployments are gone (still terminating)
+    route: dict[str, Any] | None = None  # the HTTPRoute (GatewayAPI routing)
+    route_services: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
 
 
 def _controlled_by(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -137,6 +142,11 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             kube.get("NetworkPolicy", ns, name),
         ),
     )
+    gateway = r.spec.rollout.traffic_routing == "GatewayAPI"
+    route, *route_services = await asyncio.gather(
+        kube.get("HTTPRoute", ns, name) if gateway else none(),
+        *(kube.get("Service", ns, n) for n in b.route_service_names(name)),
+    )
     revisions: dict[str, Revision] = {}
     for d in deps:
         if not _controlled_by(d, uid) or d["metadata"].get("deletionTimestamp"):
@@ -144,6 +154,8 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         rev = Revision.from_deployment(d)
         if rev.hash:
             revisions[rev.hash] = rev
+    per_revision = collections.Counter((p["metadata"].get("labels") or {}).get(b.LABEL_REVISION) for p in pods)
+    revisions = {h: dataclasses.replace(rv, pods=per_revision.get(h, 0)) for h, rv in revisions.items()}
     problems: list[Problem] = []
     if pvc_name and pvc is None:
         problems.append(
@@ -168,6 +180,9 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         scaled_object=so,
         network_policy=np,
         keda_hpa=keda_hpa,
+        draining=sum(n for h, n in per_revision.items() if h not in revisions),
+        route=route,
+        route_services=dict(zip(b.route_service_names(name), route_services, strict=True)),
     )
 
 

@@ -1,57 +1,556 @@
-"""Rollout policy (pure): which revision serves, which rolls out, which go, and with how many pods."""
+"""Rollout policy (pure): the canary state machine.
+
+``decide()`` takes what is there (the revisions), what is wanted (the spec's revision and its rollout
+policy), what the status remembers (``RolloutState``), the clock, the analysis verdict of this pass
+and the control annotations, and returns a ``Decision``: which revision is stable, which is the
+canary, how many pods each gets, which revisions go, the new ``RolloutState`` and the events. All
+state lives in the CR's status, so an operator killed at any point resumes from it.
+
+Phases (status.rolloutPhase)::
+
+    Idle/Promoted/RolledBack --spec changes--> Progressing (step 0) --pause + passing check--> step 1 ...
+    Progressing --last step done, or autoglm.io/promote--> Promoting --canary Ready at stable's count-->
+        Promoted (Service/route and autoscaler move, old revision deleted; Progressing until its pods are gone)
+    Progressing/Promoting --failureThreshold failed checks, deadline, autoglm.io/abort--> RolledBack
+    Progressing <--autoglm.io/paused--> Paused
+    any rollout --spec back to the stable's revision--> Idle (canary deleted at once, event Aborted)
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import math
+from typing import Any, Literal
 
-from .models import ResolvedSpec
-from .observe import Revision
+from .models import ResolvedSpec, RolloutSpec
+from .observe import Problem, Revision
+
+ANNOTATION_PROMOTE = "autoglm.io/promote"
+ANNOTATION_ABORT = "autoglm.io/abort"
+ANNOTATION_PAUSED = "autoglm.io/paused"
+
+Verdict = Literal["Passed", "Failed", "Inconclusive"]
+Event = tuple[str, str, str]
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def format_time(value: dt.datetime | None) -> str | None:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """One check of the canary over a window (status.lastAnalysis)."""
+
+    time: dt.datetime
+    verdict: Verdict
+    reason: str
+    window_seconds: float | None = None
+    requests: float | None = None
+    success_rate: float | None = None
+    latency_p99: float | None = None
+    ttft_p99: float | None = None
+    inter_token_p99: float | None = None
+    stable_latency_p99: float | None = None
+
+    def to_status(self) -> dict[str, Any]:
+        out = {
+            "time": format_time(self.time),
+            "windowSeconds": self.window_seconds,
+            "requests": self.requests,
+            "successRate": self.success_rate,
+            "latencyP99": self.latency_p99,
+            "ttftP99": self.ttft_p99,
+            "interTokenP99": self.inter_token_p99,
+            "stableLatencyP99": self.stable_latency_p99,
+            "verdict": self.verdict,
+            "reason": self.reason,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_status(cls, st: dict[str, Any] | None) -> Analysis | None:
+        if not st or not st.get("time"):
+            return None
+        when = parse_time(st["time"])
+        assert when is not None
+        return cls(
+            time=when,
+            verdict=st.get("verdict", "Inconclusive"),
+            reason=st.get("reason", ""),
+            window_seconds=st.get("windowSeconds"),
+            requests=st.get("requests"),
+            success_rate=st.get("successRate"),
+            latency_p99=st.get("latencyP99"),
+            ttft_p99=st.get("ttftP99"),
+            inter_token_p99=st.get("interTokenP99"),
+            stable_latency_p99=st.get("stableLatencyP99"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutState:
+    """What the status remembers of the rollout (revision *hashes* here; names in the status)."""
+
+    phase: str = "Idle"
+    stable: str | None = None
+    stable_version: str | None = None
+    canary: str | None = None
+    canary_version: str | None = None
+    step: int | None = None
+    step_started_at: dt.datetime | None = None
+    step_ready_at: dt.datetime | None = None
+    failed_checks: int = 0
+    last_analysis: Analysis | None = None
+    previous_stable: str | None = None
+    previous_stable_version: str | None = None
+    rolled_back: str | None = None
+    rollback_message: str = ""
+
+    @classmethod
+    def from_status(cls, cr_name: str, st: dict[str, Any]) -> RolloutState:
+        def rev(key: str) -> str | None:
+            value = st.get(key)
+            return value.removeprefix(f"{cr_name}-") if value else None
+
+        degraded: dict[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == "Degraded"), {})
+        rolled_back_msg = degraded.get("message", "") if degraded.get("reason") == "RolledBack" else ""
+        return cls(
+            phase=st.get("rolloutPhase") or "Idle",
+            stable=rev("stableRevision"),
+            stable_version=st.get("stableVersion"),
+            canary=rev("canaryRevision"),
+            canary_version=st.get("canaryVersion"),
+            step=st.get("currentStep"),
+            step_started_at=parse_time(st.get("stepStartedAt")),
+            step_ready_at=parse_time(st.get("stepReadyAt")),
+            failed_checks=int(st.get("failedChecks") or 0),
+            last_analysis=Analysis.from_status(st.get("lastAnalysis")),
+            previous_stable=rev("previousStableRevision"),
+            previous_stable_version=st.get("previousStableVersion"),
+            rolled_back=rev("rolledBackRevision"),
+            rollback_message=rolled_back_msg,
+        )
+
+    def to_status(self, cr_name: str) -> dict[str, Any]:
+        """The status fields this state owns (``None`` = remove)."""
+
+        def name(h: str | None) -> str | None:
+            return f"{cr_name}-{h}" if h else None
+
+        return {
+            "rolloutPhase": self.phase,
+            "currentStep": self.step,
+            "stepStartedAt": format_time(self.step_started_at),
+            "stepReadyAt": format_time(self.step_ready_at),
+            "failedChecks": self.failed_checks if self.canary else None,
+            "lastAnalysis": self.last_analysis.to_status() if self.last_analysis else None,
+            "previousStableRevision": name(self.previous_stable),
+            "previousStableVersion": self.previous_stable_version,
+            "rolledBackRevision": name(self.rolled_back),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
     stable: str  # hash of the revision that serves (may not exist yet on first rollout)
-    candidate: str | None  # hash rolling out, not yet serving
-    promote: bool  # the desired revision just became Ready and takes over now
+    canary: str | None  # hash of the canary revision
+    replicas: dict[str, int | None]  # spec.replicas per kept revision; None = the autoscaler's
+    serving: tuple[str, ...]  # revisions behind the shared Service (Replicas routing)
+    route_weight: int  # canary weight in the HTTPRoute (GatewayAPI routing), percent
     delete: tuple[str, ...]  # hashes whose Deployments go
+    state: RolloutState
+    events: tuple[Event, ...] = ()
+    clear_annotations: tuple[str, ...] = ()
+    requeue_after: float | None = None
+    problem: Problem | None = None  # the rollout's Degraded reason (AnalysisFailed, RolledBack)
+    progressing: tuple[str, str] | None = None  # (reason, message) of Progressing=True; None = status decides
+
+    @property
+    def candidate(self) -> str | None:  # the name status.py and sync.py used before canaries
+        return self.canary
 
 
-def decide_revisions(desired: str, revisions: dict[str, Revision], previous_stable: str | None) -> Decision:
-    """Which revision serves, which rolls out, which go.
-
-    The previous stable revision keeps serving until the desired one is Ready; then the desired
-    one is promoted and every other revision is deleted. Revisions that are neither (an
-    intermediate edit that never became Ready) are deleted at once. With no status (restart after
-    a crash before the first status write) the old revision with most ready pods serves.
-    """
-    others = {h: rv for h, rv in revisions.items() if h != desired}
-    new = revisions.get(desired)
-    if not others:
-        return Decision(stable=desired, candidate=None, promote=False, delete=())
-    if new is not None and new.is_ready:
-        return Decision(stable=desired, candidate=None, promote=True, delete=tuple(sorted(others)))
-    prev = next((h for h, rv in others.items() if rv.name == previous_stable), None)
-    if prev is None:
-        prev = max(others.values(), key=lambda rv: (rv.ready, rv.created, rv.name)).hash
-    return Decision(stable=prev, candidate=desired, promote=False, delete=tuple(sorted(h for h in others if h != prev)))
-
-
-def wanted_replicas(r: ResolvedSpec, rev_hash: str, decision: Decision, revisions: dict[str, Revision]) -> int | None:
-    """spec.replicas for a revision's Deployment; ``None`` = leave it alone (the HPA owns it)."""
-    a = r.spec.autoscaling
-    if not a.enabled:
-        return r.spec.fixed_replicas
-    lo, hi = a.bounds
-    stable = revisions.get(decision.stable)
-    if rev_hash == decision.stable:
-        return None if stable is not None else lo
-    base = stable.desired if stable is not None else lo
-    return min(max(base, lo), hi)
-
-
-def desired_replicas(r: ResolvedSpec, decision: Decision, revisions: dict[str, Revision]) -> int:
-    """Pods wanted now for the serving revision (spec.replicas, or the autoscaler's choice)."""
+def stable_count(r: ResolvedSpec, stable: Revision | None) -> int:
+    """The stable revision's pods wanted now: the fixed count, or the autoscaler's current choice."""
     if not r.spec.autoscaling.enabled:
         return r.spec.fixed_replicas
-    stable = revisions.get(decision.stable)
-    return stable.desired if stable is not None else r.spec.autoscaling.bounds[0]
+    lo, hi = r.spec.autoscaling.bounds
+    return min(max(stable.desired, lo), hi) if stable is not None else lo
+
+
+def canary_count(weight: int, stable_pods: int) -> int:
+    """Canary pods for ``weight`` percent of the stable's load: ceil(weight x stable / 100), at least 1."""
+    return max(1, math.ceil(weight * stable_pods / 100)) if weight > 0 else 0
+
+
+def effective_weight(stable: Revision | None, canary: Revision | None) -> int:
+    """The canary's share of Ready pods (what a Service splitting by pod count gives it), percent."""
+    c = canary.ready if canary else 0
+    s = stable.ready if stable else 0
+    return round(100 * c / (c + s)) if c + s > 0 and c > 0 else 0
+
+
+def _pick_stable(desired: str, revisions: dict[str, Revision], remembered: str | None) -> str:
+    if remembered and (remembered in revisions or not revisions):
+        return remembered
+    others = {h: rv for h, rv in revisions.items() if h != desired}
+    if not others:
+        return desired
+    # No status (restart before the first status write): the old revision with most ready pods serves.
+    return max(others.values(), key=lambda rv: (rv.ready, rv.created, rv.name)).hash
+
+
+def analysis_window(spec: RolloutSpec, state: RolloutState, desired: str, now: dt.datetime) -> dt.datetime | None:
+    """Start of the window to check now, or ``None`` when no check is due.
+
+    A check is due ``interval`` after the later of: the canary reaching the step's weight, the last
+    check. The last check's time is in the status, so a restart never counts a window twice.
+    """
+    if spec.analysis is None or state.phase != "Progressing" or state.canary != desired:
+        return None
+    if state.step_ready_at is None:
+        return None
+    start = state.step_ready_at
+    last = state.last_analysis
+    if last is not None and last.time > start:
+        start = last.time
+    return start if (now - start).total_seconds() >= spec.analysis.interval_seconds else None
+
+
+def _replicas(
+    r: ResolvedSpec, weight: int, stable: Revision | None, canary: Revision | None
+) -> tuple[int | None, int, int]:
+    """(stable's spec.replicas or None for the autoscaler's, canary's spec.replicas, canary's target).
+
+    Without maxSurge the stable is untouched and the canary gets ceil(weight x stable / 100) pods on
+    top. With maxSurge the total stays within stable + maxSurge: the canary grows into the room there
+    is, and a stable pod goes only when a Ready canary pod has taken its place, never below what the
+    stable's own share needs.
+    """
+    s_count = stable_count(r, stable)
+    target = s_count if weight >= 100 else canary_count(weight, s_count)
+    surge = r.spec.rollout.max_surge
+    fixed = None if r.spec.autoscaling.enabled else s_count
+    if surge is None:
+        return fixed, target, target
+    stable_pods = max(stable.desired, stable.pods) if stable else 0
+    room = max(0, s_count + surge - stable_pods)
+    c_want = min(target, room)
+    if fixed is None:
+        return None, c_want, target
+    share = 0 if weight >= 100 else math.ceil((100 - weight) * s_count / 100)
+    c_ready = canary.ready if canary else 0
+    s_want = max(share, s_count - c_ready, s_count + surge - target)
+    return min(s_count, s_want), c_want, target
+
+
+def decide(
+    *,
+    r: ResolvedSpec,
+    desired: str,
+    revisions: dict[str, Revision],
+    state: RolloutState,
+    now: dt.datetime,
+    analysis: Analysis | None = None,
+    annotations: dict[str, str] | None = None,
+    draining: int = 0,
+) -> Decision:
+    """The next step of the rollout (see the module's docstring for the phases)."""
+    return _Machine(r, desired, revisions, state, now, analysis, annotations or {}, draining).run()
+
+
+class _Machine:
+    """One pass of the state machine; ``run()`` returns the Decision. Pure: no I/O, no clock of its own."""
+
+    def __init__(
+        self,
+        r: ResolvedSpec,
+        desired: str,
+        revisions: dict[str, Revision],
+        state: RolloutState,
+        now: dt.datetime,
+        analysis: Analysis | None,
+        annotations: dict[str, str],
+        draining: int,
+    ) -> None:
+        self.r, self.spec, self.desired, self.revs = r, r.spec.rollout, desired, revisions
+        self.state, self.now, self.analysis, self.draining = state, now, analysis, draining
+        self.promote = annotations.get(ANNOTATION_PROMOTE) == "true"
+        self.abort = annotations.get(ANNOTATION_ABORT) == "true"
+        self.paused = annotations.get(ANNOTATION_PAUSED) == "true"
+        self.clear = tuple(a for a in (ANNOTATION_PROMOTE, ANNOTATION_ABORT) if a in annotations)
+        self.events: list[Event] = []
+        self.stable = _pick_stable(desired, revisions, state.stable)
+        self.stable_version = (
+            revisions[self.stable].version if self.stable in revisions else state.stable_version or r.version
+        )
+        if self.stable == desired:
+            self.stable_version = r.version
+
+    # ------------------------------------------------------------ outcomes
+
+    def _steady(self, state: RolloutState, problem: Problem | None = None) -> Decision:
+        """No canary: the stable serves everything, every other revision goes."""
+        stable = self.revs.get(self.stable)
+        hpa_owned = self.r.spec.autoscaling.enabled and stable is not None
+        replicas: dict[str, int | None] = {self.stable: None if hpa_owned else stable_count(self.r, stable)}
+        progressing = None
+        if state.phase in ("Promoted", "Promoting") and self.draining:
+            progressing = (
+                "Promoted",
+                f"Revision {self._name(self.stable)} is promoted; {self.draining} pod(s) of the old revision "
+                "are draining",
+            )
+            state = dataclasses.replace(state, phase="Promoting")
+        elif state.phase == "Promoting":
+            state = dataclasses.replace(state, phase="Promoted")
+        return Decision(
+            stable=self.stable,
+            canary=None,
+            replicas=replicas,
+            serving=(self.stable,),
+            route_weight=0,
+            delete=tuple(sorted(h for h in self.revs if h != self.stable)),
+            state=dataclasses.replace(
+                state,
+                stable=self.stable,
+                stable_version=self.stable_version,
+                canary=None,
+                canary_version=None,
+                step=None,
+                step_started_at=None,
+                step_ready_at=None,
+                failed_checks=0,
+            ),
+            events=tuple(self.events),
+            clear_annotations=self.clear,
+            problem=problem,
+            progressing=progressing,
+            requeue_after=2.0 if progressing else None,
+        )
+
+    def _rollback(self, why: str, reason: str = "RolledBack") -> Decision:
+        msg = f"Rolled back revision {self._name(self.desired)} (version {self.r.version}): {why}"
+        self.events.append(("Warning", reason, msg))
+        state = dataclasses.replace(self.state, phase="RolledBack", rolled_back=self.desired, rollback_message=msg)
+        return self._steady(state, Problem("RolledBack", msg))
+
+    def _name(self, h: str | None) -> str:
+        return f"{self.r.name}-{h}"
+
+    # ------------------------------------------------------------ the machine
+
+    def run(self) -> Decision:
+        st = self.state
+        if self.stable == self.desired:
+            if st.canary and st.canary != self.stable:
+                self.events.append(
+                    (
+                        "Normal",
+                        "Aborted",
+                        f"Aborted the rollout of {self._name(st.canary)}: the spec is back to the stable "
+                        f"revision {self._name(self.stable)} (version {self.stable_version})",
+                    )
+                )
+                return self._steady(dataclasses.replace(st, phase="Idle", rolled_back=None, last_analysis=None))
+            phase = "Idle" if st.phase in ("RolledBack", "Progressing", "Paused") else st.phase
+            return self._steady(dataclasses.replace(st, phase=phase, rolled_back=None))
+        if self.desired == st.rolled_back:
+            msg = st.rollback_message or f"Rolled back revision {self._name(self.desired)}"
+            return self._steady(dataclasses.replace(st, phase="RolledBack"), Problem("RolledBack", msg))
+
+        if st.canary != self.desired:  # a new rollout, or a newer revision superseding the canary
+            if st.canary and st.canary != self.stable:
+                self.events.append(
+                    (
+                        "Normal",
+                        "Superseded",
+                        f"Revision {self._name(self.desired)} replaced canary {self._name(st.canary)}",
+                    )
+                )
+            self.events.append(
+                (
+                    "Normal",
+                    "CanaryStarted",
+                    f"Started canary {self._name(self.desired)} (version {self.r.version}) against stable "
+                    f"{self._name(self.stable)} (version {self.stable_version})",
+                )
+            )
+            st = RolloutState(
+                phase="Progressing" if self.spec.steps else "Promoting",
+                stable=self.stable,
+                stable_version=self.stable_version,
+                canary=self.desired,
+                canary_version=self.r.version,
+                step=0 if self.spec.steps else len(self.spec.steps),
+                step_started_at=self.now,
+                previous_stable=st.previous_stable,
+                previous_stable_version=st.previous_stable_version,
+            )
+        if self.abort:
+            return self._rollback("aborted by the autoglm.io/abort annotation", reason="Aborted")
+
+        st = self._record_analysis(st)
+        if st.failed_checks >= (self.spec.analysis.failure_threshold if self.spec.analysis else 1):
+            assert st.last_analysis is not None
+            return self._rollback(f"{st.failed_checks} failed checks in a row; last: {st.last_analysis.reason}")
+        if self.promote and st.phase in ("Progressing", "Paused"):
+            self.events.append(("Normal", "Promoting", "Skipping the remaining steps (autoglm.io/promote)"))
+            st = dataclasses.replace(
+                st, phase="Promoting", step=len(self.spec.steps), step_started_at=self.now, step_ready_at=None
+            )
+        if self.paused and st.phase == "Progressing":
+            self.events.append(("Normal", "Paused", f"Paused at step {st.step} (autoglm.io/paused)"))
+            st = dataclasses.replace(st, phase="Paused")
+        elif not self.paused and st.phase == "Paused":
+            self.events.append(("Normal", "Resumed", f"Resumed at step {st.step}; its pause starts again"))
+            st = dataclasses.replace(st, phase="Progressing", step_started_at=self.now, step_ready_at=None)
+        return self._canary(st)
+
+    def _record_analysis(self, st: RolloutState) -> RolloutState:
+        a = self.analysis
+        if a is None:
+            return st
+        failed = st.failed_checks + 1 if a.verdict == "Failed" else 0 if a.verdict == "Passed" else st.failed_checks
+        if a.verdict == "Failed":
+            self.events.append(("Warning", "AnalysisFailed", a.reason))
+        return dataclasses.replace(st, last_analysis=a, failed_checks=failed)
+
+    def _canary(self, st: RolloutState) -> Decision:
+        steps = self.spec.steps
+        stable, canary = self.revs.get(self.stable), self.revs.get(self.desired)
+        step, started = st.step, st.step_started_at
+        assert step is not None and started is not None
+        weight = 100 if st.phase == "Promoting" else steps[step].weight
+        s_replicas, c_replicas, c_target = _replicas(self.r, weight, stable, canary)
+        at_weight = canary is not None and canary.current and canary.ready >= c_target and canary.desired == c_target
+        deadline = float(self.spec.progress_deadline_seconds)
+        since_start = (self.now - started).total_seconds()
+        requeue: list[float] = []
+
+        if st.phase == "Promoting":
+            if at_weight and canary is not None and canary.is_ready:
+                return self._promoted(st)
+            if since_start > deadline:
+                ready = canary.ready if canary else 0
+                return self._rollback(f"not Ready at {c_target} replicas within {deadline:.0f}s ({ready} ready)")
+            progressing = (
+                "Promoting",
+                f"Scaling canary {self._name(self.desired)} to {c_target} replicas before it takes all traffic "
+                f"({canary.ready if canary else 0} ready)",
+            )
+        else:
+            if at_weight and st.step_ready_at is None:
+                st = dataclasses.replace(st, step_ready_at=self.now)
+            pause = steps[step].pause_seconds
+            if st.step_ready_at is None:
+                if since_start > deadline and st.phase == "Progressing":
+                    ready = canary.ready if canary else 0
+                    return self._rollback(
+                        f"not Ready at step {st.step} ({c_target} replicas) within {deadline:.0f}s ({ready} ready)"
+                    )
+                requeue.append(deadline - since_start)
+                reason, msg = "CanaryProgressing", f"Waiting for {c_target} Ready canary pod(s) at step {st.step}"
+            else:
+                held = (self.now - st.step_ready_at).total_seconds()
+                checked = self.spec.analysis is None or (
+                    st.last_analysis is not None
+                    and st.last_analysis.verdict == "Passed"
+                    and st.last_analysis.time > st.step_ready_at
+                )
+                if st.phase == "Progressing" and held >= pause and checked:
+                    return self._advance(st)
+                reason, msg = self._waiting(st, held, pause, checked)
+                if st.phase == "Progressing" and held > pause + deadline:
+                    return self._rollback(
+                        f"no passing analysis within {deadline:.0f}s after the pause of step {st.step}; last: "
+                        + (st.last_analysis.reason if st.last_analysis else "no check")
+                    )
+                if pause > held:
+                    requeue.append(pause - held)
+                if self.spec.analysis is not None:
+                    last = st.last_analysis.time if st.last_analysis else st.step_ready_at
+                    start = max(last, st.step_ready_at)
+                    requeue.append(self.spec.analysis.interval_seconds - (self.now - start).total_seconds())
+                requeue.append(pause + deadline - held)
+            if st.phase == "Paused":
+                reason, msg = "CanaryPaused", f"Paused at step {st.step} by autoglm.io/paused=true"
+                requeue = []  # nothing moves until the annotation changes (a CR event)
+            progressing = (reason, msg)
+
+        serving = (self.stable, self.desired) if canary is not None and canary.ready > 0 else (self.stable,)
+        problem = None
+        if st.failed_checks and st.last_analysis is not None:
+            problem = Problem("AnalysisFailed", f"{st.failed_checks} failed check(s): {st.last_analysis.reason}")
+        return Decision(
+            stable=self.stable,
+            canary=self.desired,
+            replicas={self.stable: s_replicas, self.desired: c_replicas},
+            serving=serving,
+            route_weight=self._route_weight(st, canary, weight),
+            delete=tuple(sorted(h for h in self.revs if h not in (self.stable, self.desired))),
+            state=st,
+            events=tuple(self.events),
+            clear_annotations=self.clear,
+            requeue_after=max(1.0, min(requeue)) if requeue else None,
+            problem=problem,
+            progressing=progressing,
+        )
+
+    def _route_weight(self, st: RolloutState, canary: Revision | None, weight: int) -> int:
+        """GatewayAPI: the canary's weight; while promoting it keeps the last step's until it is promoted."""
+        if canary is None or canary.ready == 0:
+            return 0
+        if st.phase == "Promoting":
+            return self.spec.steps[-1].weight if self.spec.steps else 0
+        return weight
+
+    def _waiting(self, st: RolloutState, held: float, pause: float, checked: bool) -> tuple[str, str]:
+        if pause > held:
+            return "CanaryProgressing", f"Step {st.step}: holding for {pause - held:.0f}s more"
+        last = st.last_analysis
+        if last is not None and last.verdict == "Inconclusive" and last.time > (st.step_ready_at or last.time):
+            return "AnalysisInconclusive", f"Step {st.step}: waiting for a conclusive check; last: {last.reason}"
+        return "CanaryProgressing", f"Step {st.step}: waiting for a passing analysis check"
+
+    def _advance(self, st: RolloutState) -> Decision:
+        steps = self.spec.steps
+        assert st.step is not None
+        nxt = st.step + 1
+        if nxt < len(steps):
+            self.events.append(
+                ("Normal", "StepAdvanced", f"Step {nxt}: canary {self._name(self.desired)} at {steps[nxt].weight}%")
+            )
+            st = dataclasses.replace(st, step=nxt, step_started_at=self.now, step_ready_at=None)
+        else:
+            self.events.append(
+                ("Normal", "Promoting", f"Steps done: scaling canary {self._name(self.desired)} to the stable's count")
+            )
+            st = dataclasses.replace(st, phase="Promoting", step=nxt, step_started_at=self.now, step_ready_at=None)
+        return self._canary(st)
+
+    def _promoted(self, st: RolloutState) -> Decision:
+        old = self.stable
+        self.events.append(
+            (
+                "Normal",
+                "Promoted",
+                f"Revision {self._name(self.desired)} (version {self.r.version}) replaced {self._name(old)} "
+                f"(version {self.stable_version}) and serves all traffic",
+            )
+        )
+        promoted = dataclasses.replace(
+            st,
+            phase="Promoting",
+            previous_stable=old,
+            previous_stable_version=self.stable_version,
+            rolled_back=None,
+        )
+        self.stable, self.stable_version = self.desired, self.r.version
+        self.draining = max(self.draining, 1)  # the old revision's pods go from here
+        return self._steady(promoted)

@@ -61,3 +61,32 @@ def tokens_per_second(sel: str, window: str) -> str:
 def serving_pods(sel: str) -> str:
     """Pods of each revision that Prometheus scrapes (the replicas that report)."""
     return f"count by (revision) (autoglm_requests_running{{{sel}}})"
+
+
+# ---------------------------------------------------------------- canary analysis (analysis.py)
+# One revision over the last ``window`` (e.g. "30s"), as instant queries at the check's time. A
+# request counts when the server answered it: status "success" or "error" (a server error or a
+# timeout). Client mistakes ("invalid"), load shedding ("rejected", 429) and client disconnects
+# ("aborted") are not the revision's failures and are left out of both sides.
+
+SERVED = 'status=~"success|error"'
+
+
+def served_requests(sel: str, window: str) -> str:
+    """Requests the revision answered in the window."""
+    return f"sum(increase(autoglm_requests_total{{{sel},{SERVED}}}[{window}]))"
+
+
+def success_rate(sel: str, window: str) -> str:
+    """Share of answered requests that were not server errors."""
+    return f'sum(increase(autoglm_requests_total{{{sel},status="success"}}[{window}])) / {served_requests(sel, window)}'
+
+
+def p99(metric: str, sel: str, window: str) -> str:
+    """The 99th percentile of one of the runtime's histograms over the window, all pods together."""
+    return f"histogram_quantile(0.99, sum by (le) (increase({metric}_bucket{{{sel}}}[{window}])))"
+
+
+REQUEST_DURATION = "autoglm_request_duration_seconds"
+TIME_TO_FIRST_TOKEN = "autoglm_time_to_first_token_seconds"
+INTER_TOKEN_LATENCY = "autoglm_inter_token_latency_seconds"

@@ -8,7 +8,7 @@ from . import builders as b
 from .conditions import DEGRADED, PROGRESSING, READY, get_condition, now_rfc3339, set_condition
 from .models import ResolvedSpec
 from .observe import Problem, Revision
-from .policy import Decision, desired_replicas
+from .policy import Decision, effective_weight, stable_count
 
 
 def _strip_none(value: Any) -> Any:
@@ -23,7 +23,6 @@ def compute_status(
     *,
     cr: dict[str, Any],
     r: ResolvedSpec,
-    desired_hash: str,
     decision: Decision,
     revisions: dict[str, Revision],
     problems: list[Problem],
@@ -37,16 +36,15 @@ def compute_status(
 
     stable = revisions.get(decision.stable)
     stable_name = b.revision_name(name, decision.stable)
-    desired = desired_replicas(r, decision, revisions)
+    desired = stable_count(r, stable)
     ready = stable.ready if stable else 0
     ready_ok = stable is not None and ready >= desired
-    cand = revisions.get(decision.candidate) if decision.candidate else None
-    cand_name = b.revision_name(name, decision.candidate) if decision.candidate else None
+    cand = revisions.get(decision.canary) if decision.canary else None
     problem = problems[0] if problems else None
 
     if problem:
         phase = "Degraded"
-    elif decision.candidate:
+    elif decision.progressing:
         phase = "Progressing"
     elif stable is None or (ready == 0 and desired > 0):
         phase = "Pending"
@@ -74,15 +72,9 @@ def compute_status(
             conds, READY, False, "ReplicasNotReady", ready_msg, observed_generation=generation, now=now
         )
 
-    if decision.candidate:
-        c_ready, c_desired = (cand.ready, cand.desired) if cand else (0, 0)
-        msg = (
-            f"Revision {cand_name} is rolling out ({c_ready}/{c_desired} ready); "
-            f"revision {stable_name} serves until it is ready"
-        )
-        conds = set_condition(
-            conds, PROGRESSING, True, "RolloutInProgress", msg, observed_generation=generation, now=now
-        )
+    if decision.progressing:
+        reason, msg = decision.progressing
+        conds = set_condition(conds, PROGRESSING, True, reason, msg, observed_generation=generation, now=now)
     elif not (ready_ok and stable is not None and stable.is_ready):
         conds = set_condition(
             conds,
@@ -99,7 +91,7 @@ def compute_status(
             PROGRESSING,
             False,
             "RolloutComplete",
-            f"Revision {stable_name} is serving",
+            f"Revision {stable_name} (version {decision.state.stable_version}) is serving",
             observed_generation=generation,
             now=now,
         )
@@ -111,14 +103,12 @@ def compute_status(
     else:
         conds = set_condition(conds, DEGRADED, False, "AsExpected", "", observed_generation=generation, now=now)
 
-    stable_version: str | None
-    if stable is not None:
-        stable_version = stable.version
-    elif decision.stable == desired_hash:
-        stable_version = r.version
+    if decision.canary is None:
+        weight = 0
+    elif r.spec.rollout.traffic_routing == "GatewayAPI":
+        weight = decision.route_weight
     else:
-        stable_version = old.get("stableVersion")
-
+        weight = effective_weight(stable, cand)
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,
@@ -128,10 +118,11 @@ def compute_status(
         "desiredReplicas": desired,
         "selector": b.selector_string(b.selector_labels(name)),
         "stableRevision": stable_name,
-        "stableVersion": stable_version,
-        "canaryRevision": cand_name,
-        "canaryVersion": r.version if decision.candidate else None,
-        "canaryWeight": 0,
+        "stableVersion": decision.state.stable_version,
+        "canaryRevision": b.revision_name(name, decision.canary) if decision.canary else None,
+        "canaryVersion": decision.state.canary_version if decision.canary else None,
+        "canaryWeight": weight,
+        **decision.state.to_status(name),
         "endpoint": b.endpoint(name, ns, tls=r.spec.tls is not None),
         "revisions": [
             {"name": rv.name, "version": rv.version, "replicas": rv.replicas, "readyReplicas": rv.ready}
@@ -181,13 +172,4 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
     if o_des is not None and n_des is not None and o_des != n_des:
         reason = "ScaledUp" if n_des > o_des else "ScaledDown"
         events.append(("Normal", reason, f"Desired replicas changed from {o_des} to {n_des}"))
-    o_st, n_st = old.get("stableRevision"), new.get("stableRevision")
-    if o_st and n_st and o_st != n_st:
-        events.append(
-            (
-                "Normal",
-                "RevisionPromoted",
-                f"Revision {n_st} (version {new.get('stableVersion')}) replaced {o_st} and serves all traffic",
-            )
-        )
     return events

@@ -14,7 +14,7 @@ from . import builders as b
 from .kube import ApiError, KubeAPI
 from .models import ResolvedSpec
 from .observe import Observed, Problem, _controlled_by, uses_keda
-from .policy import Decision, desired_replicas, wanted_replicas
+from .policy import Decision, stable_count
 from .settings import OperatorSettings
 from .status import status_patch, transition_events
 
@@ -26,7 +26,7 @@ class Outcome:
     writes: int = 0
     status_written: bool = False
     gone: bool = False
-    requeue_after: float | None = None  # poll again (for state we do not watch: PVCs, Secrets)
+    requeue_after: float | None = None  # run again in this many seconds (unwatched state; rollout clock)
 
 
 # ==================================================================== comparing
@@ -79,10 +79,7 @@ async def sync_deployments(
 ) -> None:
     """The desired revision's Deployment (created, or updated to the current template), then the others' replicas."""
     namespace = cr["metadata"]["namespace"]
-    for rev_hash in [desired_hash] + sorted(h for h in obs.revisions if h != desired_hash):
-        if rev_hash in decision.delete:
-            continue
-        want = wanted_replicas(r, rev_hash, decision, obs.revisions)
+    for rev_hash, want in sorted(decision.replicas.items(), key=lambda kv: (kv[0] != desired_hash, kv[0])):
         existing = obs.revisions.get(rev_hash)
         if rev_hash == desired_hash:
             body = b.build_deployment(cr, r, rev_hash, replicas=want if want is not None else 1)
@@ -118,13 +115,46 @@ async def sync_deployments(
 async def sync_service(
     kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, decision: Decision, obs: Observed, out: Outcome, logger: Any
 ) -> None:
-    """The Service selects the serving revision only."""
+    """The shared Service: the stable revision, plus the canary once it has Ready pods (Replicas routing)."""
     namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
-    svc = b.build_service(cr, r, [decision.stable])
+    serving = list(decision.serving) if r.spec.rollout.traffic_routing == "Replicas" else [decision.stable]
+    svc = b.build_service(cr, r, serving)
     if _child_differs(svc, obs.service, exact=lambda o: (o.get("spec") or {}).get("selector")):
         out.writes += 1
         await kube.apply("Service", namespace, svc)
-        logger.info("Applied service %s selecting revision %s.", name, b.revision_name(name, decision.stable))
+        logger.info("Applied service %s selecting %s.", name, ", ".join(b.revision_name(name, h) for h in serving))
+
+
+async def sync_route(
+    kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, decision: Decision, obs: Observed, out: Outcome, logger: Any
+) -> None:
+    """GatewayAPI routing: {name}-stable and {name}-canary Services and our rules of the HTTPRoute {name}.
+
+    Rules the operator does not name (a user's) are kept as they are.
+    """
+    namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+    gateway = r.spec.rollout.traffic_routing == "GatewayAPI"
+    roles = {"stable": decision.stable, "canary": decision.canary or decision.stable}
+    for (role, rev_hash), svc_name in zip(roles.items(), b.route_service_names(name), strict=True):
+        desired = b.build_route_service(cr, r, role, rev_hash) if gateway else None
+        observed = obs.route_services.get(svc_name)
+        what = f"{role} service"
+        await _sync_optional_child(kube, cr, "Service", what, desired, observed, out, logger, name=svc_name)
+    if not gateway:
+        return
+    route = b.build_http_route(cr, r, decision.route_weight, (obs.route or {}).get("spec", {}).get("rules") or [])
+    if _child_differs(route, obs.route, exact=lambda o: (o.get("spec") or {}).get("rules")):
+        out.writes += 1
+        await kube.apply("HTTPRoute", namespace, route)
+        logger.info("Applied route %s with canary weight %d.", name, decision.route_weight)
+
+
+async def clear_annotations(kube: KubeAPI, cr: dict[str, Any], keys: tuple[str, ...], out: Outcome) -> None:
+    """Remove control annotations the rollout acted on (after the status that records the act)."""
+    if keys:
+        out.writes += 1
+        patch = {"metadata": {"annotations": dict.fromkeys(keys)}}
+        await kube.patch("AutoGLMDeployment", cr["metadata"]["namespace"], cr["metadata"]["name"], patch)
 
 
 async def sync_autoscaler(
@@ -180,7 +210,7 @@ async def sync_pdb(
     kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, decision: Decision, obs: Observed, out: Outcome, logger: Any
 ) -> None:
     """A PodDisruptionBudget when more than one replica is wanted."""
-    pdb = b.build_pdb(cr, r) if desired_replicas(r, decision, obs.revisions) > 1 else None
+    pdb = b.build_pdb(cr, r) if stable_count(r, obs.revisions.get(decision.stable)) > 1 else None
     await _sync_optional_child(kube, cr, "PodDisruptionBudget", "disruption budget", pdb, obs.pdb, out, logger)
 
 
@@ -213,9 +243,10 @@ async def _sync_optional_child(
     observed: dict[str, Any] | None,
     out: Outcome,
     logger: Any,
+    name: str | None = None,
 ) -> None:
     """A child that exists only when wanted: apply it when it differs, delete it (if ours) when not wanted."""
-    namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+    namespace, name = cr["metadata"]["namespace"], name or cr["metadata"]["name"]
     if desired is not None:
         if _child_differs(desired, observed):
             out.writes += 1

@@ -12,8 +12,10 @@ from tests.operator.fakes import FakeKube
 
 NS = "demo"
 SETTINGS = OperatorSettings()
+# steps: [] = blue/green (the new revision takes over once Ready at full count); canaries: test_policy.py
+# and test_canary_walks_the_steps_then_promotes below.
 SPEC = {"model": {"name": "tiny", "uri": "file:///models/tiny"}, "runtime": {"version": "0.1.0"},
-        "resources": {"gpus": 1, "gpuProduct": "NVIDIA-A10G"}, "replicas": 1}
+        "resources": {"gpus": 1, "gpuProduct": "NVIDIA-A10G"}, "replicas": 1, "rollout": {"steps": []}}
 
 
 def make(kube: FakeKube, spec: dict, name: str = "chat") -> None:
@@ -94,9 +96,14 @@ async def test_new_version_switches_only_when_ready() -> None:
     assert deployments(kube) == [new]
     assert kube.obj("Service", NS, "chat")["spec"]["selector"][b.LABEL_REVISION] == new.rsplit("-", 1)[1]
     st = cr(kube)["status"]
+    progressing = next(c for c in st["conditions"] if c["type"] == "Progressing")
+    assert st["phase"] == "Progressing" and progressing["reason"] == "Promoted"  # until the old pods are gone
+    await run(kube)  # the next pass sees no old pod left
+    st = cr(kube)["status"]
     assert st["phase"] == "Healthy" and st["stableRevision"] == new and st["stableVersion"] == "0.2.0"
+    assert st["rolloutPhase"] == "Promoted" and st["previousStableVersion"] == "0.1.0"
     assert "canaryRevision" not in st
-    assert {"RevisionPromoted", "RevisionDeleted"} <= {e[1] for e in kube.events}
+    assert {"CanaryStarted", "Promoted", "RevisionDeleted"} <= {e[1] for e in kube.events}
     await assert_idle(kube)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from autoglm_operator import builders as b
 from autoglm_operator.observe import Problem, Revision, pod_problems
-from autoglm_operator.policy import Decision, decide_revisions
+import datetime as dt
+
+from autoglm_operator.policy import RolloutState, decide
 from autoglm_operator.status import compute_status, status_patch, transition_events
 from tests.operator.test_builders import cr_for, resolved
 
@@ -16,11 +18,20 @@ def rev(h: str, *, desired: int = 2, ready: int = 0, version: str = "0.1.0", cre
                     updated=desired, current=True, created=created, uid=f"uid-{h}", spec_hash="x")
 
 
-def status(revisions, decision, problems=(), old=None, spec=SPEC, desired_hash="new"):
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def decided(revisions, stable="new", desired="new", spec=SPEC, **state):
+    """What the rollout policy decides for these revisions (a canary when ``desired`` is not stable)."""
+    return decide(r=resolved("chat", spec), desired=desired, revisions=revisions,
+                  state=RolloutState(stable=stable, **state), now=NOW)
+
+
+def status(revisions, decision, problems=(), old=None, spec=SPEC):
     cr = cr_for("chat", spec)
     if old:
         cr["status"] = old
-    return compute_status(cr=cr, r=resolved("chat", spec), desired_hash=desired_hash, decision=decision,
+    return compute_status(cr=cr, r=resolved("chat", spec), decision=decision,
                           revisions=revisions, problems=list(problems), now="T0")
 
 
@@ -29,7 +40,7 @@ def cond(st, t):
 
 
 def test_pending_before_anything_is_ready() -> None:
-    st = status({"new": rev("new")}, Decision("new", None, False, ()))
+    st = status({"new": rev("new")}, decided({"new": rev("new")}))
     assert st["phase"] == "Pending"
     assert st["ready"] == "0/2" and st["desiredReplicas"] == 2
     assert cond(st, "Ready")["status"] == "False"
@@ -40,7 +51,7 @@ def test_pending_before_anything_is_ready() -> None:
 
 
 def test_healthy_when_all_ready() -> None:
-    st = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()))
+    st = status({"new": rev("new", ready=2)}, decided({"new": rev("new", ready=2)}))
     assert st["phase"] == "Healthy"
     assert cond(st, "Ready") | {} == {"type": "Ready", "status": "True", "reason": "ReplicasReady",
                                       "message": "2/2 replicas of revision chat-new are ready",
@@ -53,27 +64,28 @@ def test_healthy_when_all_ready() -> None:
 def test_progressing_during_rollout_and_ready_stays_true() -> None:
     revs = {"old": rev("old", ready=2), "new": rev("new", ready=1, version="0.2.0")}
     spec = {**SPEC, "runtime": {"version": "0.2.0"}}
-    st = status(revs, Decision("old", "new", False, ()), spec=spec)
+    st = status(revs, decided(revs, stable="old", spec=spec, stable_version="0.1.0"), spec=spec)
     assert st["phase"] == "Progressing"
     assert st["canaryRevision"] == "chat-new" and st["canaryVersion"] == "0.2.0"
     assert st["stableVersion"] == "0.1.0"
     assert cond(st, "Ready")["status"] == "True"
-    assert cond(st, "Progressing")["reason"] == "RolloutInProgress"
+    assert cond(st, "Progressing")["reason"] == "CanaryProgressing"
+    assert st["rolloutPhase"] == "Progressing" and st["currentStep"] == 0
     assert st["replicas"] == 4 and st["readyReplicas"] == 3
 
 
 def test_degraded_wins_and_names_the_reason() -> None:
-    st = status({"new": rev("new")}, Decision("new", None, False, ()),
+    st = status({"new": rev("new")}, decided({"new": rev("new")}),
                 problems=[Problem("SecretNotFound", "Secret k not found in namespace demo")])
     assert st["phase"] == "Degraded"
     assert cond(st, "Degraded")["reason"] == "SecretNotFound"
 
 
 def test_transition_time_survives_recompute() -> None:
-    first = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()))
+    first = status({"new": rev("new", ready=2)}, decided({"new": rev("new", ready=2)}))
     cr_status = {**first}
     cr_status["conditions"] = [dict(c, lastTransitionTime="EARLIER") for c in first["conditions"]]
-    again = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()), old=cr_status)
+    again = status({"new": rev("new", ready=2)}, decided({"new": rev("new", ready=2)}), old=cr_status)
     assert all(c["lastTransitionTime"] == "EARLIER" for c in again["conditions"])
     assert status_patch(cr_status, again) is None
 
@@ -84,34 +96,18 @@ def test_status_patch_nulls_removed_keys() -> None:
 
 
 def test_events_only_on_transitions() -> None:
-    pending = status({"new": rev("new")}, Decision("new", None, False, ()))
-    healthy = status({"new": rev("new", ready=2)}, Decision("new", None, False, ()), old=pending)
+    pending = status({"new": rev("new")}, decided({"new": rev("new")}))
+    healthy = status({"new": rev("new", ready=2)}, decided({"new": rev("new", ready=2)}), old=pending)
     kinds = [e[1] for e in transition_events(pending, healthy)]
     assert kinds == ["Ready"]
     assert transition_events(healthy, healthy) == []
-    degraded = status({"new": rev("new")}, Decision("new", None, False, ()), old=healthy,
+    degraded = status({"new": rev("new")}, decided({"new": rev("new")}), old=healthy,
                       problems=[Problem("Unschedulable", "0/3 nodes are available")])
     assert [e[1] for e in transition_events(healthy, degraded)] == ["Degraded"]
     assert [e[1] for e in transition_events(degraded, healthy)] == ["Ready", "Recovered"]
-    scaled = status({"new": rev("new", desired=3, ready=2)}, Decision("new", None, False, ()), old=healthy,
-                    spec={**SPEC, "replicas": 3})
+    three = {"new": rev("new", desired=3, ready=2)}
+    scaled = status(three, decided(three, spec={**SPEC, "replicas": 3}), old=healthy, spec={**SPEC, "replicas": 3})
     assert "ScaledUp" in [e[1] for e in transition_events(healthy, scaled)]
-
-
-def test_decide_keeps_old_until_new_ready_then_promotes() -> None:
-    old = rev("old", ready=2)
-    d = decide_revisions("new", {"old": old, "new": rev("new", ready=1)}, "chat-old")
-    assert d == Decision("old", "new", False, ())
-    d = decide_revisions("new", {"old": old, "new": rev("new", ready=2)}, "chat-old")
-    assert d == Decision("new", None, True, ("old",))
-    # new not created yet (e.g. missing Secret): old serves
-    assert decide_revisions("new", {"old": old}, "chat-old") == Decision("old", "new", False, ())
-
-
-def test_decide_drops_intermediate_revisions_and_recovers_without_status() -> None:
-    revs = {"a": rev("a", ready=2, created="1"), "b": rev("b", ready=0, created="2"), "c": rev("c")}
-    assert decide_revisions("c", revs, "chat-a") == Decision("a", "c", False, ("b",))
-    assert decide_revisions("c", revs, None) == Decision("a", "c", False, ("b",))
 
 
 def test_pod_problems_reports_unschedulable_with_the_schedulers_message() -> None:
