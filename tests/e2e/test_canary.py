@@ -221,7 +221,10 @@ class Scenario:
         return proc
 
     def describe(self) -> str:
-        return self.kube.kubectl("describe", "-n", self.ns, f"agd/{NAME}").stdout
+        return self.kubectl_out("describe", f"agd/{NAME}")
+
+    def kubectl_out(self, *args: str) -> str:
+        return self.kube.kubectl(*args, "-n", self.ns).stdout
 
     def url(self) -> str:
         return f"http://{service_ip(self.kube, self.ns, NAME)}:8000/v1"
@@ -281,6 +284,12 @@ def rolled_out(sc: Scenario, body: dict, replicas: int) -> Iterator[str]:
     yield st["stableRevision"]
 
 
+def pod_share(step_weight: int, stable: int) -> int:
+    """The canary weight (percent) that Replicas routing gives a step: its share of the ready pods."""
+    canary = max(1, math.ceil(step_weight * stable / 100))
+    return round(100 * canary / (canary + stable))
+
+
 def within_binomial(share: float, expected: float, n: int) -> bool:
     """``share`` of ``n`` answers is within 3 standard deviations (at least 0.08) of ``expected``."""
     return abs(share - expected) <= max(0.08, 3 * math.sqrt(expected * (1 - expected) / max(n, 1)))
@@ -301,15 +310,24 @@ def test_good_canary_is_promoted_through_every_step_with_no_failed_request(kube,
         with sc.traffic(streams=3, calls=3) as traffic, Watch(kube, sc.ns) as watch:
             traffic.wait_answers(30)
             t0 = sc.set_version("0.1.1")
+            sc.wait(lambda st: st.get("currentStep") == 1 and st.get("canaryWeight") == pod_share(67, 2), 120,
+                    "the second step's weight")
+            mid = f"$ kubectl get agd\n{sc.kubectl_out('get', 'agd')}\n$ kubectl describe agd {NAME}\n{sc.describe()}"
             st = sc.wait_promoted(stable, timeout=240)
             promoted_s = time.monotonic() - t0
             traffic.wait_answers(30)  # the new stable serves
+    report(f"\n(a) during the second step:\n{mid}")
     report(f"\n(a) good canary timeline:\n{watch.timeline()}")
     pauses = sum(float(s["pause"].rstrip("s")) for s in steps)
     report(f"(a) version change → full promotion (old pods gone) {promoted_s:.1f}s; sum of pauses {pauses:.0f}s; "
            f"traffic: {traffic.summary()}")
     assert traffic.failed == [], traffic.summary()
-    assert watch.weights() == [s["weight"] for s in steps], watch.timeline()
+    # Replicas routing: each step runs ceil(weight x stable / 100) canary pods next to the stable's; the
+    # status' canaryWeight is the canary's share of the ready pods.
+    expected = [pod_share(s["weight"], 2) for s in steps]
+    assert watch.weights() == expected, (expected, watch.timeline())
+    for i, weight in enumerate(expected):
+        assert watch.first(lambda s, i=i, w=weight: s.status.get("currentStep") == i and s.weight == w), i
     new = _hash(st["stableRevision"])
     for since, until, weight, ratio in watch.steady_windows():
         share, n = traffic.share(new, since, until)
