@@ -208,8 +208,10 @@ class Scenario:
     def set_version(self, version: str, **runtime) -> float:
         return self.patch({"runtime": {"version": version, **runtime}})
 
-    def annotate(self, key: str, value: str = "true") -> None:
-        self.kube.kubectl("annotate", "-n", self.ns, f"autoglmdeployment/{NAME}", f"{key}={value}", "--overwrite")
+    def annotate(self, key: str, value: str | None = "true") -> None:
+        """Set ``key=value``, or remove ``key`` when ``value`` is None."""
+        arg = f"{key}-" if value is None else f"{key}={value}"
+        self.kube.kubectl("annotate", "-n", self.ns, f"autoglmdeployment/{NAME}", arg, "--overwrite")
 
     def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``autoglm rollout …`` as a user runs it (what `kubectl autoglm` runs too)."""
@@ -446,33 +448,37 @@ def test_too_little_traffic_is_inconclusive_never_promoted_and_says_why(kube, sc
 # ------------------------------------------------------------------ (d) manual control
 
 
-def test_pause_resume_promote_abort_and_undo_by_annotation_and_cli(kube, scenario):
+def test_pause_resume_promote_and_abort_by_annotation(kube, scenario):
     sc = scenario
     steps = [{"weight": 34, "pause": "1h"}, {"weight": 67, "pause": "1h"}]
     with rolled_out(sc, canary_cr(steps=steps, deadline=3600), 2) as first:
         with sc.traffic(streams=2, calls=2) as traffic:
-            # Annotation: pause and resume; promote moves on.
             sc.set_version("0.1.1")
-            sc.wait(lambda st: st.get("canaryWeight") == 34, 120, "canary at 34%")
+            sc.wait(lambda st: st.get("canaryWeight") == pod_share(34, 2), 120, "canary at step 0")
             sc.annotate("autoglm.io/paused")
-            st = sc.wait(lambda st: condition(st, "Progressing").get("reason") == "CanaryPaused", 30, "paused")
-            sc.cli("resume")
-            sc.wait(lambda st: condition(st, "Progressing").get("reason") != "CanaryPaused", 30, "resumed")
-            sc.annotate("autoglm.io/promote")
+            sc.wait(lambda st: st.get("rolloutPhase") == "Paused"
+                    and condition(st, "Progressing").get("reason") == "CanaryPaused", 30, "paused")
+            sc.annotate("autoglm.io/paused", None)  # resume: the annotation removed
+            sc.wait(lambda st: st.get("rolloutPhase") == "Progressing", 30, "resumed")
+            sc.annotate("autoglm.io/promote")  # skips the remaining steps (and the hour of pause)
             second = sc.wait_promoted(first, timeout=180)["stableRevision"]
-            report(f"\n(d) kubectl autoglm rollout status:\n{sc.cli('status').stdout}")
-            # CLI: a third version, aborted; then undo goes back to the previous stable (the first).
+            assert "autoglm.io/promote" not in annotations(sc), "the promote annotation was not cleared"
             sc.set_version("0.1.2")
-            sc.wait(lambda st: st.get("canaryWeight") == 34, 120, "second canary at 34%")
-            sc.cli("abort")
-            st = sc.wait(lambda st: not st.get("canaryRevision") and st.get("stableRevision") == second, 60, "aborted")
-            assert "Aborted" in event_reasons(kube, sc.ns, NAME)
-            sc.cli("undo")
-            sc.cli("promote")
-            st = sc.wait_promoted(second, timeout=180)
-    report(f"(d) manual control: traffic {traffic.summary()}")
-    assert st["stableRevision"] == first and st["stableVersion"] == "0.1.0", st
+            sc.wait(lambda st: st.get("canaryWeight") == pod_share(34, 2), 120, "second canary at step 0")
+            sc.annotate("autoglm.io/abort")
+            st = sc.wait_rolled_back(second, timeout=60)
+            wait_for(lambda: sc.children()["deployments"] == [second], timeout=60, message="canary removed")
+            assert "autoglm.io/abort" not in annotations(sc), "the abort annotation was not cleared"
+            traffic.wait_answers(20)
+    report(f"\n(d) annotations: traffic {traffic.summary()}; after abort: {condition(st, 'Degraded')}")
+    reasons = event_reasons(kube, sc.ns, NAME)
+    assert {"Paused", "Resumed", "Promoting", "Promoted", "Aborted"} <= set(reasons), reasons
+    assert st["stableVersion"] == "0.1.1" and st["rolloutPhase"] == "RolledBack", st
     assert traffic.failed == [], traffic.summary()
+
+
+def annotations(sc: Scenario) -> dict[str, str]:
+    return get(sc.kube, sc.ns, f"autoglmdeployment/{NAME}")["metadata"].get("annotations") or {}
 
 
 def test_cli_status_watch_exits_zero_on_promotion_and_nonzero_on_rollback(kube, scenario):
