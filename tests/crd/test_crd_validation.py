@@ -155,8 +155,9 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("success-rate-over-1", spec(rollout={"analysis": {"successRateMin": 1.5}}), ("spec.rollout.analysis.successRateMin",)),
     ("latency-zero", spec(rollout={"analysis": {"latencyP99MaxSeconds": 0}}), ("spec.rollout.analysis.latencyP99MaxSeconds",)),
     ("interval-words", spec(rollout={"analysis": {"interval": "often"}}), ("spec.rollout.analysis.interval",)),
-    ("analysis-no-prometheus", spec(rollout={"analysis": {"prometheus": DELETE}}),
-     ("spec.rollout.analysis.prometheus", "Required value")),
+    ("max-surge-0", spec(rollout={"maxSurge": 0}), ("spec.rollout.maxSurge",)),
+    ("ratio-below-1", spec(rollout={"analysis": {"maxRatioToStable": 0.5}}), ("spec.rollout.analysis.maxRatioToStable",)),
+    ("ttft-zero", spec(rollout={"analysis": {"ttftP99MaxSeconds": 0}}), ("spec.rollout.analysis.ttftP99MaxSeconds",)),
     ("prometheus-no-scheme", spec(rollout={"analysis": {"prometheus": {"address": "prometheus:9090"}}}),
      ("spec.rollout.analysis.prometheus.address",)),
     ("progress-deadline-0", spec(rollout={"progressDeadlineSeconds": 0}), ("spec.rollout.progressDeadlineSeconds",)),
@@ -223,6 +224,7 @@ def test_defaults_are_filled_in(crd, namespace):
                                   "targetQueueDepth": 8, "targetCPUUtilization": 0,
                                   "scaleDownStabilizationSeconds": 300}
     assert got["rollout"] == {
+        "steps": [{"weight": 10, "pause": "60s"}, {"weight": 50, "pause": "120s"}],
         "trafficRouting": "Replicas", "canaryHeader": "x-autoglm-canary", "progressDeadlineSeconds": 900,
         "analysis": {"prometheus": {"address": "http://prom:9090"}, "interval": "30s", "successRateMin": 0.99,
                      "failureThreshold": 2, "minRequests": 20},

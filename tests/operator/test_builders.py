@@ -50,6 +50,13 @@ SPECS = {
                         "targetQueueDepth": 2, "targetCPUUtilization": 70, "scaleDownStabilizationSeconds": 20,
                         "prometheus": {"address": "http://prometheus.monitoring:9090"}},
     },
+    "gateway-canary": {
+        "model": {"name": "tiny", "uri": "file:///models/tiny"},
+        "resources": {"gpus": 1},
+        "replicas": 2,
+        "rollout": {"trafficRouting": "GatewayAPI", "canaryHeader": "x-autoglm-canary",
+                    "gateway": {"name": "inference-gateway", "namespace": "gateway-system", "sectionName": "http"}},
+    },
     "hf-mig": {
         "model": {"uri": "hf://THUDM/glm-4-9b-chat"},
         "runtime": {"version": "0.2.0"},
@@ -82,7 +89,36 @@ def children(name: str, spec: dict) -> list[dict]:
         docs.append(b.build_pdb(cr, r))
     if r.spec.network_policy.enabled:
         docs.append(b.build_network_policy(cr, r))
+    if r.spec.rollout.traffic_routing == "GatewayAPI":  # mid-canary at 10 %, with a rule of the user's
+        docs += [b.build_route_service(cr, r, "stable", rev), b.build_route_service(cr, r, "canary", CANARY),
+                 b.build_http_route(cr, r, 10, [USER_RULE])]
     return docs
+
+
+CANARY = "c0ffee0000"
+USER_RULE = {"name": "docs", "matches": [{"path": {"type": "PathPrefix", "value": "/docs"}}],
+             "backendRefs": [{"name": "docs", "port": 80}]}
+
+
+def test_http_route_replaces_only_its_own_rules() -> None:
+    spec = SPECS["gateway-canary"]
+    cr, r = cr_for("chat", spec), resolved("chat", spec)
+    first = b.build_http_route(cr, r, 10, [USER_RULE])
+    again = b.build_http_route(cr, r, 50, first["spec"]["rules"])
+    names = [rule.get("name") for rule in again["spec"]["rules"]]
+    assert names == [b.RULE_CANARY_HEADER, b.RULE_WEIGHTED, "docs"]
+    assert again["spec"]["rules"][2] == USER_RULE
+    weighted = again["spec"]["rules"][1]["backendRefs"]
+    assert [(ref["name"], ref["weight"]) for ref in weighted] == [("chat-stable", 50), ("chat-canary", 50)]
+    header = again["spec"]["rules"][0]["matches"][0]["headers"][0]
+    assert header == {"type": "Exact", "name": "x-autoglm-canary", "value": "always"}
+
+
+def test_shared_service_selects_both_revisions_during_a_canary() -> None:
+    spec = SPECS["tiny-cpu"]
+    cr, r = cr_for("chat", spec), resolved("chat", spec)
+    assert b.build_service(cr, r, ["aaa", "bbb"])["spec"]["selector"] == {b.LABEL_DEPLOYMENT: "chat"}
+    assert b.build_service(cr, r, ["aaa"])["spec"]["selector"] == {b.LABEL_DEPLOYMENT: "chat", b.LABEL_REVISION: "aaa"}
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))

@@ -205,7 +205,8 @@ def test_apply_ready_get_describe_scale_and_idle(kube, namespace, operator):
 
 
 def test_autoscaling_in_place_then_version_rollout(kube, namespace, operator):
-    apply(kube, namespace, agd("auto", autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3}))
+    apply(kube, namespace, agd("auto", autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3},
+                               rollout={"steps": [{"weight": 50}]}))
     wait_phase(kube, namespace, "auto", "Healthy")
     [dep] = deployments(kube, namespace, "auto")
     hpa = get(kube, namespace, "hpa/auto")
@@ -220,7 +221,7 @@ def test_autoscaling_in_place_then_version_rollout(kube, namespace, operator):
     assert hpa["spec"]["minReplicas"] == 2 and len(hpa["spec"]["metrics"]) == 2
     assert [d["metadata"]["name"] for d in deployments(kube, namespace, "auto")] == [dep["metadata"]["name"]]
 
-    # New version: a new revision, the Service switches once it is Ready, the old one goes.
+    # New version: a canary at 50 % (one step, no pause), promoted once Ready at full count; the old one goes.
     old_name = dep["metadata"]["name"]
     merge(kube, namespace, "agd/auto", {"spec": {"runtime": {"version": "0.2.0"}}})
 
@@ -234,7 +235,7 @@ def test_autoscaling_in_place_then_version_rollout(kube, namespace, operator):
     assert get(kube, namespace, "service/auto")["spec"]["selector"][LABEL_REVISION] == new_rev
     assert get(kube, namespace, "hpa/auto")["spec"]["scaleTargetRef"]["name"] == new["metadata"]["name"]
     reasons = event_reasons(kube, namespace, "auto")
-    assert {"RevisionCreated", "RevisionPromoted", "RevisionDeleted"} <= set(reasons)
+    assert {"RevisionCreated", "CanaryStarted", "Promoted", "RevisionDeleted"} <= set(reasons)
     assert "canaryRevision" not in status(kube, namespace, "auto")
 
 
@@ -292,7 +293,7 @@ def test_delete_garbage_collects_children(kube, namespace, operator):
 
 def test_operator_killed_and_restarted_converges(kube, namespace, crd, op_env, tmp_path):
     log = tmp_path / "operator.log"
-    apply(kube, namespace, agd("phoenix", replicas=2))
+    apply(kube, namespace, agd("phoenix", replicas=2, rollout={"steps": []}))
     with operator_process(op_env, namespace, log) as proc:
         wait_for(lambda: deployments(kube, namespace, "phoenix"), timeout=60, message="first deployment")
         os.killpg(proc.pid, signal.SIGKILL)

@@ -314,3 +314,61 @@ async def test_keda_provider_without_prometheus_is_degraded() -> None:
     deg = next(c for c in cr(kube)["status"]["conditions"] if c["type"] == "Degraded")
     assert deg["reason"] == "PrometheusAddressMissing", deg
     assert kube.names("ScaledObject", NS) == []
+
+
+async def test_canary_walks_the_steps_then_promotes() -> None:
+    """Steps without pause or analysis: each advances once the canary is Ready at its weight."""
+    kube = FakeKube()
+    make(kube, {**SPEC, "replicas": 4, "rollout": {"steps": [{"weight": 25}, {"weight": 50}]}})
+    await run(kube)
+    [old] = deployments(kube)
+    kube.settle(NS, old)
+    await run(kube)
+    edit(kube, lambda s: s["runtime"].update(version="0.2.0"))
+    await run(kube)
+    [new] = [d for d in deployments(kube) if d != old]
+    st = cr(kube)["status"]
+    assert (st["rolloutPhase"], st["currentStep"], st["canaryWeight"]) == ("Progressing", 0, 0)
+    assert kube.obj("Deployment", NS, new)["spec"]["replicas"] == 1
+    assert b.LABEL_REVISION in kube.obj("Service", NS, "chat")["spec"]["selector"]  # no Ready canary pod yet
+    await assert_idle(kube)
+
+    weights = []
+    for want_replicas in (2, 4):
+        kube.settle(NS, new)
+        await run(kube)
+        st = cr(kube)["status"]
+        weights.append(st["canaryWeight"])
+        assert kube.obj("Deployment", NS, new)["spec"]["replicas"] == want_replicas
+        assert kube.obj("Service", NS, "chat")["spec"]["selector"] == {b.LABEL_DEPLOYMENT: "chat"}  # both
+        assert kube.obj("Deployment", NS, old)["spec"]["replicas"] == 4  # stable untouched
+    assert weights == [20, 33]  # 1/(4+1), 2/(4+2): Ready pod shares
+    assert st["rolloutPhase"] == "Promoting" and st["currentStep"] == 2
+    kube.settle(NS, new)
+    await run(kube)
+    st = cr(kube)["status"]
+    assert deployments(kube) == [new] and st["stableRevision"] == new and "canaryRevision" not in st
+    assert st["previousStableRevision"] == old and st["previousStableVersion"] == "0.1.0"
+    reasons = [e[1] for e in kube.events]
+    assert reasons.count("StepAdvanced") == 1 and "Promoting" in reasons and "Promoted" in reasons
+
+
+async def test_promote_annotation_is_acted_on_then_removed() -> None:
+    kube = FakeKube()
+    make(kube, {**SPEC, "rollout": {"steps": [{"weight": 10, "pause": "1h"}]}})
+    await run(kube)
+    [old] = deployments(kube)
+    kube.settle(NS, old)
+    await run(kube)
+    edit(kube, lambda s: s["runtime"].update(version="0.2.0"))
+    await run(kube)
+    [new] = [d for d in deployments(kube) if d != old]
+    kube.settle(NS, new)
+    out = await run(kube)
+    assert cr(kube)["status"]["currentStep"] == 0 and out.requeue_after and out.requeue_after > 3000  # the 1 h pause
+    cr(kube)["metadata"]["annotations"] = {"autoglm.io/promote": "true", "team": "x"}
+    await run(kube)
+    assert cr(kube)["metadata"]["annotations"] == {"team": "x"}
+    assert cr(kube)["status"]["rolloutPhase"] == "Promoting"
+    await run(kube)  # canary already Ready at the stable's count (1): promoted
+    assert cr(kube)["status"]["stableRevision"] == new and deployments(kube) == [new]
