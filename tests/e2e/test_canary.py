@@ -213,10 +213,11 @@ class Scenario:
         arg = f"{key}-" if value is None else f"{key}={value}"
         self.kube.kubectl("annotate", "-n", self.ns, f"autoglmdeployment/{NAME}", arg, "--overwrite")
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``autoglm rollout …`` as a user runs it (what `kubectl autoglm` runs too)."""
-        proc = subprocess.run([str(CLI), "rollout", *args, NAME, "-n", self.ns], capture_output=True, text=True,
-                              env=self.env, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``kubectl autoglm rollout …`` as a user runs it: kubectl finds the plugin kubectl-autoglm on PATH."""
+        env = {**self.env, "PATH": f"{self.kube.bin_dir}{os.pathsep}{CLI.parent}{os.pathsep}{os.environ['PATH']}"}
+        proc = subprocess.run(["kubectl", "autoglm", "rollout", *args, NAME, "-n", self.ns], capture_output=True,
+                              text=True, env=env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"autoglm rollout {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}"
                                  f"{proc.stderr}")
@@ -481,17 +482,52 @@ def annotations(sc: Scenario) -> dict[str, str]:
     return get(sc.kube, sc.ns, f"autoglmdeployment/{NAME}")["metadata"].get("annotations") or {}
 
 
-def test_cli_status_watch_exits_zero_on_promotion_and_nonzero_on_rollback(kube, scenario):
+def test_pause_resume_promote_abort_and_undo_with_kubectl_autoglm(kube, scenario):
+    """The kubectl plugin (`kubectl autoglm rollout ...`, found on PATH as kubectl-autoglm) drives a rollout
+    of real pods; `status --watch` exits 0 on promotion and 1 on rollback, as `kubectl rollout status` does."""
     sc = scenario
-    with rolled_out(sc, canary_cr(steps=[{"weight": 50, "pause": "3s"}]), 2):
-        sc.set_version("0.1.1")
-        ok = sc.cli("status", "--watch", timeout=240, check=False)
-        assert ok.returncode == 0, ok.stdout + ok.stderr
-        report(f"\n(d) autoglm rollout status --watch (promotion):\n{ok.stdout[-3000:]}")
-        sc.patch({"model": {"uri": "file:///models/broken"}, "rollout": {"progressDeadlineSeconds": 20}})
-        bad = sc.cli("status", "--watch", timeout=240, check=False)
-        assert bad.returncode != 0, bad.stdout + bad.stderr
-    report(f"(d) kubectl describe agd {NAME}:\n{sc.describe()}")
+    steps = [{"weight": 34, "pause": "1h"}, {"weight": 67, "pause": "1h"}]
+    with rolled_out(sc, canary_cr(steps=steps, analysis=analysis(kube), deadline=3600), 2) as first:
+        with sc.traffic(streams=2, calls=2) as traffic:
+            sc.set_version("0.1.1")
+            sc.wait(lambda st: st.get("canaryWeight") == pod_share(34, 2)
+                    and (st.get("lastAnalysis") or {}).get("verdict") == "Passed", 120, "canary checked at step 0")
+            sc.cli("pause")
+            sc.wait(lambda st: st.get("rolloutPhase") == "Paused", 30, "paused")
+            paused = sc.cli("status").stdout
+            sc.cli("resume")
+            sc.wait(lambda st: st.get("rolloutPhase") == "Progressing", 30, "resumed")
+            mid = sc.cli("status").stdout
+            sc.cli("promote")
+            done = sc.cli("status", "--watch", "--timeout", "180", check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+            second = sc.status()["stableRevision"]
+
+            sc.set_version("0.1.2")
+            sc.wait(lambda st: (st.get("canaryWeight") or 0) > 0, 120, "second canary serves")
+            sc.cli("abort")
+            rolled = sc.cli("status", "--watch", "--timeout", "120", check=False)
+            assert rolled.returncode == 1, rolled.stdout + rolled.stderr
+            sc.cli("undo")  # after a rollback: the spec goes back to the stable's version
+            st = sc.wait(lambda st: st.get("rolloutPhase") == "Idle" and condition(st, "Degraded")["status"] == "False",
+                         60, "back to the stable, not degraded")
+            assert get(kube, sc.ns, f"agd/{NAME}")["spec"]["runtime"]["version"] == "0.1.1"
+            sc.cli("undo")  # after a promotion: a canary rollout back to the previous stable's version
+            sc.wait(lambda st: st.get("canaryVersion") == "0.1.0", 60, "a canary of the previous version")
+            sc.cli("promote")
+            back = sc.cli("status", "--watch", "--timeout", "180", check=False)
+            assert back.returncode == 0, back.stdout + back.stderr
+            traffic.wait_answers(20)
+    report(f"\n(d) $ kubectl autoglm rollout status {NAME}   (paused at step 0)\n{paused}")
+    report(f"\n(d) $ kubectl autoglm rollout status {NAME}   (resumed)\n{mid}")
+    report(f"\n(d) $ kubectl autoglm rollout status --watch {NAME}   (promoted; last lines)\n"
+           + "\n".join(done.stdout.splitlines()[-30:]))
+    report(f"\n(d) $ kubectl autoglm rollout status --watch {NAME}   (aborted)\n{rolled.stdout[-1500:]}{rolled.stderr}")
+    report(f"(d) kubectl autoglm: traffic {traffic.summary()}")
+    st = sc.status()
+    assert "Paused" in paused and "CanaryPaused" in paused, paused
+    assert st["stableRevision"] == first and st["stableVersion"] == "0.1.0" and second != first, st
+    assert traffic.failed == [], traffic.summary()
 
 
 # ------------------------------------------------------------------ (e) superseded, reverted
