@@ -30,13 +30,22 @@ from tests.e2e.test_runtime_pods import service_ip, tiny
 from tests.e2e.traffic import Traffic
 from tests.helpers import report, wait_for
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
-    apply, condition, crd, event_reasons, get, merge, op_env, operator_process, try_get, wait_phase,
+    apply,
+    condition,
+    crd,
+    event_reasons,
+    get,
+    merge,
+    op_env,
+    operator_process,
+    try_get,
+    wait_phase,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
 
 NAME = "chat"
-INTERVAL = 5.0            # analysis interval (seconds)
+INTERVAL = 5.0  # analysis interval (seconds)
 FAILURE_THRESHOLD = 2
 GROUP, VERSION, PLURAL = "autoglm.io", "v1alpha1", "autoglmdeployments"
 CLI = Path(sys.executable).parent / "autoglm"
@@ -48,16 +57,27 @@ LABEL_REVISION = "autoglm.io/revision"
 
 def analysis(kube, **over) -> dict:
     """Analysis on the cluster's Prometheus with short windows; ``over`` replaces any field."""
-    return {"prometheus": {"address": kube.prometheus_url}, "interval": f"{INTERVAL:.0f}s", "minRequests": 10,
-            "successRateMin": 0.95, "failureThreshold": FAILURE_THRESHOLD, **over}
+    return {
+        "prometheus": {"address": kube.prometheus_url},
+        "interval": f"{INTERVAL:.0f}s",
+        "minRequests": 10,
+        "successRateMin": 0.95,
+        "failureThreshold": FAILURE_THRESHOLD,
+        **over,
+    }
 
 
-def canary_cr(replicas: int = 2, steps: list[dict] | None = None, analysis: dict | None = None,
-              deadline: int = 120, **rollout) -> dict:
+def canary_cr(
+    replicas: int = 2, steps: list[dict] | None = None, analysis: dict | None = None, deadline: int = 120, **rollout
+) -> dict:
     """The tiny model with ``replicas`` pods and a canary rollout."""
     body = tiny(NAME, replicas=replicas, runtime={"version": "0.1.0", "maxBatchSize": 8, "maxQueue": 64})
-    spec = {"steps": steps or [{"weight": 34, "pause": "5s"}, {"weight": 67, "pause": "5s"}],
-            "trafficRouting": "Replicas", "progressDeadlineSeconds": deadline, **rollout}
+    spec = {
+        "steps": steps or [{"weight": 34, "pause": "5s"}, {"weight": 67, "pause": "5s"}],
+        "trafficRouting": "Replicas",
+        "progressDeadlineSeconds": deadline,
+        **rollout,
+    }
     if analysis is not None:
         spec["analysis"] = analysis
     body["spec"]["rollout"] = spec
@@ -69,10 +89,10 @@ def canary_cr(replicas: int = 2, steps: list[dict] | None = None, analysis: dict
 
 @dataclass
 class Sample:
-    t: float                      # monotonic
+    t: float  # monotonic
     status: dict
-    pods: list[tuple[str, str, bool]]   # (name, revision, ready), terminating pods left out
-    all_pods: int                 # every pod object, terminating included (what occupies the node)
+    pods: list[tuple[str, str, bool]]  # (name, revision, ready), terminating pods left out
+    all_pods: int  # every pod object, terminating included (what occupies the node)
 
     @property
     def weight(self) -> int:
@@ -97,7 +117,7 @@ class Sample:
 
 def _hash(revision_name: str | None) -> str | None:
     """``chat-5d8f…`` (status, Deployment name) → ``5d8f…`` (pod label, metrics, the response header)."""
-    return revision_name[len(NAME) + 1:] if revision_name else None
+    return revision_name[len(NAME) + 1 :] if revision_name else None
 
 
 class Watch:
@@ -171,12 +191,21 @@ class Watch:
         rows, last = [], None
         t0 = self.samples[0].t if self.samples else 0.0
         for s in list(self.samples):
-            row = (s.status.get("rolloutPhase"), s.weight, s.status.get("currentStep"), s.status.get("failedChecks"),
-                   s.ready(s.stable_rev), s.ready(s.canary_rev), s.all_pods,
-                   (s.status.get("lastAnalysis") or {}).get("verdict"))
+            row = (
+                s.status.get("rolloutPhase"),
+                s.weight,
+                s.status.get("currentStep"),
+                s.status.get("failedChecks"),
+                s.ready(s.stable_rev),
+                s.ready(s.canary_rev),
+                s.all_pods,
+                (s.status.get("lastAnalysis") or {}).get("verdict"),
+            )
             if row != last:
-                rows.append(f"  t={s.t - t0:6.1f}s phase={row[0]} weight={row[1]} step={row[2]} failed={row[3]} "
-                            f"ready stable/canary={row[4]}/{row[5]} pods={row[6]} analysis={row[7]}")
+                rows.append(
+                    f"  t={s.t - t0:6.1f}s phase={row[0]} weight={row[1]} step={row[2]} failed={row[3]} "
+                    f"ready stable/canary={row[4]}/{row[5]} pods={row[6]} analysis={row[7]}"
+                )
                 last = row
         return "\n".join(rows)
 
@@ -197,7 +226,7 @@ class Scenario:
         apply(self.kube, self.ns, body)
 
     def status(self) -> dict:
-        return (get(self.kube, self.ns, f"autoglmdeployment/{NAME}").get("status") or {})
+        return get(self.kube, self.ns, f"autoglmdeployment/{NAME}").get("status") or {}
 
     def patch(self, spec: dict) -> float:
         """Merge ``spec`` into the CR's spec; returns when (monotonic) the change was made."""
@@ -216,11 +245,17 @@ class Scenario:
     def cli(self, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``kubectl autoglm rollout …`` as a user runs it: kubectl finds the plugin kubectl-autoglm on PATH."""
         env = {**self.env, "PATH": f"{self.kube.bin_dir}{os.pathsep}{CLI.parent}{os.pathsep}{os.environ['PATH']}"}
-        proc = subprocess.run(["kubectl", "autoglm", "rollout", *args, NAME, "-n", self.ns], capture_output=True,
-                              text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            ["kubectl", "autoglm", "rollout", *args, NAME, "-n", self.ns],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"autoglm rollout {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}"
-                                 f"{proc.stderr}")
+            raise AssertionError(
+                f"autoglm rollout {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+            )
         return proc
 
     def describe(self) -> str:
@@ -237,9 +272,11 @@ class Scenario:
 
     def wait(self, predicate: Callable[[dict], object], timeout: float, message: str) -> dict:
         """Poll the status until ``predicate(status)`` holds; returns that status."""
+
         def check():
             st = self.status()
             return st if predicate(st) else None
+
         return wait_for(check, timeout=timeout, interval=0.5, message=f"{message} (operator log: {self.log})")
 
     def wait_healthy(self, replicas: int, timeout: float = 180) -> dict:
@@ -247,18 +284,26 @@ class Scenario:
 
     def wait_promoted(self, stable_before: str, timeout: float) -> dict:
         """The new revision is stable, no canary is left, and only its pods exist (the old ones drained)."""
+
         def done(st: dict) -> bool:
             if st.get("stableRevision") in (None, stable_before) or st.get("canaryRevision"):
                 return False
-            revs = {p["metadata"]["labels"][LABEL_REVISION]
-                    for p in get(self.kube, self.ns, "pods", "-l", f"autoglm.io/deployment={NAME}")["items"]}
+            revs = {
+                p["metadata"]["labels"][LABEL_REVISION]
+                for p in get(self.kube, self.ns, "pods", "-l", f"autoglm.io/deployment={NAME}")["items"]
+            }
             return revs == {_hash(st["stableRevision"])} and condition(st, "Progressing").get("status") == "False"
+
         return self.wait(done, timeout, "promoted, old pods gone")
 
     def wait_rolled_back(self, stable: str, timeout: float) -> dict:
         def done(st: dict) -> bool:
-            return (st.get("stableRevision") == stable and not st.get("canaryRevision")
-                    and condition(st, "Degraded").get("reason") == "RolledBack")
+            return (
+                st.get("stableRevision") == stable
+                and not st.get("canaryRevision")
+                and condition(st, "Degraded").get("reason") == "RolledBack"
+            )
+
         return self.wait(done, timeout, "rolled back")
 
     def children(self) -> dict[str, list[str]]:
@@ -313,8 +358,11 @@ def test_good_canary_is_promoted_through_every_step_with_no_failed_request(kube,
         with sc.traffic(streams=3, calls=3) as traffic, Watch(kube, sc.ns) as watch:
             traffic.wait_answers(30)
             t0 = sc.set_version("0.1.1")
-            sc.wait(lambda st: st.get("currentStep") == 1 and st.get("canaryWeight") == pod_share(67, 2), 120,
-                    "the second step's weight")
+            sc.wait(
+                lambda st: st.get("currentStep") == 1 and st.get("canaryWeight") == pod_share(67, 2),
+                120,
+                "the second step's weight",
+            )
             mid = f"$ kubectl get agd\n{sc.kubectl_out('get', 'agd')}\n$ kubectl describe agd {NAME}\n{sc.describe()}"
             st = sc.wait_promoted(stable, timeout=240)
             promoted_s = time.monotonic() - t0
@@ -322,8 +370,10 @@ def test_good_canary_is_promoted_through_every_step_with_no_failed_request(kube,
     report(f"\n(a) during the second step:\n{mid}")
     report(f"\n(a) good canary timeline:\n{watch.timeline()}")
     pauses = sum(float(s["pause"].rstrip("s")) for s in steps)
-    report(f"(a) version change → full promotion (old pods gone) {promoted_s:.1f}s; sum of pauses {pauses:.0f}s; "
-           f"traffic: {traffic.summary()}")
+    report(
+        f"(a) version change → full promotion (old pods gone) {promoted_s:.1f}s; sum of pauses {pauses:.0f}s; "
+        f"traffic: {traffic.summary()}"
+    )
     assert traffic.failed == [], traffic.summary()
     # Replicas routing: each step runs ceil(weight x stable / 100) canary pods next to the stable's; the
     # status' canaryWeight is the canary's share of the ready pods.
@@ -334,7 +384,9 @@ def test_good_canary_is_promoted_through_every_step_with_no_failed_request(kube,
     new = _hash(st["stableRevision"])
     for since, until, weight, ratio in watch.steady_windows():
         share, n = traffic.share(new, since, until)
-        report(f"(a) weight {weight}%: canary answered {share:.2f} of {n} requests; its share of ready pods {ratio:.2f}")
+        report(
+            f"(a) weight {weight}%: canary answered {share:.2f} of {n} requests; its share of ready pods {ratio:.2f}"
+        )
         if n >= 30:
             assert within_binomial(share, ratio, n), (weight, share, ratio, n)
     assert st["stableVersion"] == "0.1.1" and st.get("previousStableRevision") == stable
@@ -356,8 +408,10 @@ def test_a_canary_whose_model_cannot_load_never_gets_traffic_and_is_rolled_back_
             back_s = time.monotonic() - t0
             traffic.wait_answers(20)
     report(f"\n(b) broken model timeline:\n{watch.timeline()}")
-    report(f"(b) broken model: rolled back {back_s:.1f}s after the change (deadline {deadline}s); "
-           f"traffic: {traffic.summary()}")
+    report(
+        f"(b) broken model: rolled back {back_s:.1f}s after the change (deadline {deadline}s); "
+        f"traffic: {traffic.summary()}"
+    )
     assert traffic.failed == [], traffic.summary()
     assert all(s.ready(s.canary_rev) == 0 for s in watch.samples), "a broken canary pod turned Ready"
     assert set(traffic.by_revision()) == {_hash(stable)}, "a request reached the broken canary"
@@ -388,8 +442,10 @@ def _bad_canary(kube, sc: Scenario, change: dict, analysis_over: dict, traffic_k
     serving = watch.first(lambda s: s.weight > 0)
     assert serving is not None, f"the canary never served:\n{watch.timeline()}"
     react = t_back - serving.t
-    report(f"({what}) rolled back {react:.1f}s after the canary first served (budget {budget:.0f}s, "
-           f"measured by polling every 0.5s); last analysis {st.get('lastAnalysis')}; traffic: {traffic.summary()}")
+    report(
+        f"({what}) rolled back {react:.1f}s after the canary first served (budget {budget:.0f}s, "
+        f"measured by polling every 0.5s); last analysis {st.get('lastAnalysis')}; traffic: {traffic.summary()}"
+    )
     assert react <= budget + 3, react
     return st, react, traffic, watch, stable, t_back
 
@@ -398,26 +454,41 @@ def test_a_slower_canary_is_caught_by_latency_and_rolled_back(kube, scenario):
     # maxBatchSize 1: the canary serves one request at a time, so under the same load its requests
     # queue; stable batches them. Caught by the ratio of its p99s to the stable's.
     st, react, traffic, watch, stable, _ = _bad_canary(
-        kube, scenario, {"runtime": {"version": "0.1.1", "maxBatchSize": 1}},
-        {"maxRatioToStable": 1.5, "successRateMin": 0.9}, {"streams": 4, "calls": 4, "max_tokens": 16}, "b slow")
+        kube,
+        scenario,
+        {"runtime": {"version": "0.1.1", "maxBatchSize": 1}},
+        {"maxRatioToStable": 1.5, "successRateMin": 0.9},
+        {"streams": 4, "calls": 4, "max_tokens": 16},
+        "b slow",
+    )
     assert traffic.failed == [], traffic.summary()
     assert st["lastAnalysis"]["verdict"] == "Failed", st["lastAnalysis"]
     assert "p99" in st["lastAnalysis"]["reason"], st["lastAnalysis"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis counts only status success|error (queries.SERVED): the canary's 400 context_length_exceeded "
-    "answers are status=invalid, left out, so the check sees 0 requests and stays Inconclusive while a third "
-    "of the users get errors; the rollback comes only after pause + progressDeadlineSeconds"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "analysis counts only status success|error (queries.SERVED): the canary's 400 context_length_exceeded "
+        "answers are status=invalid, left out, so the check sees 0 requests and stays Inconclusive while a third "
+        "of the users get errors; the rollback comes only after pause + progressDeadlineSeconds"
+    ),
+)
 def test_a_canary_whose_max_model_len_is_too_small_is_caught_by_success_rate(kube, scenario):
     # Prompts of ~60 tokens; the canary's maxModelLen 48 refuses them (400 context_length_exceeded).
     prompt = "client {i} asks: " + "please summarise the following words " * 8
     st, react, traffic, watch, stable, t_back = _bad_canary(
-        kube, scenario, {"model": {"maxModelLen": 48}}, {}, {"streams": 2, "calls": 2, "prompt": prompt},
-        "b maxModelLen")
+        kube,
+        scenario,
+        {"model": {"maxModelLen": 48}},
+        {},
+        {"streams": 2, "calls": 2, "prompt": prompt},
+        "b maxModelLen",
+    )
     failed = traffic.failed
-    assert failed and {a.revision for a in failed} == {watch.samples[-1].canary_rev or
-                                                       next(s.canary_rev for s in watch.samples if s.canary_rev)}
+    assert failed and {a.revision for a in failed} == {
+        watch.samples[-1].canary_rev or next(s.canary_rev for s in watch.samples if s.canary_rev)
+    }
     assert all(a.start < t_back for a in failed), "requests failed after the rollback"
     assert st["lastAnalysis"]["verdict"] == "Failed" and st["lastAnalysis"]["successRate"] < 0.95
     report(f"(b maxModelLen) {len(failed)} requests failed, all answered by the canary before the rollback")
@@ -432,8 +503,11 @@ def test_too_little_traffic_is_inconclusive_never_promoted_and_says_why(kube, sc
     with rolled_out(sc, canary_cr(steps=steps, analysis=analysis(kube, minRequests=20), deadline=600), 2) as stable:
         with sc.traffic(streams=1, calls=0, pause=1.0) as traffic, Watch(kube, sc.ns) as watch:
             sc.set_version("0.1.1")
-            st = sc.wait(lambda st: (st.get("lastAnalysis") or {}).get("verdict") == "Inconclusive",
-                         timeout=120, message="an inconclusive analysis")
+            st = sc.wait(
+                lambda st: (st.get("lastAnalysis") or {}).get("verdict") == "Inconclusive",
+                timeout=120,
+                message="an inconclusive analysis",
+            )
             time.sleep(4 * INTERVAL)  # several more windows: still not promoted
             st = sc.status()
     report(f"\n(c) low traffic timeline:\n{watch.timeline()}\n(c) {st['lastAnalysis']}; traffic {traffic.summary()}")
@@ -457,8 +531,13 @@ def test_pause_resume_promote_and_abort_by_annotation(kube, scenario):
             sc.set_version("0.1.1")
             sc.wait(lambda st: st.get("canaryWeight") == pod_share(34, 2), 120, "canary at step 0")
             sc.annotate("autoglm.io/paused")
-            sc.wait(lambda st: st.get("rolloutPhase") == "Paused"
-                    and condition(st, "Progressing").get("reason") == "CanaryPaused", 30, "paused")
+            sc.wait(
+                lambda st: (
+                    st.get("rolloutPhase") == "Paused" and condition(st, "Progressing").get("reason") == "CanaryPaused"
+                ),
+                30,
+                "paused",
+            )
             sc.annotate("autoglm.io/paused", None)  # resume: the annotation removed
             sc.wait(lambda st: st.get("rolloutPhase") == "Progressing", 30, "resumed")
             sc.annotate("autoglm.io/promote")  # skips the remaining steps (and the hour of pause)
@@ -490,8 +569,14 @@ def test_pause_resume_promote_abort_and_undo_with_kubectl_autoglm(kube, scenario
     with rolled_out(sc, canary_cr(steps=steps, analysis=analysis(kube), deadline=3600), 2) as first:
         with sc.traffic(streams=2, calls=2) as traffic:
             sc.set_version("0.1.1")
-            sc.wait(lambda st: st.get("canaryWeight") == pod_share(34, 2)
-                    and (st.get("lastAnalysis") or {}).get("verdict") == "Passed", 120, "canary checked at step 0")
+            sc.wait(
+                lambda st: (
+                    st.get("canaryWeight") == pod_share(34, 2)
+                    and (st.get("lastAnalysis") or {}).get("verdict") == "Passed"
+                ),
+                120,
+                "canary checked at step 0",
+            )
             sc.cli("pause")
             sc.wait(lambda st: st.get("rolloutPhase") == "Paused", 30, "paused")
             paused = sc.cli("status").stdout
@@ -509,8 +594,11 @@ def test_pause_resume_promote_abort_and_undo_with_kubectl_autoglm(kube, scenario
             rolled = sc.cli("status", "--watch", "--timeout", "120", check=False)
             assert rolled.returncode == 1, rolled.stdout + rolled.stderr
             sc.cli("undo")  # after a rollback: the spec goes back to the stable's version
-            st = sc.wait(lambda st: st.get("rolloutPhase") == "Idle" and condition(st, "Degraded")["status"] == "False",
-                         60, "back to the stable, not degraded")
+            st = sc.wait(
+                lambda st: st.get("rolloutPhase") == "Idle" and condition(st, "Degraded")["status"] == "False",
+                60,
+                "back to the stable, not degraded",
+            )
             assert get(kube, sc.ns, f"agd/{NAME}")["spec"]["runtime"]["version"] == "0.1.1"
             sc.cli("undo")  # after a promotion: a canary rollout back to the previous stable's version
             sc.wait(lambda st: st.get("canaryVersion") == "0.1.0", 60, "a canary of the previous version")
@@ -520,8 +608,10 @@ def test_pause_resume_promote_abort_and_undo_with_kubectl_autoglm(kube, scenario
             traffic.wait_answers(20)
     report(f"\n(d) $ kubectl autoglm rollout status {NAME}   (paused at step 0)\n{paused}")
     report(f"\n(d) $ kubectl autoglm rollout status {NAME}   (resumed)\n{mid}")
-    report(f"\n(d) $ kubectl autoglm rollout status --watch {NAME}   (promoted; last lines)\n"
-           + "\n".join(done.stdout.splitlines()[-30:]))
+    report(
+        f"\n(d) $ kubectl autoglm rollout status --watch {NAME}   (promoted; last lines)\n"
+        + "\n".join(done.stdout.splitlines()[-30:])
+    )
     report(f"\n(d) $ kubectl autoglm rollout status --watch {NAME}   (aborted)\n{rolled.stdout[-1500:]}{rolled.stderr}")
     report(f"(d) kubectl autoglm: traffic {traffic.summary()}")
     st = sc.status()
@@ -540,20 +630,30 @@ def test_a_newer_revision_supersedes_the_canary_and_reverting_to_stable_aborts_a
         stable_pods = {n for n, _, _ in Watch(kube, sc.ns).sample().pods}
         with sc.traffic(streams=2, calls=2) as traffic, Watch(kube, sc.ns) as watch:
             sc.set_version("0.1.1")
-            first = sc.wait(lambda st: st.get("canaryWeight") == 34, 120, "canary 0.1.1 at 34%")["canaryRevision"]
+            first = sc.wait(lambda st: st.get("canaryWeight") == pod_share(34, 2), 120, "canary 0.1.1 at step 0")[
+                "canaryRevision"
+            ]
             sc.set_version("0.1.2")
-            st = sc.wait(lambda st: st.get("canaryVersion") == "0.1.2" and st.get("canaryWeight") == 34, 120,
-                         "0.1.2 supersedes 0.1.1")
+            st = sc.wait(
+                lambda st: st.get("canaryVersion") == "0.1.2" and st.get("canaryWeight") == pod_share(34, 2),
+                120,
+                "0.1.2 supersedes 0.1.1",
+            )
             second = st["canaryRevision"]
             wait_for(lambda: first not in sc.children()["deployments"], timeout=60, message="0.1.1 removed")
             t_revert = sc.set_version("0.1.0")
-            st = sc.wait(lambda st: not st.get("canaryRevision") and st.get("canaryWeight") in (0, None), 60,
-                         "reverted to stable")
+            st = sc.wait(
+                lambda st: not st.get("canaryRevision") and st.get("canaryWeight") in (0, None),
+                60,
+                "reverted to stable",
+            )
             revert_s = time.monotonic() - t_revert
             wait_for(lambda: sc.children()["deployments"] == [stable], timeout=60, message="only stable left")
             traffic.wait_answers(20)
-    report(f"\n(e) supersede/revert timeline:\n{watch.timeline()}\n(e) reverted to stable {revert_s:.1f}s after "
-           f"the spec change; traffic {traffic.summary()}")
+    report(
+        f"\n(e) supersede/revert timeline:\n{watch.timeline()}\n(e) reverted to stable {revert_s:.1f}s after "
+        f"the spec change; traffic {traffic.summary()}"
+    )
     assert first != second and st["stableRevision"] == stable
     assert {n for n, _, _ in watch.sample().pods} == stable_pods, "a stable pod was replaced"
     assert traffic.failed == [], traffic.summary()
@@ -572,14 +672,19 @@ def test_max_surge_one_never_runs_more_than_replicas_plus_one_pods(kube, scenari
             t0 = sc.set_version("0.1.1")
             sc.wait_promoted(stable, timeout=300)
             promoted_s = time.monotonic() - t0
+    for a in traffic.failed:
+        report(f"(f) failed at t={a.start - watch.samples[0].t:.2f}s: {a.error}")
     most = max(len(s.pods) for s in watch.samples)
     most_with_terminating = max(s.all_pods for s in watch.samples)
-    report(f"\n(f) maxSurge 1 timeline:\n{watch.timeline()}\n(f) promoted in {promoted_s:.1f}s; most pods "
-           f"{most} (with terminating ones {most_with_terminating}), replicas {replicas}; traffic {traffic.summary()}")
+    report(
+        f"\n(f) maxSurge 1 timeline:\n{watch.timeline()}\n(f) promoted in {promoted_s:.1f}s; most pods "
+        f"{most} (with terminating ones {most_with_terminating}), replicas {replicas}; traffic {traffic.summary()}"
+    )
     assert most <= replicas + 1, watch.timeline()
     assert traffic.failed == [], traffic.summary()
-    assert min(s.ready(s.stable_rev) + s.ready(s.canary_rev) for s in watch.samples
-               if s.canary_rev) >= replicas - 1, "serving capacity dropped by more than the surge"
+    assert min(s.ready(s.stable_rev) + s.ready(s.canary_rev) for s in watch.samples if s.canary_rev) >= replicas - 1, (
+        "serving capacity dropped by more than the surge"
+    )
 
 
 # ------------------------------------------------------------------ (g) KEDA during a canary
@@ -590,9 +695,15 @@ def test_keda_keeps_scaling_stable_during_a_canary_and_promotion_has_no_cliff(ku
     body = canary_cr(steps=[{"weight": 50, "pause": "5s"}], analysis=analysis(kube))
     body["spec"].pop("replicas")
     body["spec"]["runtime"].update(maxBatchSize=2, maxQueue=256)
-    body["spec"]["autoscaling"] = {"enabled": True, "provider": "KEDA", "minReplicas": 2, "maxReplicas": 4,
-                                   "targetQueueDepth": 4, "scaleDownStabilizationSeconds": 600,
-                                   "prometheus": {"address": kube.prometheus_url}}
+    body["spec"]["autoscaling"] = {
+        "enabled": True,
+        "provider": "KEDA",
+        "minReplicas": 2,
+        "maxReplicas": 4,
+        "targetQueueDepth": 4,
+        "scaleDownStabilizationSeconds": 600,
+        "prometheus": {"address": kube.prometheus_url},
+    }
     with rolled_out(sc, body, 2) as stable:
         with sc.traffic(streams=3, calls=3, max_tokens=16) as traffic, Watch(kube, sc.ns) as watch:
             traffic.wait_answers(30)
@@ -602,8 +713,10 @@ def test_keda_keeps_scaling_stable_during_a_canary_and_promotion_has_no_cliff(ku
             promoted_s = time.monotonic() - t0
             so = get(kube, sc.ns, f"scaledobject/{NAME}")
             traffic.wait_answers(30)
-    report(f"\n(g) KEDA canary timeline:\n{watch.timeline()}\n(g) promoted in {promoted_s:.1f}s; traffic "
-           f"{traffic.summary()}")
+    report(
+        f"\n(g) KEDA canary timeline:\n{watch.timeline()}\n(g) promoted in {promoted_s:.1f}s; traffic "
+        f"{traffic.summary()}"
+    )
     stable_counts = [s.ready(_hash(stable)) for s in watch.samples if s.stable_rev == _hash(stable)]
     assert max(stable_counts) < 4, "stable was scaled to max during the canary"
     assert so["spec"]["scaleTargetRef"]["name"] == st["stableRevision"]
@@ -616,8 +729,9 @@ def test_keda_keeps_scaling_stable_during_a_canary_and_promotion_has_no_cliff(ku
 # ------------------------------------------------------------------ (h) the operator killed at random points
 
 
-def test_operator_sigkilled_at_random_points_every_rollout_ends_right_with_no_orphans(kube, crd, op_env, namespace,
-                                                                                    node_models, tmp_path):
+def test_operator_sigkilled_at_random_points_every_rollout_ends_right_with_no_orphans(
+    kube, crd, op_env, namespace, node_models, tmp_path
+):
     import random
     import signal
 
@@ -643,25 +757,27 @@ def test_operator_sigkilled_at_random_points_every_rollout_ends_right_with_no_or
     try:
         steps = [{"weight": 34, "pause": "3s"}, {"weight": 67, "pause": "3s"}]
         sc.apply(canary_cr(steps=steps, analysis=analysis(kube), deadline=40))
-        first = sc.wait(lambda st: st.get("phase") == "Healthy" and st.get("ready") == "2/2", 240,
-                        "first revision")["stableRevision"]
+        first = sc.wait(lambda st: st.get("phase") == "Healthy" and st.get("ready") == "2/2", 240, "first revision")[
+            "stableRevision"
+        ]
         with sc.traffic(streams=2, calls=2) as traffic:
-            sc.set_version("0.1.1")                                         # 1: promoted
+            sc.set_version("0.1.1")  # 1: promoted
             second = sc.wait_promoted(first, timeout=300)["stableRevision"]
-            sc.patch({"model": {"uri": "file:///models/broken"}})          # 2: deadline → rolled back
+            sc.patch({"model": {"uri": "file:///models/broken"}})  # 2: deadline → rolled back
             sc.wait_rolled_back(second, timeout=240)
             sc.patch({"model": {"uri": "file:///models/tiny"}, "runtime": {"version": "0.1.2"}})
             sc.wait(lambda st: (st.get("canaryWeight") or 0) > 0, 240, "third canary")
-            sc.annotate("autoglm.io/abort")                                # 3: aborted
+            sc.annotate("autoglm.io/abort")  # 3: aborted
             sc.wait(lambda st: not st.get("canaryRevision") and st.get("stableRevision") == second, 240, "aborted")
             while len(kills) < 10:
                 time.sleep(1)
     finally:
         stop.set()
         thread.join(timeout=30)
-    with operator_process(env, namespace, log):   # one last, unkilled operator settles everything
-        st = sc.wait(lambda st: st.get("phase") in ("Healthy", "Degraded") and not st.get("canaryRevision"), 120,
-                     "settled")
+    with operator_process(env, namespace, log):  # one last, unkilled operator settles everything
+        st = sc.wait(
+            lambda st: st.get("phase") in ("Healthy", "Degraded") and not st.get("canaryRevision"), 120, "settled"
+        )
         wait_for(lambda: sc.children()["deployments"] == [second], timeout=120, message="only the stable Deployment")
     report(f"\n(h) {len(kills)} SIGKILLs; final {sc.children()}; traffic {traffic.summary()}")
     assert len(kills) >= 10
