@@ -93,6 +93,7 @@ class Sample:
     status: dict
     pods: list[tuple[str, str, bool]]  # (name, revision, ready), terminating pods left out
     all_pods: int  # every pod object, terminating included (what occupies the node)
+    desired: dict[str, int] = field(default_factory=dict)  # Deployments' spec.replicas by revision
 
     @property
     def weight(self) -> int:
@@ -128,7 +129,7 @@ class Watch:
         from kubernetes import client
 
         api = kube.api_client()
-        self.custom, self.core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+        self.custom, self.core, self.apps = client.CustomObjectsApi(api), client.CoreV1Api(api), client.AppsV1Api(api)
         self.ns, self.period = namespace, period
         self.samples: list[Sample] = []
         self.stop_event = threading.Event()
@@ -143,7 +144,9 @@ class Watch:
                 continue
             ready = any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
             pods.append((p.metadata.name, p.metadata.labels.get(LABEL_REVISION), ready))
-        return Sample(time.monotonic(), obj.get("status") or {}, pods, len(items))
+        deps = self.apps.list_namespaced_deployment(self.ns, label_selector=f"autoglm.io/deployment={NAME}").items
+        desired = {d.metadata.labels.get(LABEL_REVISION): d.spec.replicas or 0 for d in deps}
+        return Sample(time.monotonic(), obj.get("status") or {}, pods, len(items), desired)
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
@@ -196,15 +199,15 @@ class Watch:
                 s.weight,
                 s.status.get("currentStep"),
                 s.status.get("failedChecks"),
-                s.ready(s.stable_rev),
-                s.ready(s.canary_rev),
+                f"{s.ready(s.stable_rev)}({s.desired.get(s.stable_rev, '-')})",
+                f"{s.ready(s.canary_rev)}({s.desired.get(s.canary_rev, '-')})",
                 s.all_pods,
                 (s.status.get("lastAnalysis") or {}).get("verdict"),
             )
             if row != last:
                 rows.append(
                     f"  t={s.t - t0:6.1f}s phase={row[0]} weight={row[1]} step={row[2]} failed={row[3]} "
-                    f"ready stable/canary={row[4]}/{row[5]} pods={row[6]} analysis={row[7]}"
+                    f"ready(desired) stable/canary={row[4]}/{row[5]} pods={row[6]} analysis={row[7]}"
                 )
                 last = row
         return "\n".join(rows)
@@ -691,39 +694,46 @@ def test_max_surge_one_never_runs_more_than_replicas_plus_one_pods(kube, scenari
 
 
 def test_keda_keeps_scaling_stable_during_a_canary_and_promotion_has_no_cliff(kube, scenario, keda):
+    """KEDA scales the stable on its own queue (its trigger names the stable's revision, so the canary's
+    pods never count); the canary follows weight x the stable's current count; at promotion the canary is
+    brought to the stable's count before it takes all traffic."""
     sc = scenario
-    body = canary_cr(steps=[{"weight": 50, "pause": "5s"}], analysis=analysis(kube))
+    steps = [{"weight": 50, "pause": "20s"}]
+    body = canary_cr(steps=steps, analysis=analysis(kube))
     body["spec"].pop("replicas")
     body["spec"]["runtime"].update(maxBatchSize=2, maxQueue=256)
     body["spec"]["autoscaling"] = {
-        "enabled": True,
-        "provider": "KEDA",
-        "minReplicas": 2,
-        "maxReplicas": 4,
-        "targetQueueDepth": 4,
-        "scaleDownStabilizationSeconds": 600,
-        "prometheus": {"address": kube.prometheus_url},
+        "enabled": True, "provider": "KEDA", "minReplicas": 1, "maxReplicas": 6, "targetQueueDepth": 2,
+        "scaleDownStabilizationSeconds": 600, "prometheus": {"address": kube.prometheus_url},
     }
-    with rolled_out(sc, body, 2) as stable:
-        with sc.traffic(streams=3, calls=3, max_tokens=16) as traffic, Watch(kube, sc.ns) as watch:
-            traffic.wait_answers(30)
-            before = traffic.snapshot()[-1].end
+    with rolled_out(sc, body, 1) as stable:
+        with sc.traffic(streams=6, calls=2, max_tokens=24) as traffic, Watch(kube, sc.ns) as watch:
+            wait_for(lambda: watch.samples and watch.samples[-1].ready(_hash(stable)) >= 2, timeout=120,
+                     message="KEDA scaled the stable up on its queue")
             t0 = sc.set_version("0.1.1")
+            st = sc.wait(lambda st: (st.get("canaryWeight") or 0) > 0, 120, "the canary serves")
+            so = get(kube, sc.ns, f"scaledobject/{NAME}")
             st = sc.wait_promoted(stable, timeout=300)
             promoted_s = time.monotonic() - t0
-            so = get(kube, sc.ns, f"scaledobject/{NAME}")
             traffic.wait_answers(30)
-    report(
-        f"\n(g) KEDA canary timeline:\n{watch.timeline()}\n(g) promoted in {promoted_s:.1f}s; traffic "
-        f"{traffic.summary()}"
-    )
-    stable_counts = [s.ready(_hash(stable)) for s in watch.samples if s.stable_rev == _hash(stable)]
-    assert max(stable_counts) < 4, "stable was scaled to max during the canary"
-    assert so["spec"]["scaleTargetRef"]["name"] == st["stableRevision"]
+    report(f"\n(g) KEDA canary timeline:\n{watch.timeline()}\n(g) promoted in {promoted_s:.1f}s; traffic "
+           f"{traffic.summary()}")
+    trigger = so["spec"]["triggers"][0]["metadata"]["query"]
+    assert so["spec"]["scaleTargetRef"]["name"] == stable and f'revision="{_hash(stable)}"' in trigger, so["spec"]
+    during = [s for s in watch.samples if s.t >= t0 and s.canary_rev and s.status.get("rolloutPhase") == "Progressing"]
+    # The same load, now partly served by the canary: the stable is never scaled up by the canary's pods
+    # (Argo Rollouts #2857: the HPA counted them and went to max).
+    at_start = watch.first(lambda s: s.canary_rev is not None, after=t0)
+    assert during and at_start is not None, watch.timeline()
+    assert max(s.desired.get(_hash(stable), 0) for s in during) <= at_start.desired[_hash(stable)] < 6, watch.timeline()
+    # The canary's replicas follow 50 % of the stable's current count (checked once both settled).
+    follows = [s for s in during if s.desired.get(s.canary_rev) == max(1, math.ceil(s.desired[s.stable_rev] / 2))]
+    assert len(follows) >= len(during) // 2, watch.timeline()
     assert traffic.failed == [], traffic.summary()
-    # No cliff: when the new revision took all traffic it had at least as many ready pods as stable had.
-    took_all = watch.first(lambda s: s.stable_rev != _hash(stable) and s.stable_rev is not None, after=before)
-    assert took_all is not None and took_all.ready(took_all.stable_rev) >= 2, watch.timeline()
+    # No cliff: when the new revision took all traffic it had as many ready pods as the stable had then.
+    before = [s for s in watch.samples if s.stable_rev == _hash(stable) and s.canary_rev]
+    after = watch.first(lambda s: s.stable_rev not in (None, _hash(stable)), after=t0)
+    assert after is not None and after.ready(after.stable_rev) >= before[-1].ready(_hash(stable)), watch.timeline()
 
 
 # ------------------------------------------------------------------ (h) the operator killed at random points
