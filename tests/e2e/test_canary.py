@@ -770,7 +770,7 @@ def test_operator_sigkilled_at_random_points_every_rollout_ends_right_with_no_or
         first = sc.wait(lambda st: st.get("phase") == "Healthy" and st.get("ready") == "2/2", 240, "first revision")[
             "stableRevision"
         ]
-        with sc.traffic(streams=2, calls=2) as traffic:
+        with sc.traffic(streams=2, calls=2) as traffic, Watch(kube, namespace) as watch:
             sc.set_version("0.1.1")  # 1: promoted
             second = sc.wait_promoted(first, timeout=300)["stableRevision"]
             sc.patch({"model": {"uri": "file:///models/broken"}})  # 2: deadline → rolled back
@@ -789,7 +789,10 @@ def test_operator_sigkilled_at_random_points_every_rollout_ends_right_with_no_or
             lambda st: st.get("phase") in ("Healthy", "Degraded") and not st.get("canaryRevision"), 120, "settled"
         )
         wait_for(lambda: sc.children()["deployments"] == [second], timeout=120, message="only the stable Deployment")
-    report(f"\n(h) {len(kills)} SIGKILLs; final {sc.children()}; traffic {traffic.summary()}")
+    report(f"\n(h) timeline:\n{watch.timeline()}")
+    for a in traffic.failed:
+        report(f"(h) failed at t={a.start - watch.samples[0].t:.2f}s: {a.error}")
+    report(f"(h) {len(kills)} SIGKILLs; final {sc.children()}; traffic {traffic.summary()}")
     assert len(kills) >= 10
     assert st["stableRevision"] == second and st["stableVersion"] == "0.1.1"
     assert sc.children()["services"] == [NAME]
