@@ -56,7 +56,7 @@ bench-runtime-vl: venv  ## Phone-agent workload (screenshots) on small-vl: ours 
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py
 
-bench-operator: sysdeps venv bins  ## Operator latency and idle writes on the local cluster
+bench-operator: sysdeps venv bins  ## Operator at scale: N = 100, 500, 1,000 resources on fresh local clusters (table)
 	$(PY) bench/bench_operator.py
 
 bench-autoscale: sysdeps venv bins  ## Step load through KEDA autoscaling on the local cluster: table + PNG plot

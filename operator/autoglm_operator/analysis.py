@@ -17,7 +17,8 @@ import aiohttp
 
 from . import queries
 from .models import AnalysisSpec, ResolvedSpec
-from .policy import Analysis, RolloutState, analysis_window
+from .policy import analysis_window
+from .rollout_state import Analysis, RolloutState
 
 TIMEOUT_SECONDS = 5.0
 
@@ -25,7 +26,7 @@ TIMEOUT_SECONDS = 5.0
 @dataclasses.dataclass(frozen=True)
 class Measurement:
     window_seconds: float
-    requests: float | None = None
+    requests: float | None = None  # canary requests answered (success, error, invalid)
     success_rate: float | None = None
     latency_p99: float | None = None
     ttft_p99: float | None = None
@@ -33,20 +34,47 @@ class Measurement:
     stable_latency_p99: float | None = None
     stable_ttft_p99: float | None = None
     stable_inter_token_p99: float | None = None
+    refused: float = 0.0  # canary requests refused as invalid beyond the stable's share (counted as failed)
     error: str = ""  # why Prometheus could not answer
 
 
-async def _query(session: aiohttp.ClientSession, address: str, promql: str, at: dt.datetime) -> float | None:
+ANSWERED = ("success", "error", "invalid")
+
+
+def success_figures(canary: dict[str, float], stable: dict[str, float]) -> tuple[float, float | None, float]:
+    """(requests answered, success rate, refusals counted as failures) from counts by status.
+
+    A request counts when the server answered it: ``success``, ``error`` (a server error or a timeout)
+    or ``invalid`` (refused as the client's mistake, a 400). Refusals count as failures only beyond
+    the stable's own share of them in the same window: clients' mistakes reach both revisions alike,
+    while a canary refusing what the stable serves (a ``maxModelLen`` too small for the traffic) is the
+    canary's fault. Load shedding (``rejected``, 429) and client disconnects (``aborted``) never count.
+    """
+    ok, err, invalid = (canary.get(s, 0.0) for s in ANSWERED)
+    answered = ok + err + invalid
+    s_answered = sum(stable.get(s, 0.0) for s in ANSWERED)
+    baseline = stable.get("invalid", 0.0) / s_answered if s_answered else 0.0
+    refused = max(0.0, invalid - baseline * answered)
+    counted = ok + err + refused
+    return answered, (ok / counted if counted else None), refused
+
+
+def _sample(value: str) -> float | None:
+    v = float(value)
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+async def _query(session: aiohttp.ClientSession, address: str, promql: str, at: dt.datetime) -> list[dict[str, Any]]:
     url = address.rstrip("/") + "/api/v1/query"
     async with session.get(url, params={"query": promql, "time": f"{at.timestamp():.3f}"}) as resp:
         body: dict[str, Any] = await resp.json(content_type=None)
         if resp.status != 200 or body.get("status") != "success":
             raise RuntimeError(f"HTTP {resp.status}: {body.get('error', '')}".strip())
-    result = body["data"]["result"]
-    if not result:
-        return None
-    value = float(result[0]["value"][1])
-    return None if math.isnan(value) or math.isinf(value) else value
+    return list(body["data"]["result"])
+
+
+def _scalar(result: list[dict[str, Any]]) -> float | None:
+    return _sample(result[0]["value"][1]) if result else None
 
 
 async def measure(
@@ -57,23 +85,26 @@ async def measure(
     window = f"{math.ceil(seconds)}s"
     c_sel = queries.selector(r.namespace, r.model_name, canary)
     s_sel = queries.selector(r.namespace, r.model_name, stable)
-    promql = [
-        queries.served_requests(c_sel, window),
-        queries.success_rate(c_sel, window),
-        queries.p99(queries.REQUEST_DURATION, c_sel, window),
-        queries.p99(queries.TIME_TO_FIRST_TOKEN, c_sel, window),
-        queries.p99(queries.INTER_TOKEN_LATENCY, c_sel, window),
-        queries.p99(queries.REQUEST_DURATION, s_sel, window),
-        queries.p99(queries.TIME_TO_FIRST_TOKEN, s_sel, window),
-        queries.p99(queries.INTER_TOKEN_LATENCY, s_sel, window),
+    both = queries.selector(r.namespace, r.model_name, f"{canary}|{stable}", regex=True)
+    promql = [queries.requests_by_status(both, window)] + [
+        queries.p99(metric, sel, window)
+        for sel in (c_sel, s_sel)
+        for metric in (queries.REQUEST_DURATION, queries.TIME_TO_FIRST_TOKEN, queries.INTER_TOKEN_LATENCY)
     ]
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)) as session:
-            values = await asyncio.gather(*(_query(session, address, q, now) for q in promql))
+            counts, *p99s = await asyncio.gather(*(_query(session, address, q, now) for q in promql))
     except (TimeoutError, aiohttp.ClientError, RuntimeError, ValueError, KeyError) as exc:
         return Measurement(seconds, error=f"Prometheus at {address} did not answer: {exc or type(exc).__name__}")
-    (requests, rate, latency, ttft, itl, s_latency, s_ttft, s_itl) = values
-    return Measurement(seconds, requests, rate, latency, ttft, itl, s_latency, s_ttft, s_itl)
+    by_revision: dict[str, dict[str, float]] = {canary: {}, stable: {}}
+    for series in counts:
+        labels = series.get("metric") or {}
+        value = _sample(series["value"][1])
+        if labels.get("revision") in by_revision and value is not None:
+            by_revision[labels["revision"]][labels.get("status", "")] = value
+    requests, rate, refused = success_figures(by_revision[canary], by_revision[stable])
+    latency, ttft, itl, s_latency, s_ttft, s_itl = (_scalar(result) for result in p99s)
+    return Measurement(seconds, requests, rate, latency, ttft, itl, s_latency, s_ttft, s_itl, refused)
 
 
 def _fmt(value: float | None, unit: str = "s") -> str:
@@ -105,7 +136,8 @@ def judge(m: Measurement, spec: AnalysisSpec, now: dt.datetime) -> Analysis:
         return dataclasses.replace(measured, reason=reason)
     failures = []
     if m.success_rate is not None and m.success_rate < spec.success_rate_min:
-        failures.append(f"success rate {m.success_rate:.4g} < {spec.success_rate_min}")
+        refused = f" ({m.refused:.0f} refused as invalid beyond the stable's share)" if m.refused >= 0.5 else ""
+        failures.append(f"success rate {m.success_rate:.4g} < {spec.success_rate_min}{refused}")
     limits = (
         ("latency p99", m.latency_p99, spec.latency_p99_max_seconds, m.stable_latency_p99),
         ("TTFT p99", m.ttft_p99, spec.ttft_p99_max_seconds, m.stable_ttft_p99),

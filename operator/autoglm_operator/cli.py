@@ -22,7 +22,8 @@ import time
 from typing import Any, cast
 
 from .models import DEFAULT_STEPS, GROUP, PLURAL, VERSION, parse_duration
-from .policy import ANNOTATION_ABORT, ANNOTATION_PAUSED, ANNOTATION_PROMOTE, parse_time
+from .policy import ANNOTATION_ABORT, ANNOTATION_PAUSED, ANNOTATION_PROMOTE
+from .rollout_state import parse_time
 
 EXIT_DONE, EXIT_ROLLED_BACK, EXIT_TIMEOUT = 0, 1, 2
 

@@ -3,7 +3,12 @@
 Raw JSON over the official ``kubernetes`` client's transport (config loading, TLS, auth), run in a
 small thread pool so the event loop never blocks. Objects are plain camelCase dicts, as the API
 returns them. Repeatable creates: 409 on create and 404 on delete/get are expected outcomes.
-Every write is counted by verb and kind in ``Kube.writes`` (tests and the idle-writes figure).
+Every request is counted by verb and kind in ``Kube.writes`` / ``Kube.reads`` (tests, figures).
+
+Client settings: one pooled connection per thread (one ``ApiClient`` for the process), a token
+bucket in front of every request (``api_qps``/``api_burst``: settings.py says why 100/200), a
+per-request timeout, 429 and ``Retry-After`` honoured (bounded), and a distinctive User-Agent
+(``autoglm-operator/<version>``) so the audit log tells our requests from kopf's and kubectl's.
 """
 
 from __future__ import annotations
@@ -12,17 +17,26 @@ import asyncio
 import collections
 import datetime as dt
 import functools
+import importlib.metadata
 import json
 import logging
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from . import metrics
 from .builders import MANAGER
 from .models import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
+
+USER_AGENT = f"{MANAGER}/{importlib.metadata.version('autoglm')}"
+# 429 / Retry-After (and 503 with Retry-After, the apiserver's "come back later"): at most this many
+# retries of one request, each waiting what the server asked, capped.
+MAX_RETRIES_AFTER = 5
+MAX_RETRY_AFTER_SECONDS = 30.0
 
 # kind → (API prefix, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
@@ -38,28 +52,67 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Secret": ("/api/v1", "secrets"),
     "Event": ("/api/v1", "events"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, reason: str, message: str = "") -> None:
+    def __init__(self, status: int, reason: str, message: str = "", retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after  # seconds, from a Retry-After header
+
+
+class TokenBucket:
+    """Client-side rate limit: ``qps`` tokens a second, at most ``burst`` saved up; FIFO waiters."""
+
+    def __init__(self, qps: float, burst: int, clock: Any = time.monotonic) -> None:
+        self.qps = qps
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+        self._lock: asyncio.Lock | None = None
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.qps)
+        self._last = now
+
+    async def acquire(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one waiter at a time keeps the order fair
+            self._refill()
+            if self._tokens < 1.0:
+                await asyncio.sleep((1.0 - self._tokens) / self.qps)
+                self._refill()
+            self._tokens -= 1.0
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 1.0  # an HTTP date: wait a little rather than parse it
 
 
 class KubeAPI(Protocol):
     """What reconcile needs; ``Kube`` talks to a cluster, tests may pass an in-memory fake."""
 
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def get(self, kind: str, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None: ...
     async def list(
         self, kind: str, namespace: str | None, label_selector: str | None = None
     ) -> list[dict[str, Any]]: ...
     async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None: ...
     async def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
     async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
-    async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def apply(self, kind: str, namespace: str, body: dict[str, Any], *, force: bool = True) -> dict[str, Any]: ...
     async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool: ...
     async def patch_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any] | None: ...
     async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
@@ -75,8 +128,19 @@ def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | 
     return path
 
 
+def _verb(method: str, path: str) -> str:
+    """The Kubernetes verb of a request (a GET of a collection is a list)."""
+    if method == "GET":
+        parts = path.split("/")  # a collection: .../namespaces/<ns>/<plural> or a cluster-wide .../<plural>
+        return "list" if "namespaces" not in parts or parts[-3] == "namespaces" else "get"
+    return _VERBS.get(method, method.lower())
+
+
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
 def _load_api_client(pool_size: int) -> Any:
-    """In-cluster config, else $KUBECONFIG / ~/.kube/config; one pooled connection per thread."""
+    """In-cluster config, else $KUBECONFIG / ~/.kube/config; one pooled connection per thread (reused)."""
     from kubernetes import client, config
 
     cfg = client.Configuration()
@@ -85,16 +149,28 @@ def _load_api_client(pool_size: int) -> Any:
     except config.ConfigException:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg)
     cfg.connection_pool_maxsize = pool_size
-    return client.ApiClient(cfg)
+    api = client.ApiClient(cfg)
+    api.user_agent = USER_AGENT
+    return api
 
 
 class Kube:
     """Async facade over the blocking client. One instance per operator process."""
 
-    def __init__(self, api_client: Any | None = None, *, threads: int = 16, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        api_client: Any | None = None,
+        *,
+        threads: int = 16,
+        timeout: float = 30.0,
+        qps: float = 100.0,
+        burst: int = 200,
+    ) -> None:
         self._api = api_client or _load_api_client(threads)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
-        self._timeout = timeout
+        self._timeout = (min(10.0, timeout), timeout)  # (connect, read)
+        self._limiter = TokenBucket(qps, burst)
+        self.throttled = 0  # requests the apiserver answered 429 (then retried)
         self.writes: collections.Counter[str] = collections.Counter()
         self.reads: collections.Counter[str] = collections.Counter()
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
@@ -135,16 +211,36 @@ class Kube:
             message = json.loads(data).get("message", "")
         except Exception:  # noqa: BLE001 - non-JSON error body
             message = (data or b"")[:500].decode(errors="replace")
-        raise ApiError(resp.status, str(resp.reason), message)
+        retry_after = _retry_after(getattr(resp, "headers", None)) if resp.status in (429, 503) else None
+        raise ApiError(resp.status, str(resp.reason), message, retry_after=retry_after)
 
     async def _request(self, method: str, path: str, kind: str, **kw: Any) -> Any:
-        (self.reads if method == "GET" else self.writes)[f"{method} {kind}"] += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self._call, method, path, **kw))
+        for attempt in range(MAX_RETRIES_AFTER + 1):
+            await self._limiter.acquire()
+            (self.reads if method == "GET" else self.writes)[f"{method} {kind}"] += 1
+            code = "error"
+            try:
+                result = await loop.run_in_executor(self._executor, functools.partial(self._call, method, path, **kw))
+                code = "2xx"
+                return result
+            except ApiError as exc:
+                code = str(exc.status)
+                throttled = exc.status == 429 or (exc.status == 503 and exc.retry_after is not None)
+                if not throttled or attempt == MAX_RETRIES_AFTER:
+                    raise
+                self.throttled += 1
+                delay = min(MAX_RETRY_AFTER_SECONDS, exc.retry_after if exc.retry_after is not None else 1.0)
+                log.info("Throttled by the apiserver on %s %s, retrying in %.1fs.", method, kind, delay)
+            finally:
+                metrics.count_request(_verb(method, path), kind, code)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ verbs
 
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get(self, kind: str, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """The object, ``None`` when it does not exist (always read from the API: ``fresh`` is implied)."""
         try:
             return await self._request("GET", _path(kind, namespace, name), kind)
         except ApiError as exc:
@@ -187,16 +283,21 @@ class Kube:
                 return None
             raise
 
-    async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply (creates or updates; fields we stop sending are removed)."""
+    async def apply(self, kind: str, namespace: str, body: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply with our one field manager (creates or updates; fields we stop sending
+        are removed; fields others set and we never send are kept). ``force`` takes over the fields
+        we send from another manager: callers pass it only for objects they control."""
         name = body["metadata"]["name"]
+        query = {"fieldManager": MANAGER}
+        if force:
+            query["force"] = "true"
         return await self._request(
             "PATCH",
             _path(kind, namespace, name),
             kind,
             body=body,
             content_type="application/apply-patch+yaml",
-            query={"fieldManager": MANAGER, "force": "true"},
+            query=query,
         )
 
     async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:

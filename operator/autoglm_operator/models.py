@@ -208,6 +208,12 @@ class AutoGLMDeploymentSpec(_Model):
         parse_model_uri(self.model.uri)  # raises ValueError with a readable message
         return self
 
+    @model_validator(mode="after")
+    def _surge_needs_fixed_replicas(self) -> AutoGLMDeploymentSpec:
+        if self.rollout.max_surge is not None and self.autoscaling.enabled:
+            raise ValueError("rollout.maxSurge needs a fixed replica count (not allowed with autoscaling)")
+        return self
+
     @property
     def fixed_replicas(self) -> int:
         """Replicas when autoscaling is off (default 1)."""

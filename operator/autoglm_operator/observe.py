@@ -52,6 +52,7 @@ class Revision:
     spec_hash: str
     deadline_exceeded: str = ""  # message of Progressing=False/ProgressDeadlineExceeded
     replica_failure: str = ""  # message of ReplicaFailure=True (pods refused: admission, quota)
+    replicas_managed_elsewhere: bool = False  # another field manager (an HPA, kubectl scale) set spec.replicas
     pods: int = 0  # its pods now, terminating ones included (what occupies GPUs)
 
     @property
@@ -92,7 +93,18 @@ class Revision:
             spec_hash=(meta.get("annotations") or {}).get(b.ANNOTATION_SPEC_HASH, ""),
             deadline_exceeded=deadline,
             replica_failure=failure,
+            replicas_managed_elsewhere=_replicas_managed_elsewhere(meta),
         )
+
+
+def _replicas_managed_elsewhere(meta: dict[str, Any]) -> bool:
+    """Whether a field manager other than our server-side apply owns ``spec.replicas`` (managedFields)."""
+    for entry in meta.get("managedFields") or []:
+        if entry.get("manager") == b.MANAGER and entry.get("operation") == "Apply":
+            continue
+        if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
+            return True
+    return False
 
 
 @dataclasses.dataclass
@@ -106,6 +118,8 @@ class Observed:
     network_policy: dict[str, Any] | None = None
     scaled_object: dict[str, Any] | None = None
     keda_hpa: dict[str, Any] | None = None  # the HPA KEDA made for our ScaledObject
+    # (kind, name, resourceVersion or "" when missing) of each Secret/PVC a precondition waits for
+    waiting_for: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     draining: int = 0  # pods of revisions whose Deployments are gone (still terminating)
     route: dict[str, Any] | None = None  # the HTTPRoute (GatewayAPI routing)
     route_services: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
@@ -116,7 +130,27 @@ def _controlled_by(obj: dict[str, Any] | None, uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
 
 
+# Degraded reasons that come from a referenced Secret/PVC (observe reads them again while one is shown).
+PRECONDITION_REASONS = frozenset(
+    {"PersistentVolumeClaimNotFound", "SecretNotFound", "TLSSecretNotFound", "TLSSecretInvalid"}
+)
+
+
+def _degraded_reason(cr: dict[str, Any]) -> str:
+    for c in (cr.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Degraded" and c.get("status") == "True":
+            return str(c.get("reason") or "")
+    return ""
+
+
 async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observed:
+    """Children from the cache; the Secrets/PVCs the spec references only when they gate something.
+
+    References are read (GET: Secrets are never cached) before the desired revision's Deployment
+    exists (they gate its creation) and while the status shows one missing; once the revision
+    runs, a Secret deleted under it shows in its pods (``CreateContainerConfigError``), so a resync
+    of a running resource reads nothing from the API.
+    """
     ns, name, uid = cr["metadata"]["namespace"], cr["metadata"]["name"], cr["metadata"]["uid"]
     selector = f"{b.LABEL_DEPLOYMENT}={name},{b.MANAGED_SELECTOR}"
     pvc_name = r.source.claim if r.source.scheme == "pvc" else None
@@ -126,15 +160,12 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         return None
 
     keda = uses_keda(r) or (cr.get("status") or {}).get("autoscaler", {}).get("provider") == "KEDA"
-    (deps, pods), (svc, hpa, pdb, pvc, secret, tls_secret), (so, keda_hpa, np) = await asyncio.gather(
+    (deps, pods), (svc, hpa, pdb), (so, keda_hpa, np) = await asyncio.gather(
         asyncio.gather(kube.list("Deployment", ns, selector), kube.list("Pod", ns, selector)),
         asyncio.gather(
             kube.get("Service", ns, name),
             kube.get("HorizontalPodAutoscaler", ns, name),
             kube.get("PodDisruptionBudget", ns, name),
-            kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
-            kube.get("Secret", ns, ref.name) if ref else none(),
-            kube.get("Secret", ns, r.spec.tls.secret_ref.name) if r.spec.tls else none(),
         ),
         asyncio.gather(
             kube.get("ScaledObject", ns, name) if keda else none(),
@@ -142,6 +173,10 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             kube.get("NetworkPolicy", ns, name),
         ),
     )
+    if keda and keda_hpa is None:
+        # KEDA makes this one and copies the ScaledObject's labels onto it, so the cache has it; a
+        # miss cannot prove it absent (labels excluded by annotation, an old KEDA): ask the API.
+        keda_hpa = await kube.get("HorizontalPodAutoscaler", ns, b.keda_hpa_name(name), fresh=True)
     gateway = r.spec.rollout.traffic_routing == "GatewayAPI"
     route, *route_services = await asyncio.gather(
         kube.get("HTTPRoute", ns, name) if gateway else none(),
@@ -156,20 +191,39 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
             revisions[rev.hash] = rev
     per_revision = collections.Counter((p["metadata"].get("labels") or {}).get(b.LABEL_REVISION) for p in pods)
     revisions = {h: dataclasses.replace(rv, pods=per_revision.get(h, 0)) for h, rv in revisions.items()}
-    problems: list[Problem] = []
-    if pvc_name and pvc is None:
-        problems.append(
-            Problem("PersistentVolumeClaimNotFound", f"PersistentVolumeClaim {pvc_name} not found in namespace {ns}")
+    pvc = secret = tls_secret = None
+    if b.revision_hash(r) not in revisions or _degraded_reason(cr) in PRECONDITION_REASONS:
+        pvc, secret, tls_secret = await asyncio.gather(
+            kube.get("PersistentVolumeClaim", ns, pvc_name) if pvc_name else none(),
+            kube.get("Secret", ns, ref.name) if ref else none(),
+            kube.get("Secret", ns, r.spec.tls.secret_ref.name) if r.spec.tls else none(),
         )
-    if ref is not None:
-        if secret is None:
-            problems.append(Problem("SecretNotFound", f"Secret {ref.name} not found in namespace {ns}"))
-        elif ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
-            problems.append(Problem("SecretNotFound", f"Secret {ref.name} has no key {ref.key}"))
-    if r.spec.tls is not None:
-        problem = tls_secret_problem(r.spec.tls.secret_ref.name, ns, tls_secret)
-        if problem:
-            problems.append(problem)
+        check_refs = True
+    else:
+        check_refs = False
+    problems: list[Problem] = []
+    waiting: list[tuple[str, str, str]] = []
+
+    def wait_for(kind: str, name: str, obj: dict[str, Any] | None) -> None:
+        waiting.append((kind, name, (obj or {}).get("metadata", {}).get("resourceVersion", "")))
+
+    if check_refs:
+        if pvc_name and pvc is None:
+            message = f"PersistentVolumeClaim {pvc_name} not found in namespace {ns}"
+            problems.append(Problem("PersistentVolumeClaimNotFound", message))
+            wait_for("PersistentVolumeClaim", pvc_name, None)
+        if ref is not None:
+            if secret is None:
+                problems.append(Problem("SecretNotFound", f"Secret {ref.name} not found in namespace {ns}"))
+                wait_for("Secret", ref.name, None)
+            elif ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
+                problems.append(Problem("SecretNotFound", f"Secret {ref.name} has no key {ref.key}"))
+                wait_for("Secret", ref.name, secret)
+        if r.spec.tls is not None:
+            problem = tls_secret_problem(r.spec.tls.secret_ref.name, ns, tls_secret)
+            if problem:
+                problems.append(problem)
+                wait_for("Secret", r.spec.tls.secret_ref.name, tls_secret)
     return Observed(
         revisions=revisions,
         pods=[p for p in pods if _controlled_by_revision(p, revisions)],
@@ -180,6 +234,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         scaled_object=so,
         network_policy=np,
         keda_hpa=keda_hpa,
+        waiting_for=waiting,
         draining=sum(n for h, n in per_revision.items() if h not in revisions),
         route=route,
         route_services=dict(zip(b.route_service_names(name), route_services, strict=True)),

@@ -21,138 +21,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from typing import Any, Literal
 
 from .models import ResolvedSpec, RolloutSpec
 from .observe import Problem, Revision
+from .rollout_state import Analysis, RolloutState, format_time
 
 ANNOTATION_PROMOTE = "autoglm.io/promote"
 ANNOTATION_ABORT = "autoglm.io/abort"
 ANNOTATION_PAUSED = "autoglm.io/paused"
 
-Verdict = Literal["Passed", "Failed", "Inconclusive"]
 Event = tuple[str, str, str]
-
-
-def parse_time(value: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
-def format_time(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Analysis:
-    """One check of the canary over a window (status.lastAnalysis)."""
-
-    time: dt.datetime
-    verdict: Verdict
-    reason: str
-    window_seconds: float | None = None
-    requests: float | None = None
-    success_rate: float | None = None
-    latency_p99: float | None = None
-    ttft_p99: float | None = None
-    inter_token_p99: float | None = None
-    stable_latency_p99: float | None = None
-
-    def to_status(self) -> dict[str, Any]:
-        out = {
-            "time": format_time(self.time),
-            "windowSeconds": self.window_seconds,
-            "requests": self.requests,
-            "successRate": self.success_rate,
-            "latencyP99": self.latency_p99,
-            "ttftP99": self.ttft_p99,
-            "interTokenP99": self.inter_token_p99,
-            "stableLatencyP99": self.stable_latency_p99,
-            "verdict": self.verdict,
-            "reason": self.reason,
-        }
-        return {k: v for k, v in out.items() if v is not None}
-
-    @classmethod
-    def from_status(cls, st: dict[str, Any] | None) -> Analysis | None:
-        if not st or not st.get("time"):
-            return None
-        when = parse_time(st["time"])
-        assert when is not None
-        return cls(
-            time=when,
-            verdict=st.get("verdict", "Inconclusive"),
-            reason=st.get("reason", ""),
-            window_seconds=st.get("windowSeconds"),
-            requests=st.get("requests"),
-            success_rate=st.get("successRate"),
-            latency_p99=st.get("latencyP99"),
-            ttft_p99=st.get("ttftP99"),
-            inter_token_p99=st.get("interTokenP99"),
-            stable_latency_p99=st.get("stableLatencyP99"),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutState:
-    """What the status remembers of the rollout (revision *hashes* here; names in the status)."""
-
-    phase: str = "Idle"
-    stable: str | None = None
-    stable_version: str | None = None
-    canary: str | None = None
-    canary_version: str | None = None
-    step: int | None = None
-    step_started_at: dt.datetime | None = None
-    step_ready_at: dt.datetime | None = None
-    failed_checks: int = 0
-    last_analysis: Analysis | None = None
-    previous_stable: str | None = None
-    previous_stable_version: str | None = None
-    rolled_back: str | None = None
-    rollback_message: str = ""
-
-    @classmethod
-    def from_status(cls, cr_name: str, st: dict[str, Any]) -> RolloutState:
-        def rev(key: str) -> str | None:
-            value = st.get(key)
-            return value.removeprefix(f"{cr_name}-") if value else None
-
-        degraded: dict[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == "Degraded"), {})
-        rolled_back_msg = degraded.get("message", "") if degraded.get("reason") == "RolledBack" else ""
-        return cls(
-            phase=st.get("rolloutPhase") or "Idle",
-            stable=rev("stableRevision"),
-            stable_version=st.get("stableVersion"),
-            canary=rev("canaryRevision"),
-            canary_version=st.get("canaryVersion"),
-            step=st.get("currentStep"),
-            step_started_at=parse_time(st.get("stepStartedAt")),
-            step_ready_at=parse_time(st.get("stepReadyAt")),
-            failed_checks=int(st.get("failedChecks") or 0),
-            last_analysis=Analysis.from_status(st.get("lastAnalysis")),
-            previous_stable=rev("previousStableRevision"),
-            previous_stable_version=st.get("previousStableVersion"),
-            rolled_back=rev("rolledBackRevision"),
-            rollback_message=rolled_back_msg,
-        )
-
-    def to_status(self, cr_name: str) -> dict[str, Any]:
-        """The status fields this state owns (``None`` = remove)."""
-
-        def name(h: str | None) -> str | None:
-            return f"{cr_name}-{h}" if h else None
-
-        return {
-            "rolloutPhase": self.phase,
-            "currentStep": self.step,
-            "stepStartedAt": format_time(self.step_started_at),
-            "stepReadyAt": format_time(self.step_ready_at),
-            "failedChecks": self.failed_checks if self.canary else None,
-            "lastAnalysis": self.last_analysis.to_status() if self.last_analysis else None,
-            "previousStableRevision": name(self.previous_stable),
-            "previousStableVersion": self.previous_stable_version,
-            "rolledBackRevision": name(self.rolled_back),
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +47,6 @@ class Decision:
     requeue_after: float | None = None
     problem: Problem | None = None  # the rollout's Degraded reason (AnalysisFailed, RolledBack)
     progressing: tuple[str, str] | None = None  # (reason, message) of Progressing=True; None = status decides
-
-    @property
-    def candidate(self) -> str | None:  # the name status.py and sync.py used before canaries
-        return self.canary
 
 
 def stable_count(r: ResolvedSpec, stable: Revision | None) -> int:
@@ -211,9 +85,7 @@ def analysis_window(spec: RolloutSpec, state: RolloutState, desired: str, now: d
     A check is due ``interval`` after the later of: the canary reaching the step's weight, the last
     check. The last check's time is in the status, so a restart never counts a window twice.
     """
-    if spec.analysis is None or state.phase != "Progressing" or state.canary != desired:
-        return None
-    if state.step_ready_at is None:
+    if spec.analysis is None or state.phase != "Progressing" or state.canary != desired or not state.step_ready_at:
         return None
     start = state.step_ready_at
     last = state.last_analysis
@@ -234,15 +106,11 @@ def _replicas(
     """
     s_count = stable_count(r, stable)
     target = s_count if weight >= 100 else canary_count(weight, s_count)
-    surge = r.spec.rollout.max_surge
-    fixed = None if r.spec.autoscaling.enabled else s_count
+    surge = r.spec.rollout.max_surge  # only with a fixed count (models.py and the CRD refuse it with autoscaling)
     if surge is None:
-        return fixed, target, target
+        return None if r.spec.autoscaling.enabled else s_count, target, target
     stable_pods = max(stable.desired, stable.pods) if stable else 0
-    room = max(0, s_count + surge - stable_pods)
-    c_want = min(target, room)
-    if fixed is None:
-        return None, c_want, target
+    c_want = min(target, max(0, s_count + surge - stable_pods))
     share = 0 if weight >= 100 else math.ceil((100 - weight) * s_count / 100)
     c_ready = canary.ready if canary else 0
     s_want = max(share, s_count - c_ready, s_count + surge - target)
@@ -334,10 +202,10 @@ class _Machine:
             requeue_after=2.0 if progressing else None,
         )
 
-    def _rollback(self, why: str, reason: str = "RolledBack") -> Decision:
+    def _rollback(self, st: RolloutState, why: str, reason: str = "RolledBack") -> Decision:
         msg = f"Rolled back revision {self._name(self.desired)} (version {self.r.version}): {why}"
         self.events.append(("Warning", reason, msg))
-        state = dataclasses.replace(self.state, phase="RolledBack", rolled_back=self.desired, rollback_message=msg)
+        state = dataclasses.replace(st, phase="RolledBack", rolled_back=self.desired, rollback_message=msg)
         return self._steady(state, Problem("RolledBack", msg))
 
     def _name(self, h: str | None) -> str:
@@ -381,24 +249,27 @@ class _Machine:
                     f"{self._name(self.stable)} (version {self.stable_version})",
                 )
             )
+            # A stable with no Ready pod serves nothing: no traffic to protect, no steps to walk.
+            stable = self.revs.get(self.stable)
+            walk = bool(self.spec.steps) and (stable is None or stable.ready > 0)
             st = RolloutState(
-                phase="Progressing" if self.spec.steps else "Promoting",
+                phase="Progressing" if walk else "Promoting",
                 stable=self.stable,
                 stable_version=self.stable_version,
                 canary=self.desired,
                 canary_version=self.r.version,
-                step=0 if self.spec.steps else len(self.spec.steps),
+                step=0 if walk else len(self.spec.steps),
                 step_started_at=self.now,
                 previous_stable=st.previous_stable,
                 previous_stable_version=st.previous_stable_version,
             )
         if self.abort:
-            return self._rollback("aborted by the autoglm.io/abort annotation", reason="Aborted")
+            return self._rollback(st, "aborted by the autoglm.io/abort annotation", reason="Aborted")
 
         st = self._record_analysis(st)
         if st.failed_checks >= (self.spec.analysis.failure_threshold if self.spec.analysis else 1):
             assert st.last_analysis is not None
-            return self._rollback(f"{st.failed_checks} failed checks in a row; last: {st.last_analysis.reason}")
+            return self._rollback(st, f"{st.failed_checks} failed checks in a row; last: {st.last_analysis.reason}")
         if self.promote and st.phase in ("Progressing", "Paused"):
             self.events.append(("Normal", "Promoting", "Skipping the remaining steps (autoglm.io/promote)"))
             st = dataclasses.replace(
@@ -438,12 +309,13 @@ class _Machine:
                 return self._promoted(st)
             if since_start > deadline:
                 ready = canary.ready if canary else 0
-                return self._rollback(f"not Ready at {c_target} replicas within {deadline:.0f}s ({ready} ready)")
+                return self._rollback(st, f"not Ready at {c_target} replicas within {deadline:.0f}s ({ready} ready)")
             progressing = (
                 "Promoting",
                 f"Scaling canary {self._name(self.desired)} to {c_target} replicas before it takes all traffic "
                 f"({canary.ready if canary else 0} ready)",
             )
+            requeue.append(deadline - since_start)
         else:
             if at_weight and st.step_ready_at is None:
                 st = dataclasses.replace(st, step_ready_at=self.now)
@@ -452,7 +324,7 @@ class _Machine:
                 if since_start > deadline and st.phase == "Progressing":
                     ready = canary.ready if canary else 0
                     return self._rollback(
-                        f"not Ready at step {st.step} ({c_target} replicas) within {deadline:.0f}s ({ready} ready)"
+                        st, f"not Ready at step {st.step} ({c_target} replicas) within {deadline:.0f}s ({ready} ready)"
                     )
                 requeue.append(deadline - since_start)
                 reason, msg = "CanaryProgressing", f"Waiting for {c_target} Ready canary pod(s) at step {st.step}"
@@ -465,11 +337,12 @@ class _Machine:
                 )
                 if st.phase == "Progressing" and held >= pause and checked:
                     return self._advance(st)
-                reason, msg = self._waiting(st, held, pause, checked)
+                reason, msg = self._waiting(st, held, pause)
                 if st.phase == "Progressing" and held > pause + deadline:
                     return self._rollback(
+                        st,
                         f"no passing analysis within {deadline:.0f}s after the pause of step {st.step}; last: "
-                        + (st.last_analysis.reason if st.last_analysis else "no check")
+                        + (st.last_analysis.reason if st.last_analysis else "no check"),
                     )
                 if pause > held:
                     requeue.append(pause - held)
@@ -510,9 +383,13 @@ class _Machine:
             return self.spec.steps[-1].weight if self.spec.steps else 0
         return weight
 
-    def _waiting(self, st: RolloutState, held: float, pause: float, checked: bool) -> tuple[str, str]:
+    def _waiting(self, st: RolloutState, held: float, pause: float) -> tuple[str, str]:
+        """Progressing's reason and message while a step holds (no countdown: the message stays put)."""
+        assert st.step is not None and st.step_ready_at is not None
         if pause > held:
-            return "CanaryProgressing", f"Step {st.step}: holding for {pause - held:.0f}s more"
+            until = format_time(st.step_ready_at + dt.timedelta(seconds=pause))
+            weight = self.spec.steps[st.step].weight
+            return "CanaryProgressing", f"Step {st.step} ({weight}%): holding until {until}"
         last = st.last_analysis
         if last is not None and last.verdict == "Inconclusive" and last.time > (st.step_ready_at or last.time):
             return "AnalysisInconclusive", f"Step {st.step}: waiting for a conclusive check; last: {last.reason}"

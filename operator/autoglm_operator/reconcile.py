@@ -24,7 +24,8 @@ from .analysis import analyse_if_due
 from .kube import KubeAPI
 from .models import InvalidSpec, resolve_spec
 from .observe import autoscaler_status, deployment_problems, observe, pod_problems
-from .policy import RolloutState, decide
+from .policy import decide
+from .rollout_state import RolloutState
 from .settings import OperatorSettings
 from .status import compute_status, invalid_status
 from .sync import (
@@ -44,7 +45,6 @@ from .sync import (
 log = logging.getLogger(__name__)
 
 CR_KIND = "AutoGLMDeployment"
-PRECONDITION_POLL_SECONDS = 5.0
 
 
 async def reconcile(
@@ -104,6 +104,7 @@ async def reconcile(
         obs = await observe(kube, cr, r)
     problems = (
         ([decision.problem] if decision.problem else [])
+        + out.conflicts
         + obs.preconditions
         + autoscaler_problems
         + pod_problems(obs.pods, obs.revisions)
@@ -113,10 +114,10 @@ async def reconcile(
     autoscaler = autoscaler_status(r, obs)
     if autoscaler is not None:
         new_status["autoscaler"] = autoscaler
-    out.requeue_after = decision.requeue_after
-    if obs.preconditions:
-        # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): poll.
-        out.requeue_after = min(out.requeue_after or PRECONDITION_POLL_SECONDS, PRECONDITION_POLL_SECONDS)
+    out.requeue_after = decision.requeue_after  # the rollout's clock: pause end, next check, deadline
+    # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): the
+    # Reconciler's one shared poll looks at those it waits for and reconciles when one changes.
+    out.waiting_for = obs.waiting_for
     await write_status(kube, cr, old_status, new_status, out, logger, events)
     await clear_annotations(kube, cr, decision.clear_annotations, out)  # after the status that records the act
     return out

@@ -49,6 +49,45 @@ class OperatorSettings(BaseSettings):
     )
     max_concurrent_reconciles: int = Field(default=16, ge=1, le=1024)
     api_threads: int = Field(default=16, ge=1, le=256, description="Threads for the blocking API client.")
+    metrics_port: int = Field(
+        default=8081,
+        ge=0,
+        le=65535,
+        description="Port of the operator's Prometheus /metrics (0 = no metrics server).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics server listens on (the chart sets 0.0.0.0 for its Service).",
+    )
+    leader_election: bool = Field(
+        default=False,
+        description="Hold a Lease to act (one active replica, the others standby); see leader.py.",
+    )
+    leader_election_namespace: str = Field(
+        default="default", description="Namespace of the leader-election Lease (the chart: its release's)."
+    )
+    leader_election_name: str = Field(default="autoglm-operator", description="Name of the leader-election Lease.")
+    # Client-side rate limit (a token bucket in kube.py). Reads come from the watch-fed cache, so what
+    # is paced is a new resource's ~8 requests (a GET that no one else's object has its name and an
+    # apply for the Deployment and the Service, two status patches, two events; measured from the
+    # audit log) and the odd uncached read. 100/s, bursts of 200: 1,000 new resources in ~80 s (the
+    # target is all Ready in 120 s; 50/s would take 160 s), while a runaway loop stays capped well
+    # under the apiserver's default 200 mutating / 400 read requests in flight shared with everyone.
+    api_qps: float = Field(default=100.0, gt=0, le=10000, description="Sustained API requests per second.")
+    api_burst: int = Field(default=200, ge=1, le=10000, description="API requests allowed in a burst.")
+    api_timeout_seconds: float = Field(default=30.0, gt=0, le=600, description="Timeout of one API request.")
+    cache_audit_seconds: float = Field(
+        default=600.0,
+        ge=10.0,
+        le=86400.0,
+        description="Period of the check that the cache holds no object deleted while a watch was down.",
+    )
+    precondition_poll_seconds: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=3600.0,
+        description="Period of the one shared poll of the Secrets/PVCs that resources wait for.",
+    )
     liveness_endpoint: str | None = Field(
         default=None,
         description="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",

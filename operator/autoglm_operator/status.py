@@ -37,9 +37,11 @@ def compute_status(
     stable = revisions.get(decision.stable)
     stable_name = b.revision_name(name, decision.stable)
     desired = stable_count(r, stable)
-    ready = stable.ready if stable else 0
-    ready_ok = stable is not None and ready >= desired
     cand = revisions.get(decision.canary) if decision.canary else None
+    ready = stable.ready if stable else 0
+    if cand is not None and r.spec.rollout.max_surge is not None:
+        ready = min(desired, ready + cand.ready)  # canary pods stand in for the stable pods they replaced
+    ready_ok = stable is not None and ready >= desired
     problem = problems[0] if problems else None
 
     if problem:

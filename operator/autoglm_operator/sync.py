@@ -2,6 +2,13 @@
 
 Each ``sync_*`` takes what ``observe`` read and what the rollout policy decided, writes through
 ``KubeAPI``, counts its writes in the ``Outcome`` and appends the events of what it did.
+
+Every child is written with server-side apply under one field manager (``autoglm-operator``):
+fields others set (``kubectl rollout restart``'s annotation, an HPA's ``replicas``) are kept,
+fields we stop sending are pruned, and ``replicas`` is left out when an autoscaler owns it. An
+object is applied only when we control it (its controller ownerReference is this resource) or it
+does not exist; one that carries the name but is not ours is never touched: the resource is
+Degraded with reason ``ChildConflict`` naming it (``Outcome.conflicts``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ class Outcome:
     writes: int = 0
     status_written: bool = False
     gone: bool = False
-    requeue_after: float | None = None  # run again in this many seconds (unwatched state; rollout clock)
+    requeue_after: float | None = None  # reconcile again after this many seconds (the rollout's clock)
+    conflicts: list[Problem] = dataclasses.field(default_factory=list)  # children not ours (ChildConflict)
+    # Secrets/PVCs it waits for (kind, name, resourceVersion seen or ""): polled, not watched
+    waiting_for: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
 
 
 # ==================================================================== comparing
@@ -63,6 +73,38 @@ def _child_differs(
     return exact is not None and exact(desired) != exact(actual)
 
 
+async def _apply_if_ours(
+    kube: KubeAPI,
+    cr: dict[str, Any],
+    kind: str,
+    desired: dict[str, Any],
+    observed: dict[str, Any] | None,
+    out: Outcome,
+) -> bool:
+    """Server-side apply ``desired`` unless an object of that name exists that we do not control.
+
+    ``observed`` comes from the cache, which holds only objects with our labels: when it has none,
+    the API is asked (``fresh``) before creating, so an unlabelled object of the user's is seen.
+    """
+    namespace, uid = cr["metadata"]["namespace"], cr["metadata"]["uid"]
+    name = desired["metadata"]["name"]
+    current = observed if observed is not None else await kube.get(kind, namespace, name, fresh=True)
+    if current is not None and not _controlled_by(current, uid):
+        out.conflicts.append(
+            Problem(
+                "ChildConflict",
+                f"{kind} {name} already exists and is not controlled by this AutoGLMDeployment: "
+                "it is left alone (delete or rename it)",
+            )
+        )
+        return False
+    if current is not None and current["metadata"].get("deletionTimestamp"):
+        return False  # ours, on its way out: applied again once it is gone
+    out.writes += 1
+    await kube.apply(kind, namespace, desired, force=True)
+    return True
+
+
 # ==================================================================== one sync per child kind
 
 
@@ -86,8 +128,7 @@ async def sync_deployments(
             if existing is None:
                 if obs.preconditions:
                     continue  # cannot run without its PVC/Secret: wait (status says why)
-                out.writes += 1
-                if await kube.create("Deployment", namespace, body) is not None:
+                if await _apply_if_ours(kube, cr, "Deployment", body, None, out):
                     logger.info("Created revision %s (version %s).", body["metadata"]["name"], r.version)
                     events.append(
                         (
@@ -97,14 +138,18 @@ async def sync_deployments(
                         )
                     )
                 continue
-            if existing.spec_hash != body["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH]:
-                body["spec"]["replicas"] = existing.desired if want is None else want
-                current = await kube.get("Deployment", namespace, existing.name)
-                if current is not None:
-                    body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                    out.writes += 1
-                    await kube.replace("Deployment", namespace, existing.name, body)
+            stale = existing.spec_hash != body["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH]
+            if stale or (want is not None and existing.desired != want):
+                if want is None and existing.replicas_managed_elsewhere:
+                    del body["spec"]["replicas"]  # the autoscaler's now: never fight it over spec.replicas
+                elif want is None:
+                    body["spec"]["replicas"] = existing.desired  # still ours: omitting it would reset it
+                out.writes += 1
+                await kube.apply("Deployment", namespace, body, force=True)  # ours: observe checked the owner
+                if stale:
                     logger.info("Updated deployment %s to the current template.", existing.name)
+                else:
+                    logger.info("Scaled deployment %s from %d to %d replicas.", existing.name, existing.desired, want)
                 continue
         if existing is not None and want is not None and existing.desired != want:
             out.writes += 1
@@ -116,13 +161,12 @@ async def sync_service(
     kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, decision: Decision, obs: Observed, out: Outcome, logger: Any
 ) -> None:
     """The shared Service: the stable revision, plus the canary once it has Ready pods (Replicas routing)."""
-    namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+    name = cr["metadata"]["name"]
     serving = list(decision.serving) if r.spec.rollout.traffic_routing == "Replicas" else [decision.stable]
     svc = b.build_service(cr, r, serving)
     if _child_differs(svc, obs.service, exact=lambda o: (o.get("spec") or {}).get("selector")):
-        out.writes += 1
-        await kube.apply("Service", namespace, svc)
-        logger.info("Applied service %s selecting %s.", name, ", ".join(b.revision_name(name, h) for h in serving))
+        if await _apply_if_ours(kube, cr, "Service", svc, obs.service, out):
+            logger.info("Applied service %s selecting %s.", name, ", ".join(b.revision_name(name, h) for h in serving))
 
 
 async def sync_route(
@@ -141,12 +185,14 @@ async def sync_route(
         what = f"{role} service"
         await _sync_optional_child(kube, cr, "Service", what, desired, observed, out, logger, name=svc_name)
     if not gateway:
+        if any(obs.route_services.values()):  # switched away from GatewayAPI: our route goes with its Services
+            route_now = await kube.get("HTTPRoute", namespace, name)
+            await _sync_optional_child(kube, cr, "HTTPRoute", "route", None, route_now, out, logger)
         return
     route = b.build_http_route(cr, r, decision.route_weight, (obs.route or {}).get("spec", {}).get("rules") or [])
     if _child_differs(route, obs.route, exact=lambda o: (o.get("spec") or {}).get("rules")):
-        out.writes += 1
-        await kube.apply("HTTPRoute", namespace, route)
-        logger.info("Applied route %s with canary weight %d.", name, decision.route_weight)
+        if await _apply_if_ours(kube, cr, "HTTPRoute", route, obs.route, out):
+            logger.info("Applied route %s with canary weight %d.", name, decision.route_weight)
 
 
 async def clear_annotations(kube: KubeAPI, cr: dict[str, Any], keys: tuple[str, ...], out: Outcome) -> None:
@@ -248,9 +294,7 @@ async def _sync_optional_child(
     """A child that exists only when wanted: apply it when it differs, delete it (if ours) when not wanted."""
     namespace, name = cr["metadata"]["namespace"], name or cr["metadata"]["name"]
     if desired is not None:
-        if _child_differs(desired, observed):
-            out.writes += 1
-            await kube.apply(kind, namespace, desired)
+        if _child_differs(desired, observed) and await _apply_if_ours(kube, cr, kind, desired, observed, out):
             logger.info("Applied %s %s.", what, name)
     elif observed is not None and _controlled_by(observed, cr["metadata"]["uid"]):
         out.writes += 1

@@ -51,23 +51,27 @@ def _can(kube, sa: str, verb: str, resource: str, ns: str = "default") -> bool:
 
 def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_models):
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kube.kubectl("apply", "--server-side", "-f", str(kube.bin_dir / "crds"))  # Gateway API (httproutes)
     release = f"agl-{namespace[-5:]}"
     # The operator's own pod is simulated (kwok-cpu-0: no operator image on the process node); what
     # is checked here is its RBAC, then the real operator process runs with its ServiceAccount's token.
     values = kube.dir / f"{release}-values.yaml"
     values.write_text("nodeSelector: {kubernetes.io/hostname: kwok-cpu-0}\n"
-                      "tolerations: [{key: autoglm.io/simulated, operator: Exists, effect: NoSchedule}]\n")
+                      "tolerations: [{key: autoglm.io/simulated, operator: Exists, effect: NoSchedule}]\n"
+                      "replicas: 2\n")  # leader election: its Role is checked too
     kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "90s",
               "-f", str(values))
     sa = f"system:serviceaccount:{namespace}:{release}-autoglm"
     dep = json.loads(kube.kubectl("get", "deploy", f"{release}-autoglm", "-n", namespace, "-o", "json").stdout)
-    assert dep["status"].get("availableReplicas") == 1
+    assert dep["status"].get("availableReplicas") == 2
 
+    # patch on the resource itself: only to remove the autoglm.io/promote and /abort annotations once acted on.
     for verb, res in [("create", "deployments.apps"), ("delete", "horizontalpodautoscalers.autoscaling"),
-                      ("patch", "autoglmdeployments.autoglm.io/status"), ("get", "secrets"), ("watch", "pods")]:
+                      ("patch", "autoglmdeployments.autoglm.io/status"), ("get", "secrets"), ("watch", "pods"),
+                      ("patch", "autoglmdeployments.autoglm.io"), ("create", "httproutes.gateway.networking.k8s.io")]:
         assert _can(kube, sa, verb, res), f"{sa} should be allowed to {verb} {res}"
     for verb, res in [("list", "secrets"), ("watch", "secrets"), ("delete", "pods"), ("create", "pods"),
-                      ("patch", "autoglmdeployments.autoglm.io"), ("delete", "autoglmdeployments.autoglm.io"),
+                      ("update", "autoglmdeployments.autoglm.io"), ("delete", "autoglmdeployments.autoglm.io"),
                       ("create", "clusterroles.rbac.authorization.k8s.io"), ("delete", "nodes"),
                       ("create", "customresourcedefinitions.apiextensions.k8s.io")]:
         assert not _can(kube, sa, verb, res), f"{sa} must not be allowed to {verb} {res}"
@@ -87,7 +91,10 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
         contexts: [{{name: c, context: {{cluster: c, user: sa}}}}]
         current-context: c
         """))
-    env = {**kube.env, "KUBECONFIG": str(sa_kubeconfig)}
+    env = {**kube.env, "KUBECONFIG": str(sa_kubeconfig), "AUTOGLM_OPERATOR_METRICS_PORT": "0",
+           **{e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+              if e["name"].startswith("AUTOGLM_OPERATOR_LEADER_ELECTION")}}
+    assert env["AUTOGLM_OPERATOR_LEADER_ELECTION"] == "true"
     log = open(kube.dir / f"{release}-operator.log", "wb")
     op = subprocess.Popen([str(REPO / ".venv" / "bin" / "autoglm-operator"), "--namespace", namespace],
                           env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -102,6 +109,7 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
                  message=f"tiny Healthy under the chart's RBAC (log: {kube.dir}/{release}-operator.log)")
         forbidden = (kube.dir / f"{release}-operator.log").read_text()
         assert "403" not in forbidden and "Forbidden" not in forbidden, forbidden[-2000:]
+        assert f"Became the leader: Lease {namespace}/{release}-autoglm" in forbidden, forbidden[-2000:]
     finally:
         op.terminate()
         op.wait(timeout=30)
@@ -117,7 +125,8 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
     (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy': value must be one of"),  # a bad enum
     (["--set", "monitoring.runtime.kind=Probe"], "/monitoring/runtime/kind': value must be one of"),
     (["--set", "watchNamespaces={Team_A}"], "/watchNamespaces/0'"),
-    (["--set", "monitoring.operator.enable=true"], "additional properties 'enable' not allowed"),
+    (["--set", "metrics.serviceMonitor.enable=true"], "additional properties 'enable' not allowed"),
+    (["--set", "replicas=0"], "/replicas'"),
 ])
 def test_bad_values_fail_install_and_template_with_the_field_named(kube, namespace, args, named):
     for cmd in (["template", "bad", str(CHART)], ["install", f"bad-{namespace[-5:]}", str(CHART), "-n", namespace]):
@@ -143,11 +152,12 @@ def test_good_values_pass_the_schema(kube):
         resources: {requests: {cpu: 1, memory: 1Gi}, limits: {memory: 2Gi}}
         tolerations: [{key: k, operator: Exists}]
         monitoring:
-          runtime: {enabled: true, kind: ServiceMonitor, interval: 1m30s, labels: {release: prom}}
-          operator: {enabled: true, port: 9100, interval: 30s}
+          runtime: {enabled: true, kind: PodMonitor, interval: 1m30s, labels: {release: prom}}
+        metrics: {port: 9100, serviceMonitor: {enabled: true, interval: 30s, labels: {release: prom}}}
+        replicas: 2
         """))
     kinds = [d["kind"] for d in _yaml_docs(kube.helm("template", "good", str(CHART), "-f", str(values)).stdout) if d]
-    assert {"ServiceMonitor", "PodMonitor", "ConfigMap", "Deployment"} <= set(kinds)
+    assert {"ServiceMonitor", "PodMonitor", "ConfigMap", "Deployment", "Service", "Role", "RoleBinding"} <= set(kinds)
     assert "0 chart(s) failed" in kube.helm("lint", str(CHART), "--strict", "-f", str(values)).stdout
 
 
@@ -188,12 +198,12 @@ def test_monitors_are_accepted_by_the_prometheus_operator_crds(kube, namespace, 
     release = f"mon-{namespace[-5:]}"
     values = kube.dir / f"{release}-values.yaml"
     values.write_text(SIMULATED_OPERATOR_POD + f"watchNamespaces: [{namespace}]\n"
-                      f"monitoring: {{runtime: {{enabled: true, kind: {kind}, labels: {{release: prom}}}},"
-                      f" operator: {{enabled: true}}}}\n")
+                      f"monitoring: {{runtime: {{enabled: true, kind: {kind}, labels: {{release: prom}}}}}}\n"
+                      "metrics: {serviceMonitor: {enabled: true}}\n")
     rendered = {(d["kind"], d["metadata"]["name"]): d for d in _yaml_docs(
         kube.helm("template", release, str(CHART), "-n", namespace, "-f", str(values)).stdout)
         if d and d["apiVersion"] == "monitoring.coreos.com/v1"}
-    assert set(rendered) == {(kind, f"{release}-autoglm-runtime"), ("PodMonitor", f"{release}-autoglm-operator")}
+    assert set(rendered) == {(kind, f"{release}-autoglm-runtime"), ("ServiceMonitor", f"{release}-autoglm-operator")}
     try:
         kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "-f", str(values))
         for (k, name), want in rendered.items():

@@ -9,8 +9,10 @@ Prometheus (pods discovered through the apiserver). Binaries come from
 Where pods land: a CPU-only pod lands on ``proc-0`` and runs for real; GPU pods land on the fake
 GPU nodes (tainted ``nvidia.com/gpu``; the ``ExtendedResourceToleration`` admission plugin lets
 pods that ask for GPUs tolerate it), where kwok plays their lifecycle; ``kwok-cpu-0`` is tainted
-``autoglm.io/simulated`` and takes only pods that tolerate it (the operator benchmark's hundreds
-of pods). Network layout and its guarantees: ``network.py``. Needs root (namespaces, nftables).
+``autoglm.io/simulated`` and takes only pods that tolerate it (the operator benchmark's 1,000+
+pods): it is sized for them (``SIMULATED_CAPACITY``: 1,280 pods, 1,280 CPU, 5 TiB memory, enough
+for 1,100+ pods of ``cpu: 1, memory: 2Gi``; kwok's pod IPs come from a /17). The GPU nodes keep
+32 CPU / 256Gi / 110 pods. Network layout and its guarantees: ``network.py``. Needs root (namespaces, nftables).
 
 Use it from Python (``with Cluster.start() as c: ...``) or the command line::
 
@@ -43,6 +45,9 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tests" / "cluster" / "gobuild" / "build.sh"
 
 # Fake nodes (kwok): two GPU nodes (different products) and one CPU-only node for simulated pods.
+# kwok-cpu-0 holds the operator benchmark (N = 1,000 resources of `cpu: 1, memory: 2Gi`, plus the
+# surge of a rollout), so it is one big node rather than many small ones (fewer node heartbeats).
+SIMULATED_CAPACITY = {"cpu": "1280", "memory": "5Ti", "pods": "1280"}
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 SIMULATED_TAINT = {"key": "autoglm.io/simulated", "value": "true", "effect": "NoSchedule"}
 NODES = [
@@ -50,19 +55,28 @@ NODES = [
      GPU_TAINT),
     ("kwok-gpu-1", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"},
      {"nvidia.com/gpu": "8"}, GPU_TAINT),
-    ("kwok-cpu-0", {}, {}, SIMULATED_TAINT),
+    ("kwok-cpu-0", {}, SIMULATED_CAPACITY, SIMULATED_TAINT),
 ]
 PROC_NODE = "proc-0"
 RUNTIME_IMAGE = "ghcr.io/autoglm/runtime"   # any tag runs the project's own `autoglm-runtime`
 HOST_IMAGE = "autoglm.local/host"           # any tag: the host's own programs (tests' helper pods)
-# The apiserver audits every write (metadata only), so tests can count the writes a component makes.
-AUDIT_POLICY = """\
+# The operator's own identity (a client certificate in group system:masters, CN below): its reads
+# are audited too, so the benchmark and tests can count every request it makes, and nobody else's
+# reads fill the log (kwok, the scheduler and the tests' kubectl polls are not recorded).
+OPERATOR_USER = "autoglm-operator"
+WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
+# The apiserver audits every write (metadata only), so tests can count the writes a component makes,
+# and the operator's reads (get/list/watch, metadata only; a watch is one request however long).
+AUDIT_POLICY = f"""\
 apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
 - level: Metadata
-  verbs: ["create", "update", "patch", "delete", "deletecollection"]
+  verbs: [{", ".join(f'"{v}"' for v in WRITE_VERBS)}]
+- level: Metadata
+  users: ["{OPERATOR_USER}"]
+  verbs: ["get", "list", "watch"]
 - level: None
 """
 # Prometheus discovers pods through the apiserver and scrapes those annotated prometheus.io/scrape.
@@ -187,7 +201,8 @@ def make_pki(d: Path, service_ip: str) -> None:
     )
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     for name, subj, ext in [("server", "/CN=kube-apiserver", "server.ext"),
-                            ("admin", "/O=system:masters/CN=admin", "client.ext")]:
+                            ("admin", "/O=system:masters/CN=admin", "client.ext"),
+                            ("operator", f"/O=system:masters/CN={OPERATOR_USER}", "client.ext")]:
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", subj, cwd=d)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -221,7 +236,7 @@ def make_keda_certs(d: Path) -> None:
              "-out", "tls.crt", "-days", "365", "-extfile", "tls.ext", cwd=d)
 
 
-def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
+def write_kubeconfig(path: Path, server: str, pki: Path, user: str = "admin") -> None:
     path.write_text(textwrap.dedent(f"""\
         apiVersion: v1
         kind: Config
@@ -230,7 +245,7 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
           cluster: {{server: "{server}", certificate-authority: "{pki / 'ca.crt'}"}}
         users:
         - name: admin
-          user: {{client-certificate: "{pki / 'admin.crt'}", client-key: "{pki / 'admin.key'}"}}
+          user: {{client-certificate: "{pki / f'{user}.crt'}", client-key: "{pki / f'{user}.key'}"}}
         contexts:
         - name: autoglm-local
           context: {{cluster: autoglm-local, user: admin, namespace: default}}
@@ -315,14 +330,34 @@ class Cluster:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
+    @property
+    def operator_kubeconfig(self) -> Path:
+        """A kubeconfig for the operator's own identity (``OPERATOR_USER``, cluster-admin), whose
+        reads are audited as well as its writes (``audit_events(user=OPERATOR_USER)``)."""
+        return self.dir / "operator.kubeconfig"
+
     def audit_writes(self, since: float = 0.0, user_agent: str = "", namespace: str = "") -> list[dict]:
         """Write requests (create/update/patch/delete) the apiserver audited after the Unix time
         ``since``, optionally only from clients whose User-Agent starts with ``user_agent`` and in
         ``namespace``. Each entry is the audit event (verb, objectRef, userAgent, responseStatus...)."""
+        return [ev for ev in self.audit_events(since, user_agent=user_agent, namespace=namespace)
+                if ev.get("verb") in WRITE_VERBS]
+
+    def audit_reads(self, since: float = 0.0, user_agent: str = "", namespace: str = "") -> list[dict]:
+        """Like ``audit_writes``, for get/list requests (only ``OPERATOR_USER``'s reads are audited)."""
+        return [ev for ev in self.audit_events(since, user_agent=user_agent, namespace=namespace)
+                if ev.get("verb") in ("get", "list")]
+
+    def audit_events(self, since: float = 0.0, user_agent: str = "", namespace: str = "",
+                     user: str = "") -> list[dict]:
+        """Every audited request (writes by anyone, reads by ``OPERATOR_USER``) after ``since``, one
+        entry per request (a watch is logged when it starts and again when it ends: kept once),
+        optionally filtered by User-Agent prefix, namespace and user name."""
         import json
         from datetime import datetime
 
         out = []
+        seen: set[str] = set()
         path = self.dir / "audit.log"
         if not path.exists():
             return out
@@ -336,6 +371,11 @@ class Cluster:
                 continue
             if namespace and ev.get("objectRef", {}).get("namespace") != namespace:
                 continue
+            if user and ev.get("user", {}).get("username") != user:
+                continue
+            if ev.get("auditID") in seen:
+                continue
+            seen.add(ev.get("auditID"))
             out.append(ev)
         return out
 
@@ -363,6 +403,7 @@ class Cluster:
         make_pki(pki, r.kubernetes_service_ip)
         kubeconfig = d / "kubeconfig"
         write_kubeconfig(kubeconfig, f"https://127.0.0.1:{api_port}", pki)
+        write_kubeconfig(d / "operator.kubeconfig", f"https://127.0.0.1:{api_port}", pki, user="operator")
         c = cls(dir=d, bin_dir=bin_dir, kubeconfig=kubeconfig, api_port=api_port, owns_dir=owns, net=net,
                 prometheus_url=f"http://127.0.0.1:{prom_port}", keda_grpc_port=keda_grpc)
         c.write_info()

@@ -42,6 +42,9 @@ def test_nodes_advertise_gpus(kube):
     nodes = {n["metadata"]["name"]: n for n in _get(kube, "nodes")["items"]}
     assert nodes["kwok-gpu-0"]["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     assert "nvidia.com/gpu" not in nodes["kwok-cpu-0"]["status"]["allocatable"]
+    # Room for the operator benchmark's 1,000+ simulated pods of cpu: 1, memory: 2Gi.
+    sim = nodes["kwok-cpu-0"]["status"]["allocatable"]
+    assert int(sim["pods"]) >= 1100 and int(sim["cpu"]) >= 1100 and sim["memory"] == "5Ti"
 
 
 def test_gpu_deployment_becomes_available_and_is_garbage_collected(kube, namespace):
@@ -85,3 +88,22 @@ def test_writes_are_audited(kube, namespace):
                       timeout=10, message="the create to appear in the audit log")
     assert [(w["verb"], w["objectRef"]["resource"], w["objectRef"]["name"]) for w in writes] == [
         ("create", "configmaps", "audited")]
+
+
+def test_the_operators_reads_are_audited_and_nobody_elses(kube, namespace):
+    import time
+
+    from tests.cluster.harness import OPERATOR_USER
+
+    t0 = time.time()
+    kube.kubectl("create", "configmap", "read-me", "-n", namespace, "--from-literal=a=b")
+    kube.kubectl("get", "configmap", "read-me", "-n", namespace)  # the admin's read: not audited
+    kube.run("kubectl", f"--kubeconfig={kube.operator_kubeconfig}", "get", "configmap", "read-me", "-n", namespace)
+    kube.run("kubectl", f"--kubeconfig={kube.operator_kubeconfig}", "get", "configmaps", "-n", namespace)
+
+    def reads():
+        return [(e["verb"], e["user"]["username"]) for e in kube.audit_events(since=t0, namespace=namespace)
+                if e["verb"] in ("get", "list")]
+
+    got = wait_for(lambda: len(reads()) >= 2 and reads(), timeout=10, message="the operator's reads audited")
+    assert sorted(got) == [("get", OPERATOR_USER), ("list", OPERATOR_USER)]

@@ -156,6 +156,8 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("latency-zero", spec(rollout={"analysis": {"latencyP99MaxSeconds": 0}}), ("spec.rollout.analysis.latencyP99MaxSeconds",)),
     ("interval-words", spec(rollout={"analysis": {"interval": "often"}}), ("spec.rollout.analysis.interval",)),
     ("max-surge-0", spec(rollout={"maxSurge": 0}), ("spec.rollout.maxSurge",)),
+    ("max-surge-with-autoscaling", spec(replicas=DELETE, autoscaling={"enabled": True}, rollout={"maxSurge": 1}),
+     ("spec.rollout.maxSurge", "needs a fixed replica count")),
     ("ratio-below-1", spec(rollout={"analysis": {"maxRatioToStable": 0.5}}), ("spec.rollout.analysis.maxRatioToStable",)),
     ("ttft-zero", spec(rollout={"analysis": {"ttftP99MaxSeconds": 0}}), ("spec.rollout.analysis.ttftP99MaxSeconds",)),
     ("prometheus-no-scheme", spec(rollout={"analysis": {"prometheus": {"address": "prometheus:9090"}}}),
@@ -243,7 +245,8 @@ def test_explain_shows_descriptions(crd):
     deep = crd.kubectl("explain", "agd.spec.rollout.analysis.successRateMin").stdout
     assert "non-5xx" in deep
     status = crd.kubectl("explain", "agd.status").stdout
-    for field in ("ready", "stableVersion", "canaryWeight", "selector", "revisions", "conditions"):
+    for field in ("ready", "stableVersion", "canaryWeight", "selector", "revisions", "conditions", "rolloutPhase",
+                  "currentStep", "stepStartedAt", "failedChecks", "lastAnalysis", "previousStableVersion"):
         assert field in status
 
 
@@ -252,7 +255,8 @@ def test_get_shows_printer_columns(crd, namespace):
     header = crd.kubectl("get", "agd", "-n", namespace).stdout.splitlines()[0].split()
     assert header == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "AGE"]
     wide = crd.kubectl("get", "agd", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split()
-    assert wide == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "MODEL", "ENDPOINT", "AGE"]
+    assert wide == ["NAME", "READY", "PHASE", "VERSION", "CANARY", "WEIGHT", "STEP", "ROLLOUT", "MODEL", "ENDPOINT",
+                    "AGE"]
 
     # What the operator writes shows up in the columns (and the status schema accepts it).
     status = {"status": {"phase": "Progressing", "ready": "1/1", "replicas": 2, "readyReplicas": 1, "desiredReplicas": 1,

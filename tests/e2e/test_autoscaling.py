@@ -92,7 +92,9 @@ def test_keda_scales_up_on_queue_depth_and_back_down_without_failures(kube, name
 
 
 def test_version_change_while_scaled_comes_up_at_the_current_count(kube, namespace, operator, node_models, keda):
-    apply(kube, namespace, autoscaled(kube, "KEDA", minReplicas=2, scaleDownStabilizationSeconds=600))
+    body = autoscaled(kube, "KEDA", minReplicas=2, scaleDownStabilizationSeconds=600)
+    body["spec"]["rollout"] = {"steps": []}  # straight to promotion at the current count (canaries: test_rollout*)
+    apply(kube, namespace, body)
     wait_phase(kube, namespace, "tiny", "Healthy", timeout=180, ready="2/2")
     old = pods(kube, namespace, "tiny")[0]["metadata"]["labels"]["autoglm.io/revision"]
     merge(kube, namespace, "autoglmdeployment/tiny", {"spec": {"runtime": {"version": "0.1.1"}}})

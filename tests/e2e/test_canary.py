@@ -469,14 +469,6 @@ def test_a_slower_canary_is_caught_by_latency_and_rolled_back(kube, scenario):
     assert "p99" in st["lastAnalysis"]["reason"], st["lastAnalysis"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "analysis counts only status success|error (queries.SERVED): the canary's 400 context_length_exceeded "
-        "answers are status=invalid, left out, so the check sees 0 requests and stays Inconclusive while a third "
-        "of the users get errors; the rollback comes only after pause + progressDeadlineSeconds"
-    ),
-)
 def test_a_canary_whose_max_model_len_is_too_small_is_caught_by_success_rate(kube, scenario):
     # Prompts of ~60 tokens; the canary's maxModelLen 48 refuses them (400 context_length_exceeded).
     prompt = "client {i} asks: " + "please summarise the following words " * 8

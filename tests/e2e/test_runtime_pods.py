@@ -162,7 +162,7 @@ def test_an_image_the_node_cannot_run_degrades_with_image_pull_back_off(kube, na
 
 
 def test_version_change_under_load_loses_no_request(kube, namespace, operator, models):
-    apply(kube, namespace, tiny())
+    apply(kube, namespace, tiny(rollout={"steps": []}))  # blue/green: the Service switches once
     wait_phase(kube, namespace, "tiny", "Healthy", timeout=180)
     old = pods(kube, namespace, "tiny")[0]["metadata"]["labels"]["autoglm.io/revision"]
     ip = service_ip(kube, namespace, "tiny")

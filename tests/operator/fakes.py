@@ -2,6 +2,8 @@
 
 It stores plain dicts, assigns uid/resourceVersion/generation like the apiserver, filters lists
 by label selector, and counts writes, so reconcile can be driven step by step without a cluster.
+``apply`` behaves like server-side apply with one field manager (ours): fields others set are kept,
+fields we applied before and stop sending are removed (lists are replaced whole, as atomic lists).
 """
 
 from __future__ import annotations
@@ -40,12 +42,37 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def _prune(obj: Any, before: Any, now: Any) -> Any:
+    """``obj`` without the fields in ``before`` (what we applied last time) that ``now`` omits."""
+    if not isinstance(obj, dict) or not isinstance(before, dict):
+        return obj
+    now = now if isinstance(now, dict) else {}
+    out = dict(obj)
+    for k, v in before.items():
+        if k not in now:
+            out.pop(k, None)
+        elif k in out:
+            out[k] = _prune(out[k], v, now[k])
+    return out
+
+
+def _overlay(obj: Any, applied: Any) -> Any:
+    if not isinstance(obj, dict) or not isinstance(applied, dict):
+        return copy.deepcopy(applied)
+    out = dict(obj)
+    for k, v in applied.items():
+        out[k] = _overlay(out.get(k), v)
+    return out
+
+
 class FakeKube:
     def __init__(self, missing_kinds: set[str] | None = None) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.writes: collections.Counter[str] = collections.Counter()
+        self.reads: collections.Counter[str] = collections.Counter()
         self.events: list[tuple[str, str, str]] = []
         self.missing_kinds = missing_kinds or set()  # kinds whose CRD is not installed (writes get 404)
+        self.applied: dict[tuple[str, str, str], dict[str, Any]] = {}  # what we last applied (our fields)
 
     # helpers for tests
     def put(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -80,11 +107,13 @@ class FakeKube:
         meta["resourceVersion"] = str(next(_rv))
 
     # the KubeAPI protocol
-    async def get(self, kind, namespace, name):
+    async def get(self, kind, namespace, name, *, fresh=False):
+        self.reads[f"GET {kind}"] += 1
         o = self.objects.get((kind, namespace, name))
         return copy.deepcopy(o) if o is not None else None
 
     async def list(self, kind, namespace, label_selector=None):
+        self.reads[f"LIST {kind}"] += 1
         return [copy.deepcopy(o) for (k, ns, _), o in sorted(self.objects.items())
                 if k == kind and (namespace is None or ns == namespace)
                 and _match(o["metadata"].get("labels") or {}, label_selector)]
@@ -119,17 +148,22 @@ class FakeKube:
         self.objects[(kind, namespace, name)] = body
         return copy.deepcopy(body)
 
-    async def apply(self, kind, namespace, body):
+    async def apply(self, kind, namespace, body, *, force=True):
         self.writes[f"APPLY {kind}"] += 1
         if kind in self.missing_kinds:
             raise ApiError(404, "Not Found", "the server could not find the requested resource")
-        old = self.objects.get((kind, namespace, body["metadata"]["name"]))
+        key = (kind, namespace, body["metadata"]["name"])
+        old = self.objects.get(key)
         body = copy.deepcopy(body)
+        before = self.applied.get(key, {})
+        self.applied[key] = copy.deepcopy(body)
         if old is None:
+            body["metadata"]["namespace"] = namespace
             return self.put(kind, body)
-        self._bump(body, old)
-        self.objects[(kind, namespace, body["metadata"]["name"])] = body
-        return copy.deepcopy(body)
+        merged = _overlay(_prune(copy.deepcopy(old), before, body), body)
+        self._bump(merged, old)
+        self.objects[key] = merged
+        return copy.deepcopy(merged)
 
     async def delete(self, kind, namespace, name, uid=None):
         self.writes[f"DELETE {kind}"] += 1
@@ -137,6 +171,7 @@ class FakeKube:
         if o is None or (uid and o["metadata"]["uid"] != uid):
             return False
         del self.objects[(kind, namespace, name)]
+        self.applied.pop((kind, namespace, name), None)
         return True
 
     async def patch_status(self, namespace, name, status_patch):

@@ -25,7 +25,7 @@ CANARY = {
                      "latencyP99": 0.21, "ttftP99": 0.05, "interTokenP99": 0.012,
                      "reason": "success rate 0.95 < 0.99"},
     "conditions": [{"type": "Progressing", "status": "True", "reason": "CanaryProgressing",
-                    "message": "Step 0: holding for 20s more"}],
+                    "message": "Step 0 (10%): holding until 2026-01-01T12:01:20Z"}],
 }
 
 

@@ -22,13 +22,12 @@ from autoglm_operator.policy import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
     ANNOTATION_PROMOTE,
-    Analysis,
-    RolloutState,
     analysis_window,
     canary_count,
     decide,
     effective_weight,
 )
+from autoglm_operator.rollout_state import Analysis, RolloutState
 from tests.operator.test_builders import resolved
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,6 +141,7 @@ ROWS = [
         analysis=failed(60), expect={
             "canary": None, "phase": "RolledBack", "delete": ("new",), "replicas": {"old": 4},
             "rolled_back": "new", "problem": "RolledBack", "problem_message": "latency p99 3.1s > 2.0s",
+            "last_verdict": "Failed", "failed_checks": 0,
             "events": ["AnalysisFailed", "RolledBack"], "serving": ("old",)}),
     Row("canary not Ready within progressDeadlineSeconds: rollback", [OLD4, rev("new", 1, ready=0, version="0.2.0")],
         canary_state(), now=901, expect={"phase": "RolledBack", "delete": ("new",), "problem": "RolledBack",
@@ -209,8 +209,8 @@ ROWS = [
     Row("maxSurge 1, 50 % once the stable shrank: canary reaches its 2 pods, stable stays at its share",
         [rev("old", 3), rev("new", 1, version="0.2.0")], canary_state(step=1), now=2, spec=spec(maxSurge=1),
         expect={"replicas": {"old": 3, "new": 2}}),
-    Row("maxSurge 1, a terminating stable pod still takes room", [rev("old", 3, pods=4), rev("new", 1, version="0.2.0")],
-        canary_state(step=1), now=2, spec=spec(maxSurge=1), expect={"replicas": {"old": 3, "new": 1}}),
+    Row("maxSurge 1, a terminating stable pod still takes room",
+        [rev("old", 3, pods=4), rev("new", 1, version="0.2.0")], canary_state(step=1), now=2, spec=spec(maxSurge=1), expect={"replicas": {"old": 3, "new": 1}}),
     Row("maxSurge 1, promoting: the stable shrinks only as canary pods are Ready",
         [rev("old", 2), rev("new", 3, ready=2, version="0.2.0")], canary_state(step=2, phase="Promoting"), now=2,
         spec=spec(maxSurge=1), expect={"replicas": {"old": 2, "new": 3}, "canary": "new"}),
@@ -220,6 +220,9 @@ ROWS = [
     Row("steps: [] → blue/green: straight to promoting at full count", [OLD4], RolloutState(stable="old"),
         spec=spec(steps=[]), expect={"phase": "Promoting", "step": 0, "replicas": {"old": 4, "new": 4},
                                      "route_weight": 0, "events": ["CanaryStarted"]}),
+    Row("stable with no Ready pod (broken): nothing to protect, straight to promoting",
+        [rev("old", 4, ready=0)], RolloutState(stable="old"), expect={
+            "phase": "Promoting", "step": 2, "replicas": {"old": 4, "new": 4}, "events": ["CanaryStarted"]}),
     Row("no status (restart before the first write): the revision with Ready pods is stable",
         [rev("a", 4), rev("new", 1, ready=0, version="0.2.0")], RolloutState(), expect={
             "stable": "a", "canary": "new", "step": 0, "delete": ()}),

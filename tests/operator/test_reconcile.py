@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
 from autoglm_operator import builders as b
@@ -163,7 +164,7 @@ async def test_missing_secret_blocks_and_recovers() -> None:
     kube = FakeKube()
     make(kube, {**SPEC, "auth": {"apiKeySecretRef": {"name": "key", "key": "token"}}})
     out = await run(kube)
-    assert out.requeue_after  # Secrets are not watched: polled while missing
+    assert out.waiting_for == [("Secret", "key", "")]  # not watched: the shared poll looks at it
     assert deployments(kube) == []
     st = cr(kube)["status"]
     deg = next(c for c in st["conditions"] if c["type"] == "Degraded")
@@ -366,9 +367,193 @@ async def test_promote_annotation_is_acted_on_then_removed() -> None:
     kube.settle(NS, new)
     out = await run(kube)
     assert cr(kube)["status"]["currentStep"] == 0 and out.requeue_after and out.requeue_after > 3000  # the 1 h pause
+    await asyncio.sleep(1.1)
+    await assert_idle(kube)  # holding a step writes nothing (no countdown in the status)
     cr(kube)["metadata"]["annotations"] = {"autoglm.io/promote": "true", "team": "x"}
     await run(kube)
     assert cr(kube)["metadata"]["annotations"] == {"team": "x"}
     assert cr(kube)["status"]["rolloutPhase"] == "Promoting"
     await run(kube)  # canary already Ready at the stable's count (1): promoted
     assert cr(kube)["status"]["stableRevision"] == new and deployments(kube) == [new]
+
+
+async def test_gateway_api_routing_children_follow_the_canary_and_go_when_switched_off() -> None:
+    kube = FakeKube()
+    gw = {"trafficRouting": "GatewayAPI", "gateway": {"name": "gw"}, "steps": [{"weight": 30, "pause": "1h"}]}
+    make(kube, {**SPEC, "replicas": 2, "rollout": gw})
+    await run(kube)
+    [old] = deployments(kube)
+    kube.settle(NS, old)
+    await run(kube)
+    assert kube.names("Service", NS) == ["chat", "chat-canary", "chat-stable"]
+    route = kube.obj("HTTPRoute", NS, "chat")
+    assert route["spec"]["rules"][1]["backendRefs"][1]["weight"] == 0
+    await assert_idle(kube)
+
+    edit(kube, lambda s: s["runtime"].update(version="0.2.0"))
+    await run(kube)
+    [new] = [d for d in deployments(kube) if d != old]
+    kube.settle(NS, new)
+    await run(kube)
+    rules = kube.obj("HTTPRoute", NS, "chat")["spec"]["rules"]
+    assert [(ref["name"], ref["weight"]) for ref in rules[1]["backendRefs"]] == [("chat-stable", 70), ("chat-canary", 30)]
+    assert kube.obj("Service", NS, "chat-canary")["spec"]["selector"][b.LABEL_REVISION] == new.rsplit("-", 1)[1]
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"][b.LABEL_REVISION] == old.rsplit("-", 1)[1]
+    assert cr(kube)["status"]["canaryWeight"] == 30
+
+    edit(kube, lambda s: s["rollout"].update(trafficRouting="Replicas"))
+    await run(kube)
+    assert kube.names("Service", NS) == ["chat"] and kube.names("HTTPRoute", NS) == []
+    assert cr(kube)["status"]["canaryWeight"] == 33  # now the Ready pod share: 1 canary pod beside 2
+
+
+# ------------------------------------------------------------------ writes that never hurt what is not ours
+
+
+async def test_a_users_objects_with_our_names_are_never_adopted() -> None:
+    """A user's Service/HPA/PDB named like the resource: left alone, and the status says why."""
+    kube = FakeKube()
+    spec = {**{k: v for k, v in SPEC.items() if k != "replicas"},
+            "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 3}}
+    make(kube, spec)
+    theirs = {"Service": {"spec": {"ports": [{"port": 80}], "selector": {"app": "theirs"}}},
+              "HorizontalPodAutoscaler": {"spec": {"maxReplicas": 9}},
+              "PodDisruptionBudget": {"spec": {"minAvailable": 1}}}
+    for kind, body in theirs.items():
+        kube.put(kind, {"metadata": {"name": "chat", "namespace": NS, "labels": {"team": "web"}}, **body})
+    before = {kind: copy.deepcopy(kube.obj(kind, NS, "chat")) for kind in theirs}
+    await run(kube)
+    [dep] = deployments(kube)
+    kube.settle(NS, dep)
+    await run(kube)
+    for kind in theirs:
+        assert kube.obj(kind, NS, "chat") == before[kind], f"the user's {kind} was written"
+        assert f"APPLY {kind}" not in kube.writes
+    st = cr(kube)["status"]
+    deg = next(c for c in st["conditions"] if c["type"] == "Degraded")
+    assert st["phase"] == "Degraded" and deg["reason"] == "ChildConflict", deg
+    assert "Service chat" in deg["message"] and "not controlled" in deg["message"]
+    assert ("Warning", "Degraded") in {e[:2] for e in kube.events}
+    await assert_idle(kube)
+
+    # Once the user's objects are gone, ours are created and the resource recovers.
+    for kind in theirs:
+        del kube.objects[(kind, NS, "chat")]
+    await run(kube)
+    for kind in theirs:
+        owner = kube.obj(kind, NS, "chat")["metadata"]["ownerReferences"][0]
+        assert owner["uid"] == cr(kube)["metadata"]["uid"] and owner["controller"]
+
+
+async def test_a_users_deployment_with_the_revision_name_is_never_adopted() -> None:
+    kube = FakeKube()
+    make(kube, SPEC)
+    from autoglm_operator.models import resolve_spec
+    r = resolve_spec("chat", NS, SPEC, default_image="ghcr.io/autoglm/runtime", default_version="0.1.0")
+    name = b.revision_name("chat", b.revision_hash(r))
+    kube.put("Deployment", {"metadata": {"name": name, "namespace": NS}, "spec": {"replicas": 5}})
+    await run(kube)
+    assert kube.obj("Deployment", NS, name)["spec"] == {"replicas": 5}
+    deg = next(c for c in cr(kube)["status"]["conditions"] if c["type"] == "Degraded")
+    assert deg["reason"] == "ChildConflict" and f"Deployment {name}" in deg["message"]
+
+
+async def test_template_update_keeps_what_others_wrote_and_prunes_what_we_dropped() -> None:
+    """`kubectl rollout restart`'s annotation (and a label someone added) survive our update."""
+    kube = FakeKube()
+    make(kube, SPEC)
+    await run(kube)
+    [dep] = deployments(kube)
+    kube.settle(NS, dep)
+    await run(kube)
+    d = kube.obj("Deployment", NS, dep)
+    d["spec"]["template"]["metadata"].setdefault("annotations", {})["kubectl.kubernetes.io/restartedAt"] = "now"
+    d["metadata"]["labels"]["team"] = "web"
+    edit(kube, lambda s: s.setdefault("rollout", {}).update(progressDeadlineSeconds=123))
+    await run(kube)
+    d = kube.obj("Deployment", NS, dep)
+    assert d["spec"]["progressDeadlineSeconds"] == 123  # updated in place (same revision)
+    assert d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] == "now"
+    assert d["metadata"]["labels"]["team"] == "web"
+    assert "PUT Deployment" not in kube.writes
+    await assert_idle(kube)
+
+
+async def test_replicas_are_left_out_when_the_autoscaler_owns_them() -> None:
+    kube = FakeKube()
+    spec = {**{k: v for k, v in SPEC.items() if k != "replicas"},
+            "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 5}}
+    make(kube, spec)
+    await run(kube)
+    [dep] = deployments(kube)
+    kube.settle(NS, dep)
+    await run(kube)
+    # Not scaled by anyone yet: spec.replicas is still ours and we keep sending what is there.
+    edit(kube, lambda s: s.setdefault("rollout", {}).update(progressDeadlineSeconds=200))
+    await run(kube)
+    assert kube.applied[("Deployment", NS, dep)]["spec"]["replicas"] == 1
+    # The HPA scaled it (it owns spec.replicas now, managedFields say): we leave replicas out.
+    d = kube.obj("Deployment", NS, dep)
+    d["spec"]["replicas"] = 4
+    d["metadata"]["managedFields"] = [{"manager": "kube-controller-manager", "operation": "Update",
+                                       "subresource": "scale", "fieldsV1": {"f:spec": {"f:replicas": {}}}}]
+    edit(kube, lambda s: s.setdefault("rollout", {}).update(progressDeadlineSeconds=300))
+    await run(kube)
+    assert "replicas" not in kube.applied[("Deployment", NS, dep)]["spec"]
+
+
+# ------------------------------------------------------------------ Secrets/PVCs: one shared poll
+
+
+async def test_shared_poll_reconciles_only_when_an_awaited_secret_changes() -> None:
+    import asyncio
+
+    kube = FakeKube()
+    for name in ("a", "b"):
+        make(kube, {**SPEC, "auth": {"apiKeySecretRef": {"name": "key", "key": "token"}}}, name=name)
+    rec = Reconciler(kube, SETTINGS)
+    for name in ("a", "b"):
+        rec.observe_event(NS, name)
+    await asyncio.gather(*list(rec._tasks))
+    assert set(rec.waiting) == {(NS, "a"), (NS, "b")}
+    runs = rec.runs
+    assert await rec.poll_preconditions() == 0  # nothing changed: no reconcile
+    assert rec.runs == runs
+    kube.put("Secret", {"metadata": {"name": "key", "namespace": NS}, "data": {"token": "eA=="}})
+    assert await rec.poll_preconditions() == 2
+    await asyncio.gather(*list(rec._tasks))
+    assert rec.waiting == {} and len(kube.names("Deployment", NS)) == 2
+    await rec.close()
+
+
+async def test_a_reconcile_that_lost_a_race_is_retried_from_the_api_not_the_cache() -> None:
+    import asyncio
+
+    from autoglm_operator.kube import ApiError
+
+    class Racing(FakeKube):
+        """Reads like a cache that has not caught up; its first write loses a race (409)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lost = False
+
+        async def apply(self, kind, namespace, body, *, force=True):
+            if not self.lost:
+                self.lost = True
+                raise ApiError(409, "Conflict", "the object has been modified")
+            return await super().apply(kind, namespace, body, force=force)
+
+    api = FakeKube()
+    cache = Racing()
+    cache.objects = api.objects  # same state; only the first one is "the cache"
+    make(api, SPEC)
+    rec = Reconciler(cache, SETTINGS, api=api)
+    rec.observe_event(NS, "chat")
+    await asyncio.gather(*list(rec._tasks))
+    assert rec._stale == {(NS, "chat")} and deployments(api) == []
+    rec._retry((NS, "chat"))  # the backoff timer firing
+    await asyncio.gather(*list(rec._tasks))
+    assert len(deployments(api)) == 1 and api.writes["APPLY Deployment"] == 1
+    assert rec._stale == set()
+    await rec.close()

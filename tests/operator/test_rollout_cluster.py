@@ -9,6 +9,7 @@ is no traffic and no analysis here: the real-traffic scenarios are in tests/e2e)
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_operator.analysis import judge, measure
 from tests.helpers import wait_for
+from tests.operator.test_builders import resolved
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures used by name
     LABEL_DEPLOYMENT,
     agd,
@@ -197,3 +200,33 @@ def test_gateway_api_route_is_accepted_and_keeps_a_users_rule(kube, namespace, o
     rv = route["metadata"]["resourceVersion"]
     time.sleep(12)
     assert get(kube, namespace, "httproute/gw")["metadata"]["resourceVersion"] == rv
+
+
+async def test_analysis_promql_runs_on_a_real_prometheus(kube):
+    """Every analysis query parses and runs on the session's Prometheus (no traffic: 0 requests, inconclusive)."""
+    spec = {"model": {"uri": "hf://a/b"}, "rollout": {"analysis": {"minRequests": 1}}}
+    r = resolved("chat", spec)
+    now = dt.datetime.now(dt.UTC)
+    m = await measure(kube.prometheus_url, r, "ccc", "sss", now - dt.timedelta(seconds=30), now)
+    assert m.error == "", m.error
+    assert m.requests == 0 and m.success_rate is None and m.latency_p99 is None
+    a = judge(m, r.spec.rollout.analysis, now)
+    assert a.verdict == "Inconclusive" and "fewer than minRequests 1" in a.reason
+
+
+def test_max_surge_keeps_the_pod_count_within_budget(kube, namespace, operator):  # noqa: F811
+    apply(kube, namespace, agd("surge", replicas=3, rollout={"maxSurge": 1, "steps": [{"weight": 34}, {"weight": 67}]}))
+    wait_phase(kube, namespace, "surge", "Healthy", timeout=60, ready="3/3")
+    merge(kube, namespace, "agd/surge", {"spec": {"runtime": {"version": "0.2.0"}}})
+    counts: list[int] = []
+
+    def promoted():
+        pods = get(kube, namespace, "pods", "-l", f"{LABEL_DEPLOYMENT}=surge")["items"]
+        counts.append(len(pods))  # terminating ones included: they still hold their GPU
+        st = status(kube, namespace, "surge")
+        return st.get("rolloutPhase") == "Promoted" and st.get("stableVersion") == "0.2.0" and len(pods) == 3
+    wait_for(promoted, timeout=180, interval=0.3, message="promoted within the surge budget")
+    assert max(counts) <= 4, counts
+    assert max(counts) == 4  # the budget was used (a canary pod beside the stable's)
+    [dep] = deployments(kube, namespace, "surge")
+    assert version_of(dep) == "0.2.0" and dep["spec"]["replicas"] == 3

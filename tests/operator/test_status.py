@@ -6,7 +6,8 @@ from autoglm_operator import builders as b
 from autoglm_operator.observe import Problem, Revision, pod_problems
 import datetime as dt
 
-from autoglm_operator.policy import RolloutState, decide
+from autoglm_operator.policy import decide
+from autoglm_operator.rollout_state import RolloutState
 from autoglm_operator.status import compute_status, status_patch, transition_events
 from tests.operator.test_builders import cr_for, resolved
 
@@ -145,3 +146,15 @@ def test_deployment_problems_put_refused_pods_first() -> None:
     problems = deployment_problems([Revision.from_deployment(dep)])
     assert [p.reason for p in problems] == ["PodCreationRefused", "ProgressDeadlineExceeded"]
     assert "violates PodSecurity" in problems[0].message
+
+
+def test_max_surge_counts_canary_pods_standing_in_for_stable_ones() -> None:
+    spec = {**SPEC, "replicas": 4, "runtime": {"version": "0.2.0"}, "rollout": {"maxSurge": 1}}
+    revs = {"old": rev("old", desired=3, ready=3), "new": rev("new", desired=2, ready=1, version="0.2.0")}
+    d = decided(revs, stable="old", spec=spec, stable_version="0.1.0", phase="Progressing", canary="new",
+                canary_version="0.2.0", step=1, step_started_at=NOW)
+    st = status(revs, d, spec=spec)
+    assert st["ready"] == "4/4" and cond(st, "Ready")["status"] == "True"
+    plain = {**spec, "rollout": {}}
+    st = status(revs, decided(revs, stable="old", spec=plain, stable_version="0.1.0"), spec=plain)
+    assert st["ready"] == "3/4"  # without maxSurge canary pods are extra: the stable itself is short
