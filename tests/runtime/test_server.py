@@ -382,6 +382,28 @@ def test_metrics_are_present_and_move(server, client):
         assert metric(after, hist + "_count", **labels) > metric(before, hist + "_count", **labels), hist
 
 
+def test_every_response_names_the_revision_that_answered(server, client):
+    """`x-autoglm-revision` (the metrics' `revision` label) on answers, streams, errors and probes, so a
+    client of a canary rollout sees which revision answered."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "who answers?"}], max_tokens=4)
+    assert raw.headers["x-autoglm-revision"] == "r1"
+    with client.chat.completions.with_streaming_response.create(
+            model="tiny", messages=[{"role": "user", "content": "who streams?"}], max_tokens=4, stream=True) as r:
+        assert r.headers["x-autoglm-revision"] == "r1"
+        assert "".join(c.choices[0].delta.content or "" for c in r.parse() if c.choices)
+    errors = [
+        server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}),  # 400
+        server.post("/v1/completions", {"model": "tiny", "prompt": "x"}, headers={"Authorization": "Bearer no"}),
+        server.post("/v1/nothing-here", {}),  # 404
+        server.post("/v1/completions", {"model": "tiny", "prompt": "x " * 5000, "max_tokens": 4}),  # too long
+    ]
+    assert [r.status_code for r in errors] == [400, 401, 404, 400], [r.text for r in errors]
+    for r in (*errors, server.get("/health"), server.get("/ready"), server.get("/metrics")):
+        assert r.headers["x-autoglm-revision"] == "r1", (r.request.url, r.headers)
+    assert 'revision="r1"' in server.metrics()  # the header and the metrics name the same revision
+
+
 def test_client_disconnect_aborts_the_request(server):
     def aborted() -> float:
         return metric(server.metrics(), "autoglm_requests_total", status="aborted")

@@ -386,6 +386,8 @@ async def test_lengths_are_checked_in_one_place(tmp_path, body, param, code):
         assert r.status_code == 400, r.text
         assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
         assert not s.engine.requests
+        if code == "context_length_exceeded":  # a revision too short for its traffic shows in its metrics
+            assert 'autoglm_requests_total{model="fake",revision="r1",status="invalid"} 1.0' in s.metrics()
 
 
 # ------------------------------------------------------------------ reload safety
@@ -451,6 +453,19 @@ async def test_reload_drops_the_old_revisions_gauges(tmp_path):
         for gauge in ("autoglm_requests_running", "autoglm_requests_waiting", "autoglm_kv_cache_usage_ratio"):
             assert f'{gauge}{{model="fake",revision="r2"}}' in text
             assert f'{gauge}{{model="fake",revision="r1"}}' not in text
+
+
+async def test_the_revision_header_follows_a_reload_and_rides_on_a_bugs_500(tmp_path):
+    (tmp_path / "models" / "other").mkdir(parents=True)
+    engine = FakeEngine()
+    async with serve(tmp_path, engine, enable_reload=True) as s:
+        assert (await s.client.get("/health")).headers["x-autoglm-revision"] == "r1"
+        r = await s.client.post("/admin/reload", json={"model": str(tmp_path / "models" / "other"), "revision": "r2"})
+        assert r.status_code == 200 and r.headers["x-autoglm-revision"] == "r2"
+        engine.refuse = RuntimeError("a bug")  # Starlette's last-resort handler, outside every middleware
+        r = await s.client.post("/v1/completions", json=COMPLETION, headers={"x-request-id": "bug-1"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+        assert r.headers["x-autoglm-revision"] == "r2" and r.headers["x-request-id"] == "bug-1"
 
 
 async def test_a_request_being_tokenized_when_drain_starts_is_served(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,47 +12,18 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from autoglm_runtime.metrics import CONTENT_TYPE
 from autoglm_runtime.server import errors
 from autoglm_runtime.server.chat import OpenAIServingChat
 from autoglm_runtime.server.completions import OpenAIServingCompletion
 from autoglm_runtime.server.generation import EventStream
+from autoglm_runtime.server.headers import ResponseHeadersMiddleware
 from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, ReloadRequest
 from autoglm_runtime.server.state import ServerState
 
 log = logging.getLogger("autoglm_runtime.server")
-
-REQUEST_ID_HEADER = "x-request-id"
-
-
-class RequestIdMiddleware:
-    """Accepts or generates ``x-request-id`` and echoes it on the response (pure ASGI: streaming-safe)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = None
-        for name, value in scope.get("headers", []):
-            if name == b"x-request-id":
-                rid = value.decode("latin-1")[:256]
-                break
-        rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", rid.encode("latin-1")))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def _state(request: Request) -> ServerState:
@@ -243,5 +213,5 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.chat = OpenAIServingChat(state)
     errors.install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ResponseHeadersMiddleware, revision=lambda: state.metrics.revision)
     return app

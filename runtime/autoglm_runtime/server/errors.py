@@ -24,6 +24,7 @@ from autoglm_runtime.engine_api import (
     QueueFullError,
 )
 from autoglm_runtime.loader import InsufficientMemoryError, ModelLoadError
+from autoglm_runtime.server.headers import identity_headers
 
 log = logging.getLogger("autoglm_runtime.server")
 
@@ -192,4 +193,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("Failed request with an unexpected error, path=%s", request.url.path)
-        return JSONResponse(error_body("Internal server error.", "internal_error", None, None), status_code=500)
+        return JSONResponse(
+            error_body("Internal server error.", "internal_error", None, None),
+            status_code=500,
+            headers=identity_headers(request),
+        )

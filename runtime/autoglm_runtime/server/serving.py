@@ -122,6 +122,9 @@ class OpenAIServing:
             try:
                 max_tokens = check_lengths(len(prompt_ids), requested_max_tokens, self.state.max_model_len)
             except InvalidRequestError as exc:
+                # Counted like the engine's own refusals: a revision whose max_model_len is too small for
+                # its traffic shows in autoglm_requests_total{status="invalid"}, not nowhere.
+                self.state.metrics.request_finished("invalid")
                 raise errors.from_engine(exc) from None
             params = self._sampling_params(req, max_tokens)
             gen = Generation(self.state, random_id(id_prefix), prompt_ids, params, priority, slot, mm)
