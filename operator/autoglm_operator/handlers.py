@@ -61,14 +61,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     settings.posting.enabled = False  # our own events go through kube.py, on transitions only
     for child in CHILDREN:
         settings.watching.label_selectors[_selector(*child)] = f"{b.LABEL_MANAGED_BY}={b.MANAGER},{b.LABEL_DEPLOYMENT}"
-    if op.metrics_port:
+    kube = Kube(threads=op.api_threads, timeout=op.api_timeout_seconds, qps=op.api_qps, burst=op.api_burst)
+    # After the client (a startup that fails there holds no port when kopf retries it), and only once.
+    if op.metrics_port and memo.get("metrics_server") is None:
         try:
             memo.metrics_server = metrics.serve(op.metrics_port, op.metrics_address)
         except OSError as exc:
             raise kopf.PermanentError(
                 f"Cannot serve metrics on {op.metrics_address}:{op.metrics_port}: {exc}"
             ) from None
-    kube = Kube(threads=op.api_threads, timeout=op.api_timeout_seconds, qps=op.api_qps, burst=op.api_burst)
     memo.kube = kube
     # kopf hands startup handlers the (still empty) indexes; they fill before any other handler runs.
     indexes = {kind: kwargs[index_id(kind)] for kind in CACHED}
