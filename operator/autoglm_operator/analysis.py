@@ -38,19 +38,21 @@ class Measurement:
     error: str = ""  # why Prometheus could not answer
 
 
-ANSWERED = ("success", "error", "invalid")
+ANSWERED = ("success", "error", "timeout", "invalid")
 
 
 def success_figures(canary: dict[str, float], stable: dict[str, float]) -> tuple[float, float | None, float]:
     """(requests answered, success rate, refusals counted as failures) from counts by status.
 
-    A request counts when the server answered it: ``success``, ``error`` (a server error or a timeout)
-    or ``invalid`` (refused as the client's mistake, a 400). Refusals count as failures only beyond
-    the stable's own share of them in the same window: clients' mistakes reach both revisions alike,
+    A request counts when the server answered it: ``success``, ``error`` (a server error), ``timeout``
+    (it ran past the runtime's ``--request-timeout``: a 504, failed as an error) or ``invalid`` (refused
+    as the client's mistake, a 400). Refusals count as failures only beyond the stable's own share of
+    them in the same window: clients' mistakes reach both revisions alike,
     while a canary refusing what the stable serves (a ``maxModelLen`` too small for the traffic) is the
     canary's fault. Load shedding (``rejected``, 429) and client disconnects (``aborted``) never count.
     """
-    ok, err, invalid = (canary.get(s, 0.0) for s in ANSWERED)
+    ok, err, timeout, invalid = (canary.get(s, 0.0) for s in ANSWERED)
+    err += timeout
     answered = ok + err + invalid
     s_answered = sum(stable.get(s, 0.0) for s in ANSWERED)
     baseline = stable.get("invalid", 0.0) / s_answered if s_answered else 0.0

@@ -30,7 +30,7 @@ def request_rate(sel: str, window: str) -> str:
 def error_ratio(sel: str, window: str) -> str:
     """Failed over finished requests (server errors and timeouts; client mistakes are not the server's)."""
     return (
-        f'sum by (revision) (rate(autoglm_requests_total{{{sel},status="error"}}[{window}]))'
+        f'sum by (revision) (rate(autoglm_requests_total{{{sel},status=~"error|timeout"}}[{window}]))'
         f" / sum by (revision) (rate(autoglm_requests_total{{{sel}}}[{window}]))"
     )
 
@@ -70,13 +70,13 @@ def serving_pods(sel: str) -> str:
 
 
 def requests_by_status(sel: str, window: str) -> str:
-    """Finished requests of each revision and outcome (success, error, invalid, rejected, aborted)."""
+    """Finished requests of each revision and outcome (success, error, timeout, invalid, rejected, aborted)."""
     return f"sum by (revision, status) (increase(autoglm_requests_total{{{sel}}}[{window}]))"
 
 
 def success_rate(sel: str, window: str) -> str:
-    """Share of answered requests (success, error, invalid) that succeeded."""
-    answered = f'sum(increase(autoglm_requests_total{{{sel},status=~"success|error|invalid"}}[{window}]))'
+    """Share of answered requests (success, error, timeout, invalid) that succeeded."""
+    answered = f'sum(increase(autoglm_requests_total{{{sel},status=~"success|error|timeout|invalid"}}[{window}]))'
     return f'sum(increase(autoglm_requests_total{{{sel},status="success"}}[{window}])) / {answered}'
 
 

@@ -85,7 +85,7 @@ _E2E_BUCKETS = (
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
-REQUEST_STATUSES = ("success", "error", "aborted", "rejected", "invalid")
+REQUEST_STATUSES = ("success", "error", "timeout", "aborted", "rejected", "invalid")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

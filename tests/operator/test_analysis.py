@@ -115,6 +115,8 @@ async def test_measure_asks_for_the_canary_and_the_stable_over_the_window() -> N
 
 @pytest.mark.parametrize("canary,stable,want", [
     ({"success": 90, "error": 10}, {"success": 100}, (100, 0.9, 0)),
+    # A request that ran past the runtime's deadline (504) failed as an error did.
+    ({"success": 90, "error": 5, "timeout": 5}, {"success": 100}, (100, 0.9, 0)),
     # Client mistakes at the stable's own rate are not the canary's failures...
     ({"success": 90, "invalid": 10}, {"success": 90, "invalid": 10}, (100, 1.0, 0)),
     # ...refusing what the stable serves (a maxModelLen too small) is.

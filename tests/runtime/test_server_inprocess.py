@@ -314,7 +314,7 @@ async def test_request_timeout_is_504_and_frees_the_slot(tmp_path, stream):
                                          "param": None, "code": "request_timeout"}
         assert len(s.engine.aborted) == 1 and not s.engine.active  # not polled: freed before the answer
         assert s.state.inflight == 0
-        assert 'status="aborted"} 1.0' in s.metrics()
+        assert 'status="timeout"} 1.0' in s.metrics() and 'status="aborted"} 0.0' in s.metrics()
 
 
 async def test_drain_waits_for_in_flight_and_refuses_new_requests(tmp_path):

@@ -101,7 +101,10 @@ class Generation:
         except EngineError as exc:
             await self.close(_status_of(exc))
             raise errors.from_engine(exc) from None
-        except BaseException:  # timeout, cancellation (client gone) or a bug
+        except errors.RequestTimeoutError:  # the server's deadline, not the client's choice: a failure
+            await self.close("timeout")
+            raise
+        except BaseException:  # cancellation (client gone) or a bug
             await self.close("aborted")
             raise
 
@@ -133,7 +136,10 @@ class Generation:
         except EngineError as exc:
             status = _status_of(exc)
             raise errors.from_engine(exc) from None
-        except BaseException:  # timeout, cancellation (client gone), consumer left (GeneratorExit)
+        except errors.RequestTimeoutError:
+            status = "timeout"
+            raise
+        except BaseException:  # cancellation (client gone), consumer left (GeneratorExit)
             status = "aborted"
             raise
         finally:
