@@ -1,12 +1,13 @@
 """Reads from kopf's watch-fed indexes: ``CachedKube`` is the ``KubeAPI`` reconcile sees.
 
 Every kind reconcile reads on each pass (the AutoGLMDeployments, and the children carrying our
-labels: Deployments, Pods, Services, HPAs, PDBs, NetworkPolicies, ScaledObjects) is indexed by
+labels: Deployments, Pods, Services, HPAs, PDBs, NetworkPolicies, ScaledObjects, HTTPRoutes) is indexed by
 ``@kopf.index`` (handlers.py registers one per kind, on the same server-side-label-selected watch
 stream as its ``@kopf.on.event``). kopf runs no handler before every index is populated from its
 initial listing, and reconcile is only ever triggered by a handler or by the resync of resources a
 handler has seen, so reads never see a half-filled cache. A kind whose CRD is missing (ScaledObject
-without KEDA) has no watch stream and blocks nothing: its index stays empty, which is the truth.
+without KEDA, HTTPRoute without the Gateway API) has no watch stream and blocks nothing: its index
+stays empty, which is the truth.
 
 kopf relists a kind after a watch is lost for longer than etcd keeps history (410 Gone, e.g. an
 apiserver restart) without dropping from its indexes the objects deleted meanwhile. ``audit()``,
@@ -43,6 +44,7 @@ CACHED: dict[str, tuple[str, str, str]] = {
     "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
     "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
     "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "HTTPRoute": ("gateway.networking.k8s.io", "v1", "httproutes"),
 }
 log = logging.getLogger(__name__)
 # The server-side label selector of the children's watches (handlers.py), for the audit's LISTs.

@@ -9,8 +9,8 @@ therefore makes zero writes. Level-based reconcile is triggered by:
 - any event of an AutoGLMDeployment (including the initial listing at start-up, which is how a
   restarted operator resumes from the cluster's state);
 - any event of a child it owns (Deployments, Pods, Services, HPAs, PDBs, NetworkPolicies,
-  ScaledObjects carrying our ``managed-by`` label; the label selector is applied server-side so
-  kopf never sees other objects);
+  ScaledObjects, HTTPRoutes carrying our ``managed-by`` label; the label selector is applied
+  server-side so kopf never sees other objects);
 - one background task that re-triggers every known resource each ``resync_seconds``.
 
 Reads come from one ``@kopf.index`` per kind (cache.py), fed by the same watch streams: a
@@ -40,8 +40,9 @@ from .workqueue import Reconciler
 
 log = logging.getLogger("autoglm_operator")
 
-# (group, version, plural) of the children we watch (always with our label, server-side); a kind
-# whose CRD is missing (ScaledObject without KEDA) is simply not watched (kopf re-scans for it).
+# (group, version, plural) of the children we watch (always with our label, server-side); a kind whose
+# CRD is missing (ScaledObject without KEDA, HTTPRoute without the Gateway API) is simply not watched
+# (kopf re-scans for it).
 CHILDREN: list[tuple[str, str, str]] = [ref for kind, ref in CACHED.items() if kind != "AutoGLMDeployment"]
 CHILD_LABELS: dict[str, Any] = {b.LABEL_MANAGED_BY: b.MANAGER, b.LABEL_DEPLOYMENT: kopf.PRESENT}
 

@@ -35,6 +35,7 @@ from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures used
     op_env,
     operator,
     operator_process,
+    operator_requests,
     status,
     try_get,
     wait_phase,
@@ -196,10 +197,15 @@ def test_gateway_api_route_is_accepted_and_keeps_a_users_rule(kube, namespace, o
     # The shared Service stays on the stable (clients inside the cluster bypass the gateway).
     assert get(kube, namespace, "service/gw")["spec"]["selector"]["autoglm.io/revision"] == st["stableRevision"].rsplit(
         "-", 1)[1]
-    # Idle: resyncs every 5 s write nothing to the route (server defaults never look like a difference).
+    # Idle: resyncs every 5 s write nothing to the route (server defaults never look like a difference)
+    # and read nothing: the route, like every child, comes from the watch cache (audit log).
     rv = route["metadata"]["resourceVersion"]
+    time.sleep(2)
+    t0 = time.time()
     time.sleep(12)
     assert get(kube, namespace, "httproute/gw")["metadata"]["resourceVersion"] == rv
+    writes, reads = operator_requests(kube, t0, namespace)
+    assert (writes, reads) == ([], []), (writes, reads)
 
 
 async def test_analysis_promql_runs_on_a_real_prometheus(kube):
