@@ -143,7 +143,7 @@ async def on_autoglmdeployment(
     if type == "DELETED":
         metrics.PHASES.forget(namespace, name)
     else:
-        metrics.PHASES.set(namespace, name, status.get("phase"))
+        metrics.PHASES.set(namespace, name, status.get("phase"), status.get("rolloutPhase"))
     if _acting(memo):
         memo.reconciler.observe_event(namespace, name, deleted=(type == "DELETED"))
     elif type == "DELETED":

@@ -9,7 +9,8 @@
   status on an API error, ``error`` when no response came back.
 - ``autoglm_operator_resources{phase}`` (gauge, computed at scrape time): AutoGLMDeployments by
   ``status.phase`` as last seen in their watch events (``Unknown`` before a first status).
-- ``autoglm_operator_rollouts_in_progress`` (gauge): resources whose phase is ``Progressing``.
+- ``autoglm_operator_rollouts_in_progress`` (gauge): resources with a canary rollout under way
+  (``status.rolloutPhase`` ``Progressing``, ``Paused`` or ``Promoting``).
 
 Plus the process collectors (``process_cpu_seconds_total``, ``process_resident_memory_bytes``...).
 Everything lives in this module's own ``REGISTRY``, so several operators in one test process never
@@ -52,19 +53,19 @@ API_REQUESTS = PromCounter(
     ["verb", "resource", "code"],
     registry=REGISTRY,
 )
-PROGRESSING = "Progressing"
+ROLLING_OUT = frozenset({"Progressing", "Paused", "Promoting"})  # status.rolloutPhase
 
 
 class PhaseCollector(Collector):
     """Resources by phase, from the phase each resource's latest watch event carried."""
 
     def __init__(self) -> None:
-        self._phases: dict[tuple[str, str], str] = {}
+        self._phases: dict[tuple[str, str], tuple[str, str]] = {}  # (phase, rolloutPhase)
         self._lock = threading.Lock()  # scrapes run in the HTTP server's thread
 
-    def set(self, namespace: str, name: str, phase: str | None) -> None:
+    def set(self, namespace: str, name: str, phase: str | None, rollout_phase: str | None = None) -> None:
         with self._lock:
-            self._phases[(namespace, name)] = phase or "Unknown"
+            self._phases[(namespace, name)] = (phase or "Unknown", rollout_phase or "Idle")
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -76,7 +77,8 @@ class PhaseCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         with self._lock:
-            counts = Counter(self._phases.values())
+            counts = Counter(phase for phase, _ in self._phases.values())
+            rolling = sum(1 for _, rollout in self._phases.values() if rollout in ROLLING_OUT)
         by_phase = GaugeMetricFamily(
             "autoglm_operator_resources", "AutoGLMDeployments by status.phase, as last seen.", labels=["phase"]
         )
@@ -85,8 +87,8 @@ class PhaseCollector(Collector):
         yield by_phase
         yield GaugeMetricFamily(
             "autoglm_operator_rollouts_in_progress",
-            "AutoGLMDeployments whose phase is Progressing (a revision rolling out or scaling).",
-            value=counts.get(PROGRESSING, 0),
+            "AutoGLMDeployments with a canary rollout under way (rolloutPhase Progressing, Paused or Promoting).",
+            value=rolling,
         )
 
 

@@ -85,15 +85,17 @@ def test_api_requests_by_verb_resource_and_code(scrape) -> None:
 
 def test_resources_by_phase_and_rollouts_in_progress(scrape) -> None:
     metrics.PHASES.set("a", "one", "Healthy")
-    metrics.PHASES.set("a", "two", "Progressing")
-    metrics.PHASES.set("b", "three", "Progressing")
+    metrics.PHASES.set("a", "two", "Progressing", "Progressing")  # a canary at some step
+    metrics.PHASES.set("b", "three", "Progressing", "Paused")
+    metrics.PHASES.set("b", "five", "Progressing")  # scaling up, no rollout
     metrics.PHASES.set("b", "four", None)
     s = scrape()
     assert value(s, "autoglm_operator_resources", phase="Healthy") == 1
-    assert value(s, "autoglm_operator_resources", phase="Progressing") == 2
+    assert value(s, "autoglm_operator_resources", phase="Progressing") == 3
     assert value(s, "autoglm_operator_resources", phase="Unknown") == 1
     assert value(s, "autoglm_operator_rollouts_in_progress") == 2
-    metrics.PHASES.set("a", "two", "Healthy")
+    metrics.PHASES.set("a", "two", "Healthy", "Promoted")
+    metrics.PHASES.forget("b", "five")
     metrics.PHASES.forget("b", "three")
     s = scrape()
     assert value(s, "autoglm_operator_resources", phase="Healthy") == 2
