@@ -221,7 +221,9 @@ async def test_analysis_promql_runs_on_a_real_prometheus(kube):
 
 
 def test_max_surge_keeps_the_pod_count_within_budget(kube, namespace, operator):  # noqa: F811
-    apply(kube, namespace, agd("surge", replicas=3, rollout={"maxSurge": 1, "steps": [{"weight": 34}, {"weight": 67}]}))
+    # Pauses of a few seconds hold each step long enough to be sampled (simulated pods are Ready at once).
+    steps = [{"weight": 34, "pause": "4s"}, {"weight": 67, "pause": "4s"}]
+    apply(kube, namespace, agd("surge", replicas=3, rollout={"maxSurge": 1, "steps": steps}))
     wait_phase(kube, namespace, "surge", "Healthy", timeout=60, ready="3/3")
     merge(kube, namespace, "agd/surge", {"spec": {"runtime": {"version": "0.2.0"}}})
     counts: list[int] = []
