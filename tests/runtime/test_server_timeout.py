@@ -2,8 +2,8 @@
 
 A request that runs past the timeout gets a 504 with an OpenAI-style error body (or, once a stream
 has started, an error event and `data: [DONE]`); its engine slot is free by the time the client
-sees the error, and it counts as `autoglm_requests_total{status="aborted"}`. The timeout is sized from
-this machine's measured speed; the in-process tier (test_server_inprocess.py) covers 504 with a fake
+sees the error, and it counts as `autoglm_requests_total{status="timeout"}` (not `aborted`, which is a
+client's disconnect). The timeout is sized from this machine's measured speed; the in-process tier (test_server_inprocess.py) covers 504 with a fake
 engine that never answers.
 """
 
@@ -48,8 +48,8 @@ def server(tiny_model_dir, tmp_path_factory):
     srv.stop()
 
 
-def _aborted(srv) -> float:
-    return metric(srv.metrics(), "autoglm_requests_total", status="aborted")
+def _timed_out(srv) -> float:
+    return metric(srv.metrics(), "autoglm_requests_total", status="timeout")
 
 
 def _assert_slot_free_and_reusable(srv) -> None:
@@ -72,7 +72,7 @@ def test_short_requests_are_unaffected(server):
                               "max_tokens": 1000, "ignore_eos": True}),
 ])
 def test_non_streaming_request_past_the_timeout_is_504(server, path, body):
-    before = _aborted(server)
+    before = _timed_out(server)
     success = metric(server.metrics(), "autoglm_requests_total", status="success")
     t0 = time.monotonic()
     r = server.post(path, body)
@@ -83,13 +83,13 @@ def test_non_streaming_request_past_the_timeout_is_504(server, path, body):
     assert error["type"] == "timeout_error" and error["code"] == "request_timeout"
     assert str(server.timeout) in error["message"]
     assert r.headers.get("x-request-id")
-    assert _aborted(server) == before + 1
+    assert _timed_out(server) == before + 1
     _assert_slot_free_and_reusable(server)
     assert metric(server.metrics(), "autoglm_requests_total", status="success") == success + 1  # the short one
 
 
 def test_streaming_request_past_the_timeout_ends_with_an_error_event(server):
-    before = _aborted(server)
+    before = _timed_out(server)
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={**LONG, "stream": True}) as r:
         assert r.status_code == 200  # the stream had started: the error comes in-band
         body = r.read().decode()
@@ -102,14 +102,14 @@ def test_streaming_request_past_the_timeout_ends_with_an_error_event(server):
     chunks = payloads[:-1]
     assert all(p["choices"] for p in chunks)
     assert not any(p["choices"][0]["finish_reason"] for p in chunks)
-    assert _aborted(server) == before + 1
+    assert _timed_out(server) == before + 1
     _assert_slot_free_and_reusable(server)
 
 
 def test_queued_request_times_out_before_it_starts(server):
     """Two long requests on one slot: the second waits in the queue and times out there (its stream's headers
     went out at admission, so a streamed one ends with the error event), and both are counted once."""
-    before = _aborted(server)
+    before = _timed_out(server)
 
     async def both():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as hc:
@@ -119,5 +119,5 @@ def test_queued_request_times_out_before_it_starts(server):
     first, second = asyncio.run(both())
     assert first.status_code == 504, first.text
     assert second.status_code == 200 and '"timeout_error"' in second.text
-    assert _aborted(server) == before + 2
+    assert _timed_out(server) == before + 2
     _assert_slot_free_and_reusable(server)
