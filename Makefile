@@ -6,7 +6,7 @@ PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
         bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
-        chart-crd values-table
+        crd values-table
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,8 +26,8 @@ lint: venv  ## ruff + mypy on operator/ and runtime/ (config in pyproject.toml),
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime
 
-chart-crd:  ## Copy crds/ into the Helm chart's crds/ (the fast tests check they are identical)
-	cp crds/autoglm.io_autoglmdeployments.yaml charts/autoglm/crds/
+crd: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the typed models (operator/autoglm_operator/models.py)
+	$(PY) -m autoglm_operator.crdgen
 
 values-table: venv  ## Regenerate the README's Helm values table from charts/autoglm/values.schema.json
 	$(PY) scripts/values-table.py --write README.md

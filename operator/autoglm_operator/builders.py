@@ -9,10 +9,12 @@ import hashlib
 import json
 from typing import Any
 
+from autoglm_runtime import defaults as runtime_defaults
+
 from . import queries
 from .models import API_VERSION, KIND, ResolvedSpec
 
-PORT = 8000
+PORT = runtime_defaults.PORT
 MODEL_DIR = "/models/model"
 MANAGER = "autoglm-operator"
 APP_NAME = "autoglm-runtime"
@@ -53,7 +55,11 @@ def revision_inputs(r: ResolvedSpec) -> dict[str, Any]:
             "dtype": s.model.dtype,
             "maxModelLen": s.model.max_model_len,
         },
-        "runtime": {"maxBatchSize": s.runtime.max_batch_size, "maxQueue": s.runtime.max_queue, "env": s.runtime.env},
+        "runtime": {
+            "maxBatchSize": s.runtime.max_batch_size,
+            "maxQueue": s.runtime.max_queue,
+            "env": [e.to_pod() for e in s.runtime.env],
+        },
         "resources": {
             "gpus": s.resources.gpus,
             "gpuResourceName": s.resources.gpu_resource_name,
@@ -62,7 +68,7 @@ def revision_inputs(r: ResolvedSpec) -> dict[str, Any]:
             "memory": s.resources.memory_request,
         },
         "nodeSelector": s.node_selector,
-        "tolerations": s.tolerations,
+        "tolerations": [t.to_pod() for t in s.tolerations],
         "auth": s.auth.api_key_secret_ref.model_dump() if s.auth.api_key_secret_ref else None,
         **({"tls": s.tls.secret_ref.name} if s.tls else {}),  # absent when off: old hashes stay valid
     }
@@ -251,7 +257,7 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
             }
         )
-    env += [dict(e) for e in s.runtime.env]  # user env last: it wins over ours
+    env += [e.to_pod() for e in s.runtime.env]  # user env last: it wins over ours
 
     scheme = {"scheme": "HTTPS"} if s.tls is not None else {}
     container = {
@@ -293,7 +299,7 @@ def build_pod_spec(r: ResolvedSpec, rev_hash: str) -> dict[str, Any]:
     node_selector = dict(s.node_selector)
     if s.resources.gpu_product:
         node_selector["nvidia.com/gpu.product"] = s.resources.gpu_product
-    tolerations = [dict(t) for t in s.tolerations]
+    tolerations = [t.to_pod() for t in s.tolerations]
     if gpus > 0 and not any(t.get("key") == s.resources.gpu_resource_name for t in tolerations):
         tolerations.append({"key": s.resources.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
 

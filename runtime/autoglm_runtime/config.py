@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from autoglm_runtime import defaults
+
 if TYPE_CHECKING:
     from autoglm_runtime.multimodal import MediaLimits
 
@@ -27,10 +29,12 @@ class RuntimeSettings(BaseSettings):
     model: Path = Field(description="Directory of a Hugging Face causal LM (config, weights, tokenizer).")
     served_model_name: str | None = Field(default=None, description="Name clients use; default: the model dir's name.")
     host: str = "0.0.0.0"
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=defaults.PORT, ge=0, le=65535)
 
-    max_batch_size: int = Field(default=32, ge=1, description="Most sequences decoded together in one step.")
-    max_queue: int = Field(default=256, ge=0, description="Most requests waiting; more get 429.")
+    max_batch_size: int = Field(
+        default=defaults.MAX_BATCH_SIZE, ge=1, description="Most sequences decoded together in one step."
+    )
+    max_queue: int = Field(default=defaults.MAX_QUEUE, ge=0, description="Most requests waiting; more get 429.")
     max_batch_tokens: int | None = Field(default=None, ge=1, description="Token budget per step (chunked prefill).")
     max_model_len: int | None = Field(
         default=None, ge=1, description="Prompt + completion limit; default: the model's."

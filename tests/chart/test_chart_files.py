@@ -33,10 +33,10 @@ def _values_table():
 
 def test_chart_crd_is_a_byte_identical_copy_of_crds_folder():
     chart_crd = CHART / "crds" / "autoglm.io_autoglmdeployments.yaml"
-    assert not chart_crd.is_symlink(), "a symlink makes Helm warn on every render: copy it (make chart-crd)"
+    assert not chart_crd.is_symlink(), "a symlink makes Helm warn on every render: copy it (make crd writes both)"
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(p.name for p in (REPO / "crds").iterdir())
     assert chart_crd.read_bytes() == (REPO / "crds" / chart_crd.name).read_bytes(), (
-        "charts/autoglm/crds/ differs from crds/: run `make chart-crd`"
+        "charts/autoglm/crds/ differs from crds/: run `make crd`"
     )
 
 

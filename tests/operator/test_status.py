@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from autoglm_operator import builders as b
-from autoglm_operator.observe import Problem, Revision, pod_problems
 import datetime as dt
 
+from autoglm_operator import builders as b
+from autoglm_operator.observe import Problem, Revision, pod_problems
 from autoglm_operator.policy import decide
 from autoglm_operator.rollout_state import RolloutState
 from autoglm_operator.status import compute_status, status_patch, transition_events
+from autoglm_operator.status_model import AutoGLMDeploymentStatus
 from tests.operator.test_builders import cr_for, resolved
 
 SPEC = {"model": {"uri": "hf://a/b"}, "runtime": {"version": "0.1.0"}, "replicas": 2}
@@ -32,8 +33,11 @@ def status(revisions, decision, problems=(), old=None, spec=SPEC):
     cr = cr_for("chat", spec)
     if old:
         cr["status"] = old
-    return compute_status(cr=cr, r=resolved("chat", spec), decision=decision,
-                          revisions=revisions, problems=list(problems), now="T0")
+    st = compute_status(cr=cr, r=resolved("chat", spec), decision=decision,
+                        revisions=revisions, problems=list(problems), now="T0")
+    # Every key is one the CRD declares (extra="forbid"): the apiserver would prune anything else.
+    AutoGLMDeploymentStatus.model_validate(st)
+    return st
 
 
 def cond(st, t):
