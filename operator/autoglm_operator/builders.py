@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from autoglm_runtime import defaults as runtime_defaults
 
 from . import queries
 from .models import API_VERSION, KIND, ResolvedSpec
+from .names import revision_name
+
+__all__ = ["revision_name"]  # b.revision_name is how the other modules name a revision
 
 PORT = runtime_defaults.PORT
 MODEL_DIR = "/models/model"
@@ -79,11 +83,6 @@ def revision_hash(r: ResolvedSpec) -> str:
     return stable_hash(revision_inputs(r))
 
 
-def revision_name(cr_name: str, rev_hash: str) -> str:
-    """The revision's name, also its Deployment's name (CR names are at most 52 characters)."""
-    return f"{cr_name}-{rev_hash}"
-
-
 # ---------------------------------------------------------------- metadata helpers
 
 
@@ -131,7 +130,8 @@ def _metadata(cr: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str
     }
 
 
-def selector_string(labels: dict[str, str]) -> str:
+def selector_string(labels: Mapping[str, str]) -> str:
+    """Equality labels in the apiserver's selector syntax (``k1=v1,k2=v2``, sorted)."""
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 

@@ -31,20 +31,22 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import builders as b
-from .kube import ApiError, KubeAPI
-from .models import GROUP, PLURAL, VERSION
+from .kube import RESOURCES, ApiError, KubeAPI, Selector
 
 # kind → (group, version, plural) of what is served from an index.
 CACHED: dict[str, tuple[str, str, str]] = {
-    "AutoGLMDeployment": (GROUP, VERSION, PLURAL),
-    "Deployment": ("apps", "v1", "deployments"),
-    "Pod": ("", "v1", "pods"),
-    "Service": ("", "v1", "services"),
-    "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
-    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
-    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
-    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
-    "HTTPRoute": ("gateway.networking.k8s.io", "v1", "httproutes"),
+    kind: RESOURCES[kind]
+    for kind in (
+        "AutoGLMDeployment",
+        "Deployment",
+        "Pod",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ScaledObject",
+        "HTTPRoute",
+    )
 }
 log = logging.getLogger(__name__)
 # The server-side label selector of the children's watches (handlers.py), for the audit's LISTs.
@@ -87,25 +89,9 @@ def _rv(obj: Mapping[str, Any]) -> int:
         return 0
 
 
-def _terms(selector: str) -> list[tuple[str, str | None]]:
-    """Equality and existence terms (``k=v``, ``k``): what reconcile uses. Others → ValueError."""
-    out: list[tuple[str, str | None]] = []
-    for term in filter(None, (t.strip() for t in selector.split(","))):
-        if "!" in term or " " in term or "(" in term:
-            raise ValueError(term)
-        if "==" in term:
-            k, v = term.split("==", 1)
-        elif "=" in term:
-            k, v = term.split("=", 1)
-        else:
-            k, v = term, None
-        out.append((k, v))
-    return out
-
-
-def _matches(obj: Mapping[str, Any], terms: Iterable[tuple[str, str | None]]) -> bool:
+def _matches(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
     labels = obj["metadata"].get("labels") or {}
-    return all(k in labels and (v is None or labels[k] == v) for k, v in terms)
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 class CachedKube:
@@ -192,14 +178,14 @@ class CachedKube:
         obj = self._overlay(kind, namespace, name, found[0] if found else None)
         return copy.deepcopy(dict(obj)) if obj is not None else None
 
-    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
-        try:
-            terms = _terms(label_selector or "")
-        except ValueError:
-            terms = None
-        owner = next((v for k, v in terms or [] if k == b.LABEL_DEPLOYMENT and v), None)
-        if kind not in self.indexes or namespace is None or terms is None or owner is None:
+    async def list(
+        self, kind: str, namespace: str | None, label_selector: Selector | None = None
+    ) -> list[dict[str, Any]]:
+        """Served from the index when the selector is labels including the owner's; else from the API."""
+        owner = label_selector.get(b.LABEL_DEPLOYMENT) if isinstance(label_selector, Mapping) else None
+        if kind not in self.indexes or namespace is None or owner is None:
             return await self.api.list(kind, namespace, label_selector)
+        assert isinstance(label_selector, Mapping)
         self.hits[kind] = self.hits.get(kind, 0) + 1
         by_name = {o["metadata"]["name"]: o for o in self._from_index(kind, ("owner", namespace, owner))}
         for k, ns, name in list(self._written):
@@ -208,7 +194,7 @@ class CachedKube:
         out = []
         for name in sorted(by_name):
             obj = self._overlay(kind, namespace, name, by_name[name])
-            if obj is not None and _matches(obj, terms):
+            if obj is not None and _matches(obj, label_selector):
                 out.append(copy.deepcopy(dict(obj)))
         return out
 
@@ -225,14 +211,6 @@ class CachedKube:
         if obj is not None and kind in self.indexes:
             meta = obj["metadata"]
             self._written[(kind, meta["namespace"], meta["name"])] = (time.monotonic(), obj, "")
-        return obj
-
-    async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        return self._remember(kind, await self.api.create(kind, namespace, body))
-
-    async def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        obj = await self.api.replace(kind, namespace, name, body)
-        self._remember(kind, obj)
         return obj
 
     async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:

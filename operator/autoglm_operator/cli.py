@@ -21,9 +21,9 @@ import sys
 import time
 from typing import Any, cast
 
+from .conditions import get_condition, parse_time
 from .models import DEFAULT_STEPS, GROUP, PLURAL, VERSION, parse_duration
 from .policy import ANNOTATION_ABORT, ANNOTATION_PAUSED, ANNOTATION_PROMOTE
-from .rollout_state import parse_time
 
 EXIT_DONE, EXIT_ROLLED_BACK, EXIT_TIMEOUT = 0, 1, 2
 
@@ -32,7 +32,7 @@ EXIT_DONE, EXIT_ROLLED_BACK, EXIT_TIMEOUT = 0, 1, 2
 
 
 def _condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in st.get("conditions") or [] if c.get("type") == type_), {})
+    return get_condition(st.get("conditions"), type_) or {}
 
 
 def outcome(cr: dict[str, Any]) -> int | None:

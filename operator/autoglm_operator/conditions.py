@@ -11,8 +11,23 @@ DEGRADED = "Degraded"
 ORDER = (READY, PROGRESSING, DEGRADED)
 
 
+def format_time(value: dt.datetime) -> str:
+    """A metav1.Time: RFC 3339 in UTC, whole seconds (``2026-01-01T00:00:00Z``)."""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_micro_time(value: dt.datetime) -> str:
+    """A metav1.MicroTime (Lease renew/acquire times): RFC 3339 in UTC with microseconds."""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """A metav1.Time or MicroTime as an aware datetime (``None`` stays ``None``)."""
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
 def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(dt.datetime.now(dt.UTC))
 
 
 def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
@@ -20,11 +35,6 @@ def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[s
         if c.get("type") == type_:
             return c
     return None
-
-
-def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
-    c = get_condition(conditions, type_)
-    return bool(c and c.get("status") == "True")
 
 
 def set_condition(

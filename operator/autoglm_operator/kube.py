@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as dt
 import functools
 import importlib.metadata
 import json
@@ -23,11 +22,13 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from . import metrics
-from .builders import MANAGER
+from .builders import MANAGER, selector_string
+from .conditions import now_rfc3339
 from .models import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -38,22 +39,26 @@ USER_AGENT = f"{MANAGER}/{importlib.metadata.version('autoglm')}"
 MAX_RETRIES_AFTER = 5
 MAX_RETRY_AFTER_SECONDS = 30.0
 
-# kind → (API prefix, plural)
-RESOURCES: dict[str, tuple[str, str]] = {
-    "AutoGLMDeployment": (f"/apis/{GROUP}/{VERSION}", PLURAL),
-    "Deployment": ("/apis/apps/v1", "deployments"),
-    "Pod": ("/api/v1", "pods"),
-    "Service": ("/api/v1", "services"),
-    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
-    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
-    "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
-    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
-    "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes"),
-    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
-    "Secret": ("/api/v1", "secrets"),
-    "Event": ("/api/v1", "events"),
-    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+# kind → (group, version, plural): every kind the operator reads or writes (cache.py serves some from indexes).
+RESOURCES: dict[str, tuple[str, str, str]] = {
+    "AutoGLMDeployment": (GROUP, VERSION, PLURAL),
+    "Deployment": ("apps", "v1", "deployments"),
+    "Pod": ("", "v1", "pods"),
+    "Service": ("", "v1", "services"),
+    "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
+    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
+    "HTTPRoute": ("gateway.networking.k8s.io", "v1", "httproutes"),
+    "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
+    "Secret": ("", "v1", "secrets"),
+    "Event": ("", "v1", "events"),
+    "Lease": ("coordination.k8s.io", "v1", "leases"),
 }
+
+
+# A label selector: the apiserver's string form, or labels that must all be equal (the form the cache serves).
+Selector = str | Mapping[str, str]
 
 
 class ApiError(Exception):
@@ -107,10 +112,8 @@ class KubeAPI(Protocol):
 
     async def get(self, kind: str, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None: ...
     async def list(
-        self, kind: str, namespace: str | None, label_selector: str | None = None
+        self, kind: str, namespace: str | None, label_selector: Selector | None = None
     ) -> list[dict[str, Any]]: ...
-    async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None: ...
-    async def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
     async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
     async def apply(self, kind: str, namespace: str, body: dict[str, Any], *, force: bool = True) -> dict[str, Any]: ...
     async def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool: ...
@@ -119,7 +122,8 @@ class KubeAPI(Protocol):
 
 
 def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-    prefix, plural = RESOURCES[kind]
+    group, version, plural = RESOURCES[kind]
+    prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
     path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
     if name:
         path += f"/{name}"
@@ -248,7 +252,11 @@ class Kube:
                 return None
             raise
 
-    async def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
+    async def list(
+        self, kind: str, namespace: str | None, label_selector: Selector | None = None
+    ) -> list[dict[str, Any]]:
+        if isinstance(label_selector, Mapping):
+            label_selector = selector_string(label_selector)
         query = {"labelSelector": label_selector} if label_selector else None
         result = await self._request("GET", _path(kind, namespace), kind, query=query)
         return list(result.get("items") or [])
@@ -330,8 +338,7 @@ class Kube:
 
     async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj["metadata"]
-        now = dt.datetime.now(dt.UTC)
-        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = now_rfc3339()
         body = {
             "apiVersion": "v1",
             "kind": "Event",

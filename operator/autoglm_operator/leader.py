@@ -27,6 +27,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from .conditions import format_micro_time
 from .kube import ApiError, Kube
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def identity() -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_micro_time(dt.datetime.now(dt.UTC))
 
 
 class LeaderElector:

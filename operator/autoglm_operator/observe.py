@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import builders as b
+from .conditions import DEGRADED, get_condition
 from .kube import KubeAPI
 from .models import ResolvedSpec
 
@@ -63,22 +64,14 @@ class Revision:
     def from_deployment(cls, d: dict[str, Any]) -> Revision:
         meta, spec, st = d["metadata"], d.get("spec") or {}, d.get("status") or {}
         labels = meta.get("labels") or {}
+        progressing = get_condition(st.get("conditions"), "Progressing") or {}
         deadline = ""
-        for c in st.get("conditions") or []:
-            if (
-                c.get("type") == "Progressing"
-                and c.get("status") == "False"
-                and c.get("reason") == "ProgressDeadlineExceeded"
-            ):
-                deadline = c.get("message") or "progress deadline exceeded"
-        failure = next(
-            (
-                c.get("message") or c.get("reason") or "pods cannot be created"
-                for c in st.get("conditions") or []
-                if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
-            ),
-            "",
-        )
+        if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+            deadline = progressing.get("message") or "progress deadline exceeded"
+        replica_failure = get_condition(st.get("conditions"), "ReplicaFailure") or {}
+        failure = ""
+        if replica_failure.get("status") == "True":
+            failure = replica_failure.get("message") or replica_failure.get("reason") or "pods cannot be created"
         return cls(
             hash=labels.get(b.LABEL_REVISION, ""),
             name=meta["name"],
@@ -137,10 +130,8 @@ PRECONDITION_REASONS = frozenset(
 
 
 def _degraded_reason(cr: dict[str, Any]) -> str:
-    for c in (cr.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Degraded" and c.get("status") == "True":
-            return str(c.get("reason") or "")
-    return ""
+    c = get_condition((cr.get("status") or {}).get("conditions"), DEGRADED) or {}
+    return str(c.get("reason") or "") if c.get("status") == "True" else ""
 
 
 async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observed:
@@ -152,7 +143,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
     of a running resource reads nothing from the API.
     """
     ns, name, uid = cr["metadata"]["namespace"], cr["metadata"]["name"], cr["metadata"]["uid"]
-    selector = f"{b.LABEL_DEPLOYMENT}={name},{b.MANAGED_SELECTOR}"
+    selector = {b.LABEL_DEPLOYMENT: name, b.LABEL_MANAGED_BY: b.MANAGER}
     pvc_name = r.source.claim if r.source.scheme == "pvc" else None
     ref = r.spec.auth.api_key_secret_ref
 
@@ -307,9 +298,11 @@ def pod_problems(pods: Iterable[dict[str, Any]], revisions: dict[str, Revision])
             continue
         rev = name_of.get((pod["metadata"].get("labels") or {}).get(b.LABEL_REVISION, ""), "")
         st = pod.get("status") or {}
-        for c in st.get("conditions") or []:
-            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
-                by_reason.setdefault("Unschedulable", []).append((pod["metadata"]["name"], rev, c.get("message") or ""))
+        scheduled = get_condition(st.get("conditions"), "PodScheduled") or {}
+        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            by_reason.setdefault("Unschedulable", []).append(
+                (pod["metadata"]["name"], rev, scheduled.get("message") or "")
+            )
         for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = BAD_WAITING.get(waiting.get("reason", ""))

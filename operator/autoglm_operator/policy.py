@@ -22,9 +22,11 @@ import dataclasses
 import datetime as dt
 import math
 
+from .conditions import format_time
 from .models import ResolvedSpec, RolloutSpec
+from .names import revision_name
 from .observe import Problem, Revision
-from .rollout_state import Analysis, RolloutState, format_time
+from .rollout_state import Analysis, RolloutState
 
 ANNOTATION_PROMOTE = "autoglm.io/promote"
 ANNOTATION_ABORT = "autoglm.io/abort"
@@ -209,7 +211,7 @@ class _Machine:
         return self._steady(state, Problem("RolledBack", msg))
 
     def _name(self, h: str | None) -> str:
-        return f"{self.r.name}-{h}"
+        return revision_name(self.r.name, h or "")
 
     # ------------------------------------------------------------ the machine
 

@@ -65,19 +65,12 @@ def serving_pods(sel: str) -> str:
 
 # ---------------------------------------------------------------- canary analysis (analysis.py)
 # Instant queries at the check's time over the last ``window`` (e.g. "30s"). analysis.py turns the
-# counts by status into the success rate (see ``analysis.success_figures``); ``success_rate`` below is
-# the same figure without the stable baseline for invalid requests, for a dashboard.
+# counts by status into the success rate (see ``analysis.success_figures``).
 
 
 def requests_by_status(sel: str, window: str) -> str:
     """Finished requests of each revision and outcome (success, error, timeout, invalid, rejected, aborted)."""
     return f"sum by (revision, status) (increase(autoglm_requests_total{{{sel}}}[{window}]))"
-
-
-def success_rate(sel: str, window: str) -> str:
-    """Share of answered requests (success, error, timeout, invalid) that succeeded."""
-    answered = f'sum(increase(autoglm_requests_total{{{sel},status=~"success|error|timeout|invalid"}}[{window}]))'
-    return f'sum(increase(autoglm_requests_total{{{sel},status="success"}}[{window}])) / {answered}'
 
 
 def p99(metric: str, sel: str, window: str) -> str:

@@ -11,15 +11,14 @@ import dataclasses
 import datetime as dt
 from typing import Any, Literal
 
+from .conditions import DEGRADED, format_time, get_condition, parse_time
+from .names import revision_name
+
 Verdict = Literal["Passed", "Failed", "Inconclusive"]
 
 
-def parse_time(value: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
-def format_time(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+def _time(value: dt.datetime | None) -> str | None:
+    return format_time(value) if value else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Analysis:
 
     def to_status(self) -> dict[str, Any]:
         out = {
-            "time": format_time(self.time),
+            "time": _time(self.time),
             "windowSeconds": self.window_seconds,
             "requests": self.requests,
             "successRate": self.success_rate,
@@ -97,7 +96,7 @@ class RolloutState:
             value = st.get(key)
             return value.removeprefix(f"{cr_name}-") if value else None
 
-        degraded: dict[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == "Degraded"), {})
+        degraded = get_condition(st.get("conditions"), DEGRADED) or {}
         rolled_back_msg = degraded.get("message", "") if degraded.get("reason") == "RolledBack" else ""
         return cls(
             phase=st.get("rolloutPhase") or "Idle",
@@ -120,13 +119,13 @@ class RolloutState:
         """The status fields this state owns (``None`` = remove)."""
 
         def name(h: str | None) -> str | None:
-            return f"{cr_name}-{h}" if h else None
+            return revision_name(cr_name, h) if h else None
 
         return {
             "rolloutPhase": self.phase,
             "currentStep": self.step,
-            "stepStartedAt": format_time(self.step_started_at),
-            "stepReadyAt": format_time(self.step_ready_at),
+            "stepStartedAt": _time(self.step_started_at),
+            "stepReadyAt": _time(self.step_ready_at),
             "failedChecks": self.failed_checks if self.canary else None,
             "lastAnalysis": self.last_analysis.to_status() if self.last_analysis else None,
             "previousStableRevision": name(self.previous_stable),

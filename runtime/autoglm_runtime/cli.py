@@ -209,9 +209,6 @@ class _Server:
             def capture_signals(self) -> Iterator[None]:
                 yield
 
-            def install_signal_handlers(self) -> None:  # uvicorn < 0.29
-                return None
-
         return Server(config)
 
 

@@ -34,6 +34,11 @@ def test_rendered_operator_pod_is_hardened(kube):
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}}
     assert c["resources"]["limits"]["memory"]
+    # kopf's liveness endpoint serves both probes (the port is the one --liveness binds).
+    health = next(p["containerPort"] for p in c["ports"] if p["name"] == "health")
+    assert "--liveness=http://0.0.0.0:%d/healthz" % health in c["args"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
 
 
 def _yaml_docs(text: str):

@@ -19,7 +19,9 @@ from autoglm_operator.kube import ApiError
 _rv = itertools.count(1)
 
 
-def _match(labels: dict[str, str], selector: str | None) -> bool:
+def _match(labels: dict[str, str], selector: str | dict[str, str] | None) -> bool:
+    if isinstance(selector, dict):
+        return all(labels.get(k) == v for k, v in selector.items())
     for term in filter(None, (selector or "").split(",")):
         if "=" in term:
             k, v = term.split("=", 1)

@@ -81,15 +81,17 @@ async def test_get_list_and_what_falls_back_to_the_api() -> None:
     kube.reads.clear()
     assert (await ck.get("Service", NS, "chat"))["metadata"]["name"] == "chat"
     assert await ck.get("Service", NS, "nope") is None
-    sel = f"{b.LABEL_DEPLOYMENT}=chat,{b.MANAGED_SELECTOR}"
+    sel = {b.LABEL_DEPLOYMENT: "chat", b.LABEL_MANAGED_BY: b.MANAGER}
     assert [d["metadata"]["name"] for d in await ck.list("Deployment", NS, sel)] == kube.names("Deployment", NS)
-    assert await ck.list("Deployment", NS, f"{b.LABEL_DEPLOYMENT}=other,{b.MANAGED_SELECTOR}") == []
+    assert await ck.list("Deployment", NS, {**sel, b.LABEL_DEPLOYMENT: "other"}) == []
+    assert await ck.list("Deployment", NS, {**sel, b.LABEL_MANAGED_BY: "someone-else"}) == []
     assert sum(kube.reads.values()) == 0
-    # Not cached: Secrets; asked fresh; a selector the index cannot serve.
+    # Not cached: Secrets; asked fresh; a selector the index cannot serve (no owner; a string).
     await ck.get("Secret", NS, "key")
     await ck.get("Service", NS, "chat", fresh=True)
-    await ck.list("Deployment", NS, b.MANAGED_SELECTOR)
-    assert kube.reads == {"GET Secret": 1, "GET Service": 1, "LIST Deployment": 1}
+    await ck.list("Deployment", NS, {b.LABEL_MANAGED_BY: b.MANAGER})
+    await ck.list("Deployment", NS, f"{b.LABEL_DEPLOYMENT}=chat")
+    assert kube.reads == {"GET Secret": 1, "GET Service": 1, "LIST Deployment": 2}
 
 
 async def test_own_writes_are_seen_before_the_watch_delivers_them() -> None:
@@ -168,8 +170,7 @@ async def test_audit_hides_what_was_deleted_while_a_watch_was_down() -> None:
     stale = await ck.audit([NS])
     assert [(k, n) for k, _, n, _ in stale] == [("Deployment", dep)]
     assert await ck.get("Deployment", NS, dep) is None
-    sel = f"{b.LABEL_DEPLOYMENT}=chat,{b.MANAGED_SELECTOR}"
-    assert await ck.list("Deployment", NS, sel) == []
+    assert await ck.list("Deployment", NS, {b.LABEL_DEPLOYMENT: "chat", b.LABEL_MANAGED_BY: b.MANAGER}) == []
     # The next reconcile puts the revision back.
     await reconcile(ck, OperatorSettings(), NS, "chat")
     assert kube.names("Deployment", NS) == [dep]

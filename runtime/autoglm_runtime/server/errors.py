@@ -77,11 +77,6 @@ class ConflictError(APIError):
     error_type = "conflict_error"
 
 
-class NotFoundError(APIError):
-    status_code = 404
-    error_type = "not_found_error"
-
-
 class QueueFullAPIError(APIError):
     status_code = 429
     error_type = "rate_limit_error"
