@@ -6,13 +6,13 @@ PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
         bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
-        crd values-table
+        crd docs docs-reference
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-venv:  ## Create .venv with the runtime, test, bench and lint extras (torch included)
-	@bash scripts/venv.sh runtime,test,bench,lint
+venv:  ## Create .venv with the runtime, test, bench, lint and docs extras (torch included)
+	@bash scripts/venv.sh runtime,test,bench,lint,docs
 
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash tests/cluster/gobuild/build.sh >/dev/null
@@ -28,9 +28,13 @@ lint: venv  ## ruff + mypy on operator/ and runtime/ (config in pyproject.toml),
 
 crd: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the typed models (operator/autoglm_operator/models.py)
 	$(PY) -m autoglm_operator.crdgen
+	$(PY) scripts/gen-reference.py
 
-values-table: venv  ## Regenerate the README's Helm values table from charts/autoglm/values.schema.json
-	$(PY) scripts/values-table.py --write README.md
+docs-reference: venv  ## Regenerate docs/reference/ (CRD fields, metrics, CLI, Helm values) from their sources
+	$(PY) scripts/gen-reference.py
+
+docs: venv  ## Build the docs site into .cache/site (strict: a broken link or a page missing from the nav fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real control plane)
 	$(PYTEST)

@@ -1,8 +1,9 @@
 """The Helm chart's values table, generated from charts/autoglm/values.schema.json (descriptions,
-types, allowed values) and values.yaml (defaults), so the README never repeats either by hand.
+types, allowed values) and values.yaml (defaults), so the docs never repeat either by hand.
+scripts/gen-reference.py puts it in docs/reference/helm-values.md (`make docs-reference`).
 
     .venv/bin/python scripts/values-table.py                  # print the table
-    .venv/bin/python scripts/values-table.py --write README.md  # replace the table between the markers
+    .venv/bin/python scripts/values-table.py --write FILE.md  # replace the table between the markers
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ class RuntimeSettings(BaseSettings):
 
     model: Path = Field(description="Directory of a Hugging Face causal LM (config, weights, tokenizer).")
     served_model_name: str | None = Field(default=None, description="Name clients use; default: the model dir's name.")
-    host: str = "0.0.0.0"
-    port: int = Field(default=defaults.PORT, ge=0, le=65535)
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=defaults.PORT, ge=0, le=65535, description="Port of the API and /metrics.")
 
     max_batch_size: int = Field(
         default=defaults.MAX_BATCH_SIZE, ge=1, description="Most sequences decoded together in one step."
@@ -39,11 +39,11 @@ class RuntimeSettings(BaseSettings):
     max_model_len: int | None = Field(
         default=None, ge=1, description="Prompt + completion limit; default: the model's."
     )
-    dtype: Dtype = "auto"
-    device: str = "auto"
+    dtype: Dtype = Field(default="auto", description="Weights dtype; auto: the model's own, float32 on CPU.")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu or cuda.")
 
     api_key: str | None = Field(default=None, repr=False)
-    api_key_file: Path | None = None
+    api_key_file: Path | None = Field(default=None, description="File holding the API key clients must send.")
     ssl_certfile: Path | None = Field(default=None, description="Serve HTTPS with this PEM certificate (chain).")
     ssl_keyfile: Path | None = Field(default=None, description="The certificate's PEM private key.")
 
@@ -54,7 +54,9 @@ class RuntimeSettings(BaseSettings):
         default_factory=list, description="Hosts whose http(s) image URLs are fetched; none by default."
     )
 
-    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    drain_timeout_seconds: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
     request_timeout_seconds: float | None = Field(default=None, gt=0, description="Abort a request running longer.")
     revision: str = Field(default="unknown", description="Label of the deployed revision in metrics.")
     enable_reload: bool = Field(default=False, description="Serve POST /admin/reload (off: 403).")
@@ -65,7 +67,7 @@ class RuntimeSettings(BaseSettings):
     allow_client_priority: bool = Field(
         default=False, description="Honour a request's `priority` (off: a non-zero priority is refused with 400)."
     )
-    log_level: LogLevel = "info"
+    log_level: LogLevel = Field(default="info", description="Log level.")
 
     @field_validator("log_level", mode="before")
     @classmethod

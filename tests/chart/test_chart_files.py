@@ -1,5 +1,5 @@
 """The chart's files, checked without a cluster: one source for the CRD, a schema covering every value,
-the README's values table generated from it, and Dockerfiles with pinned bases and no torch in the
+the docs' values table generated from it, and Dockerfiles with pinned bases and no torch in the
 operator image."""
 
 from __future__ import annotations
@@ -96,15 +96,8 @@ def test_schema_bounds_match_the_operator_settings():
     assert node["minimum"] == bounds["Ge"].ge and node["maximum"] == bounds["Le"].le
 
 
-# ---------------------------------------------------------------- README values table
-
-
-def test_readme_values_table_is_generated_from_the_schema():
-    module = _values_table()
-    readme = (REPO / "README.md").read_text()
-    assert module.BEGIN in readme and module.END in readme
-    current = readme[readme.index(module.BEGIN) : readme.index(module.END) + len(module.END)]
-    assert current == module.block(), "README's values table is stale: run `make values-table`"
+# ---------------------------------------------------------------- values table (docs/reference/helm-values.md)
+# The page itself is proved current by tests/test_docs.py (scripts/gen-reference.py --check).
 
 
 def test_values_table_lists_every_value():
@@ -113,8 +106,8 @@ def test_values_table_lists_every_value():
     assert listed == {path for path, _, _ in _leaves(VALUES, SCHEMA)}
 
 
-def test_readme_lists_every_rbac_rule_with_its_verbs():
-    """The README's RBAC table has one row per (resource, apiGroup) of templates/rbac.yaml, same verbs."""
+def test_docs_list_every_rbac_rule_with_its_verbs():
+    """The Helm page's RBAC table has one row per (resource, apiGroup) of templates/rbac.yaml, same verbs."""
     text = (CHART / "templates" / "rbac.yaml").read_text()
     text = re.sub(r"(?m)^\s*\{\{.*\}\}\s*$", "", text)  # {{- if }} / {{- end }} lines
     role = next(yaml.safe_load_all(re.sub(r"\{\{.*?\}\}", "x", text)))
@@ -123,8 +116,8 @@ def test_readme_lists_every_rbac_rule_with_its_verbs():
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 want[resource if group == "" else f"{resource}.{group}"] = set(rule["verbs"])
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("#### RBAC rules") :]
+    page = (REPO / "docs" / "how-to" / "helm.md").read_text()
+    section = page[page.index("## RBAC rules") :]
     section = section[: section.index("\n#")]
     listed = {}
     for line in section.splitlines():
