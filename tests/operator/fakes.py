@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from autoglm_operator.kube import ApiError
+from autoglm_operator.status_model import AutoGLMDeploymentStatus
 
 _rv = itertools.count(1)
 
@@ -182,6 +183,8 @@ class FakeKube:
         if o is None:
             return None
         o["status"] = merge_patch(o.get("status") or {}, status_patch)
+        # The apiserver would prune a key its status schema lacks: every status written must fit it.
+        AutoGLMDeploymentStatus.model_validate(o["status"])
         o["metadata"]["resourceVersion"] = str(next(_rv))
         return copy.deepcopy(o)
 
