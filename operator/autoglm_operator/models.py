@@ -86,7 +86,7 @@ class ModelSpec(_Model):
             )
         ),
     )
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+    dtype: runtime_defaults.Dtype = Field(
         default="auto",
         description=(
             "Weight and activation dtype. auto takes the model's own (torch_dtype in its config), falling "

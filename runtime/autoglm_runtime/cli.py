@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from autoglm_runtime import defaults
 from autoglm_runtime.config import RuntimeSettings, format_validation_error
 
 log = logging.getLogger("autoglm_runtime")
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int)
     s.add_argument("--max-batch-tokens", type=int)
     s.add_argument("--max-model-len", type=int)
-    s.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    s.add_argument("--dtype", choices=defaults.DTYPES)
     s.add_argument("--device")
     s.add_argument("--api-key-file")
     s.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate [env AUTOGLM_RUNTIME_SSL_CERTFILE]")

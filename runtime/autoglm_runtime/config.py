@@ -13,11 +13,11 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from autoglm_runtime import defaults
+from autoglm_runtime.defaults import Dtype
 
 if TYPE_CHECKING:
     from autoglm_runtime.multimodal import MediaLimits
 
-Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
