@@ -30,9 +30,13 @@ def _cell(text: Any) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _flat(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
 def _code(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
-    return f"`{_cell(text)}`"
+    return f"`{_flat(text)}`"
 
 
 # ---------------------------------------------------------------- the CRD
@@ -64,7 +68,7 @@ def _rules(node: dict[str, Any]) -> str:
         if key in node:
             out.append(f"{word} {node[key]}")
     if "pattern" in node:
-        out.append(f"pattern `{_cell(node['pattern'])}`")
+        out.append(f"pattern `{node['pattern']}`")
     return "; ".join(out)
 
 
@@ -108,28 +112,23 @@ def crd_page() -> str:
         wide = " (`-o wide`)" if c.get("priority") else ""
         lines.append(f"| {c['name'].upper()}{wide} | `{c['jsonPath']}` | {_cell(c.get('description', ''))} |")
     for section in ("spec", "status"):
-        lines += [
-            f"\n## {section}\n",
-            f"{_cell(schema['properties'][section]['description'])}\n",
-            "| field | type | default | validation | description |",
-            "|---|---|---|---|---|",
-        ]
+        # Lists, not tables: patterns and rules hold '|', which Markdown renderers treat differently in tables.
+        lines += [f"\n## {section}\n", f"{_flat(schema['properties'][section]['description'])}\n"]
         for path, node, required in _fields(schema["properties"][section], section):
-            default = _code(node["default"]) if "default" in node else ""
-            rules = _rules(node)
-            if required:
-                rules = "required" + (f"; {rules}" if rules else "")
-            lines.append(f"| `{path}` | {_type(node)} | {default} | {rules} | {_cell(node.get('description', ''))} |")
+            facts = [_type(node)] + (["required"] if required else [])
+            if "default" in node:
+                facts.append(f"default {_code(node['default'])}")
+            if _rules(node):
+                facts.append(_rules(node))
+            lines.append(f"- **`{path}`** ({'; '.join(facts)}): {_flat(node.get('description', ''))}")
     lines += [
         "\n## Rules across fields (CEL)\n",
         "Checked by the apiserver when an object is created or changed; the message is what `kubectl` prints.\n",
-        "| on | rule | message |",
-        "|---|---|---|",
     ]
     for path, node in _objects(schema["properties"]["spec"], "spec"):
         for rule in node["x-kubernetes-validations"]:
-            message = rule.get("message") or f"(expression) `{_cell(rule['messageExpression'])}`"
-            lines.append(f"| `{path}` | `{_cell(rule['rule'])}` | {_cell(message)} |")
+            message = _flat(rule["message"]) if "message" in rule else f"`{_flat(rule['messageExpression'])}`"
+            lines.append(f"- **`{path}`**: `{_flat(rule['rule'])}`  \n  message: {message}")
     return "\n".join(lines) + "\n"
 
 
