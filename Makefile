@@ -26,7 +26,7 @@ lint: venv  ## ruff + mypy on operator/ and runtime/ (config in pyproject.toml),
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime
 
-crd: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the typed models (operator/autoglm_operator/models.py)
+crd: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the typed models (operator/autoglm_operator/models/)
 	$(PY) -m autoglm_operator.crdgen
 	$(PY) scripts/gen-reference.py
 

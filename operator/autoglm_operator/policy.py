@@ -108,7 +108,7 @@ def _replicas(
     """
     s_count = stable_count(r, stable)
     target = s_count if weight >= 100 else canary_count(weight, s_count)
-    surge = r.spec.rollout.max_surge  # only with a fixed count (models.py and the CRD refuse it with autoscaling)
+    surge = r.spec.rollout.max_surge  # only with a fixed count (the models and the CRD refuse it with autoscaling)
     if surge is None:
         return None if r.spec.autoscaling.enabled else s_count, target, target
     stable_pods = max(stable.desired, stable.pods) if stable else 0

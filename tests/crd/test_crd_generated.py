@@ -12,8 +12,13 @@ import pytest
 import yaml
 
 from autoglm_operator import crdgen
-from autoglm_operator.models import DURATION, AutoGLMDeploymentSpec, parse_duration, parse_model_uri
-from autoglm_operator.status_model import AutoGLMDeploymentStatus
+from autoglm_operator.models import (
+    DURATION,
+    AutoGLMDeploymentSpec,
+    AutoGLMDeploymentStatus,
+    parse_duration,
+    parse_model_uri,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from autoglm_operator.kube import ApiError
-from autoglm_operator.status_model import AutoGLMDeploymentStatus
+from autoglm_operator.models import AutoGLMDeploymentStatus
 
 _rv = itertools.count(1)
 

@@ -9,7 +9,7 @@ from autoglm_operator.observe import Problem, Revision, pod_problems
 from autoglm_operator.policy import decide
 from autoglm_operator.rollout_state import RolloutState
 from autoglm_operator.status import compute_status, status_patch, transition_events
-from autoglm_operator.status_model import AutoGLMDeploymentStatus
+from autoglm_operator.models import AutoGLMDeploymentStatus
 from tests.operator.test_builders import cr_for, resolved
 
 SPEC = {"model": {"uri": "hf://a/b"}, "runtime": {"version": "0.1.0"}, "replicas": 2}
