@@ -178,7 +178,7 @@ def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
         return tp, metadata
 
 
-def _type_schema(tp: Any, metadata: list[Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _type_schema(tp: Any, metadata: list[Any]) -> dict[str, Any]:
     tp, more = _unwrap(tp)
     metadata = more + metadata
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -198,7 +198,7 @@ def _type_schema(tp: Any, metadata: list[Any], extra: dict[str, Any]) -> dict[st
         if value is Any:
             node["x-kubernetes-preserve-unknown-fields"] = True
         else:
-            node["additionalProperties"] = _type_schema(args[1], [], {})
+            node["additionalProperties"] = _type_schema(args[1], [])
     elif tp is bool:
         node = {"type": "boolean"}
     elif tp is int:
@@ -217,7 +217,7 @@ def _item_schema(tp: Any) -> dict[str, Any]:
     inner, _ = _unwrap(tp)
     if isinstance(inner, type) and issubclass(inner, BaseModel):
         return model_schema(inner)  # list items keep their model's docstring as description
-    return _type_schema(tp, [], {})
+    return _type_schema(tp, [])
 
 
 def _order(node: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +230,7 @@ def _order(node: dict[str, Any]) -> dict[str, Any]:
 
 def field_schema(name: str, field: FieldInfo) -> dict[str, Any]:
     extra = dict(field.json_schema_extra or {}) if isinstance(field.json_schema_extra, dict) else {}
-    node = _type_schema(field.annotation, list(field.metadata), extra)
+    node = _type_schema(field.annotation, list(field.metadata))
     if field.description:
         node["description"] = field.description
     elif "description" not in node:

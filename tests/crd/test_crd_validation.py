@@ -6,6 +6,7 @@ explain`/`get`/`scale` behave. No operator runs here: these are the API's own gu
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from autoglm_operator.models import parse_model_uri
+from tests.crd.test_crd_generated import URIS
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -96,6 +99,8 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("uri-pvc-bad-claim", spec(model={"uri": "pvc://Model_Store/glm"}), ("spec.model.uri",)),
     ("uri-pvc-no-path", spec(model={"uri": "pvc://model-store"}), ("spec.model.uri",)),
     ("uri-hf-no-name", spec(model={"uri": "hf://THUDM"}), ("spec.model.uri",)),
+    ("uri-hf-space", spec(model={"uri": "hf://THUDM/glm 4"}), ("spec.model.uri",)),
+    ("uri-hf-at-in-org", spec(model={"uri": "hf://THU@DM/glm"}), ("spec.model.uri",)),
     ("dtype", spec(model={"dtype": "fp8"}), ("spec.model.dtype", "Unsupported value")),
     ("model-name-slash", spec(model={"name": "THUDM/glm-4"}), ("spec.model.name",)),
     ("max-model-len-0", spec(model={"maxModelLen": 0}), ("spec.model.maxModelLen",)),
@@ -215,7 +220,7 @@ def test_defaults_are_filled_in(crd, namespace):
     minimal = {"apiVersion": "autoglm.io/v1alpha1", "kind": "AutoGLMDeployment", "metadata": {"name": "mini"},
                "spec": {"model": {"uri": "hf://THUDM/glm-4-9b-chat"}, "autoscaling": {"enabled": True, "maxReplicas": 3},
                         "rollout": {"analysis": {"prometheus": {"address": "http://prom:9090"}}},
-                        "auth": {"apiKeySecretRef": {"name": "key"}}}}
+                        "auth": {"apiKeySecretRef": {"name": "key"}}, "networkPolicy": {"enabled": True}}}
     proc = apply(crd, minimal, namespace)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(crd.kubectl("get", "agd", "mini", "-n", namespace, "-o", "json").stdout)["spec"]
@@ -232,7 +237,22 @@ def test_defaults_are_filled_in(crd, namespace):
                      "failureThreshold": 2, "minRequests": 20},
     }
     assert got["auth"] == {"apiKeySecretRef": {"name": "key", "key": "token"}}
+    assert got["networkPolicy"] == {"enabled": True, "monitoringNamespace": "monitoring"}
     assert "replicas" not in got
+
+
+@pytest.mark.parametrize("uri", URIS)
+def test_model_uri_grammar_is_the_operators(crd, namespace, uri):
+    """The CEL rule (RE2, in the apiserver) admits exactly the URIs the operator parses."""
+    try:
+        parse_model_uri(uri)
+        parsed = True
+    except ValueError:
+        parsed = False
+    name = "u-" + hashlib.sha256(uri.encode()).hexdigest()[:8]
+    obj = merged(BASE, {"metadata": {"name": name}, "spec": {"model": {"uri": uri}}})
+    proc = apply(crd, obj, namespace)
+    assert (proc.returncode == 0) == parsed, f"{uri!r}: operator parses={parsed}, apiserver says:\n{proc.stderr}"
 
 
 def test_explain_shows_descriptions(crd):
