@@ -243,7 +243,7 @@ def test_the_monitor_check_catches_a_field_the_crd_does_not_know(kube, namespace
 
 
 def test_install_prints_next_steps_and_upgrade_across_a_crd_change_keeps_everything(kube, namespace, tmp_path):
-    """The README's procedure: `helm upgrade` leaves the CRD alone, `kubectl apply --server-side
+    """The procedure in docs/how-to/helm.md: `helm upgrade` leaves the CRD alone, `kubectl apply --server-side
     --force-conflicts -f crds/` updates it; the release's objects and an AutoGLMDeployment survive."""
     import shutil
 

@@ -72,8 +72,8 @@ class Traffic:
 
     def _one(self, client: httpx.Client, body: dict, stream: bool) -> Answer:
         # The local cluster's node network now and then answers a connect with ENETUNREACH while pods
-        # come and go on the process node (nothing was sent; root cause not found, see the README's
-        # Tests section). Such a connect is tried again, as the OpenAI client retries connection
+        # come and go on the process node (nothing was sent; root cause not found, see docs/development.md,
+        # the test tiers). Such a connect is tried again, as the OpenAI client retries connection
         # errors, and counted apart (``unreachable_retries``); every other failure counts.
         for _ in range(3):
             answer = self._attempt(client, body, stream)
