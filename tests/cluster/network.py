@@ -164,6 +164,17 @@ class Network:
                     ["ip", "link", "add", "br0", "type", "bridge"],
                     ["ip", "addr", "add", f"{r.gateway}/24", "dev", "br0"],
                     ["ip", "link", "set", "br0", "up"],
+                    # kube-proxy answers a Service without endpoints (and a ClusterIP's unused port) in
+                    # the *forward* hook, which a packet reaches only if the routing decision succeeds:
+                    # with no route for the service range the node answered ICMP net-unreachable
+                    # (ENETUNREACH) instead of kube-proxy's reject (ECONNREFUSED, as on a real node,
+                    # where the default route decides). A veth pair with nothing behind it gives the
+                    # range a route (no dummy module on every kernel); the forward chain below drops
+                    # what kube-proxy leaves alone, so nothing is ever sent on it.
+                    ["ip", "link", "add", "svc0", "type", "veth", "peer", "name", "svc0p"],
+                    ["ip", "link", "set", "svc0p", "up"],
+                    ["ip", "link", "set", "svc0", "up"],
+                    ["ip", "route", "add", r.service_range, "dev", "svc0"],
                     ["sysctl", "-qw", "net.ipv4.ip_forward=1"]):
             sh(*cmd, netns=ns)
         # Only bridge <-> root-link traffic is forwarded inside the node namespace.

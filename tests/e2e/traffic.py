@@ -49,7 +49,6 @@ class Traffic:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.max_tokens, self.pause, self.prompt, self.timeout = model, max_tokens, pause, prompt, timeout
         self.answers: list[Answer] = []
-        self.unreachable_retries = 0
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i, i < streams), daemon=True, name=f"traffic-{i}")
@@ -71,20 +70,6 @@ class Traffic:
                     self.stop_event.wait(wait)
 
     def _one(self, client: httpx.Client, body: dict, stream: bool) -> Answer:
-        # The local cluster's node network now and then answers a connect with ENETUNREACH while pods
-        # come and go on the process node (nothing was sent; root cause not found, see the README's
-        # Tests section). Such a connect is tried again, as the OpenAI client retries connection
-        # errors, and counted apart (``unreachable_retries``); every other failure counts.
-        for _ in range(3):
-            answer = self._attempt(client, body, stream)
-            if "Network is unreachable" not in answer.error:
-                return answer
-            with self.lock:
-                self.unreachable_retries += 1
-            time.sleep(0.1)
-        return answer
-
-    def _attempt(self, client: httpx.Client, body: dict, stream: bool) -> Answer:
         start = time.monotonic()
         revision = None
         try:
