@@ -16,9 +16,13 @@ by side never collide)::
   (the root namespace's ``ip_forward`` is never touched).
 - Nothing a pod sends may leave the machine: pods have routes for the cluster's pod and service
   ranges only (no default route); the node namespace has no default route and an nftables
-  ``forward`` chain that drops everything except bridge <-> root-link traffic; the root namespace
-  routes only the node's /24 and the service range into the node namespace and holds ``unreachable``
-  routes for the rest of the pod range, so a packet to an address nobody holds fails at once.
+  ``forward`` chain that drops everything except bridge <-> root-link traffic. It routes the service
+  range to ``svc0`` (a veth pair with nothing behind it, never sent on) so that a packet kube-proxy
+  did not DNAT reaches the forward hook, where kube-proxy rejects it (a Service without endpoints:
+  ``ECONNREFUSED``) or drops it, as on a real node; without a route the node answered
+  "network unreachable" (issue 18). The root namespace routes only the node's /24 and the service
+  range into the node namespace and holds ``unreachable`` routes for the rest of the pod range, so a
+  packet to an address nobody holds fails at once.
 
 Everything is named after the slot; ``cleanup_stale()`` removes the set of a cluster whose owner
 process died (``kill -9``), ``Network.teardown()`` the set of a cluster that stops.
@@ -164,6 +168,11 @@ class Network:
                     ["ip", "link", "add", "br0", "type", "bridge"],
                     ["ip", "addr", "add", f"{r.gateway}/24", "dev", "br0"],
                     ["ip", "link", "set", "br0", "up"],
+                    # A route for the service range, so kube-proxy's verdicts apply (module docstring).
+                    ["ip", "link", "add", "svc0", "type", "veth", "peer", "name", "svc0p"],
+                    ["ip", "link", "set", "svc0p", "up"],
+                    ["ip", "link", "set", "svc0", "up"],
+                    ["ip", "route", "add", r.service_range, "dev", "svc0"],
                     ["sysctl", "-qw", "net.ipv4.ip_forward=1"]):
             sh(*cmd, netns=ns)
         # Only bridge <-> root-link traffic is forwarded inside the node namespace.

@@ -4,11 +4,17 @@ ClusterIP, counting every failure and recording, per request, which revision ans
 
 Every request opens a new connection, so kube-proxy picks a backend pod per request and the share
 each revision gets follows its share of the ready endpoints (keep-alive would pin a client to a pod).
+
+The clients start once the Service accepts a connection: pods turn Ready in the API before kube-proxy
+has written them into the node's rules (its syncs are at least a second apart), and a connect in
+between is refused, on any cluster (kube-proxy's reject for a Service without endpoints). Once
+started, every failed connect counts.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -49,7 +55,7 @@ class Traffic:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.max_tokens, self.pause, self.prompt, self.timeout = model, max_tokens, pause, prompt, timeout
         self.answers: list[Answer] = []
-        self.unreachable_retries = 0
+        self.waited = 0.0  # seconds until the Service accepted a connection (see wait_reachable)
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i, i < streams), daemon=True, name=f"traffic-{i}")
@@ -71,20 +77,6 @@ class Traffic:
                     self.stop_event.wait(wait)
 
     def _one(self, client: httpx.Client, body: dict, stream: bool) -> Answer:
-        # The local cluster's node network now and then answers a connect with ENETUNREACH while pods
-        # come and go on the process node (nothing was sent; root cause not found, see docs/development.md,
-        # the test tiers). Such a connect is tried again, as the OpenAI client retries connection
-        # errors, and counted apart (``unreachable_retries``); every other failure counts.
-        for _ in range(3):
-            answer = self._attempt(client, body, stream)
-            if "Network is unreachable" not in answer.error:
-                return answer
-            with self.lock:
-                self.unreachable_retries += 1
-            time.sleep(0.1)
-        return answer
-
-    def _attempt(self, client: httpx.Client, body: dict, stream: bool) -> Answer:
         start = time.monotonic()
         revision = None
         try:
@@ -124,7 +116,22 @@ class Traffic:
         return Answer(start, end, revision, ok, True, error, None if first is None else first - start)
 
     # ------------------------------------------------------------------ lifetime
+    def wait_reachable(self, timeout: float = 30) -> float:
+        """Block until the Service accepts a TCP connection (kube-proxy has an endpoint for it); return
+        the seconds that took."""
+        url = httpx.URL(self.url)
+        start, last = time.monotonic(), ""
+        while time.monotonic() - start < timeout:
+            try:
+                with socket.create_connection((url.host, url.port or 80), timeout=2):
+                    return time.monotonic() - start
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.05)
+        raise AssertionError(f"traffic: {url.host}:{url.port} accepted no connection in {timeout:.0f}s (last: {last})")
+
     def __enter__(self) -> "Traffic":
+        self.waited = self.wait_reachable()
         for t in self.threads:
             t.start()
         return self
