@@ -325,7 +325,7 @@ class Cluster:
     def _start_process_node(
         self, pki: Path, host_paths: dict[str, str] | None, images: list[dict] | None, dns: bool
     ) -> None:
-        from devcluster.addons import coredns, keda
+        from devcluster.addons import coredns, keda, prometheus
 
         assert self.net is not None
         r = self.net.ranges
@@ -340,7 +340,10 @@ class Cluster:
             "slot": self.net.slot,
             "state_dir": str(self.dir / "procnode"),
             "api_port": self.api_port,
-            "forwards": [[keda.GRPC_PORT, self.keda_grpc_port]],
+            "forwards": [
+                [keda.GRPC_PORT, self.keda_grpc_port],
+                [prometheus.PORT, int(self.prometheus_url.rsplit(":", 1)[1]), "node"],
+            ],
             "images": [*(images or []), *default_images()],
             "host_paths": host_paths or {"/models": str(models)},
             "cluster_domain": coredns.DOMAIN,

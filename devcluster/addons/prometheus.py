@@ -1,15 +1,18 @@
 """Prometheus on 127.0.0.1, discovering pods through the apiserver and scraping those annotated
-``prometheus.io/scrape`` (1 s interval, 2 h retention)."""
+``prometheus.io/scrape`` (1 s interval, 2 h retention). Pods reach it as in a user's cluster, at
+``http://prometheus.monitoring:9090``: the Service's endpoint is the node's address, where the node
+agent forwards to the loopback port."""
 
 from __future__ import annotations
 
 import contextlib
 import urllib.request
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from devcluster.cluster import Cluster
 
+PORT = 9090  # the in-cluster Service's port (and the node's forwarder)
 CONFIG = """\
 global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
 scrape_configs:
@@ -40,9 +43,39 @@ scrape_configs:
 """
 
 
+def objects(node_ip: str) -> list[dict[str, Any]]:
+    """Namespace ``monitoring``, Service ``prometheus`` (no selector) and its EndpointSlice."""
+    meta = {"name": "prometheus", "namespace": "monitoring"}
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "monitoring"}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {"ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                **meta,
+                "labels": {
+                    "kubernetes.io/service-name": "prometheus",
+                    "endpointslice.kubernetes.io/managed-by": "devcluster",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [node_ip], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+        },
+    ]
+
+
 def start(c: Cluster) -> None:
     if "prometheus" in c.processes.procs:
         return
+    for obj in objects(c.network.ranges.node_ip):
+        c.kube.create(obj)
     pki = c.dir / "pki"
     cfg = c.dir / "prometheus.yml"
     cfg.write_text(

@@ -180,8 +180,9 @@ class Agent:
         if self.cfg.api_port:
             for host in ("127.0.0.1", self.net.ranges.node_ip):
                 servers.append(await forward(self.net.node_ns, NODE_API_PORT, self.cfg.api_port, host=host))
-        for port, target in self.cfg.forwards:
-            servers.append(await forward(self.net.node_ns, port, target))
+        for port, target, *where in self.cfg.forwards:
+            host = self.net.ranges.node_ip if where == ["node"] else "127.0.0.1"
+            servers.append(await forward(self.net.node_ns, port, target, host=host))
         return servers
 
     async def main(self) -> None:

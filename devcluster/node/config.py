@@ -25,7 +25,9 @@ class NodeConfig:
     images: list[dict[str, Any]]  # [{"match": "ghcr.io/autoglm/runtime", "binds": [...], "env": {...}}]
     host_paths: dict[str, str] = field(default_factory=dict)  # hostPath prefix -> folder on this machine
     api_port: int = 0  # forwarded to the node namespace's port NODE_API_PORT
-    forwards: list[list[int]] = field(default_factory=list)  # [[node-ns 127.0.0.1 port, root 127.0.0.1 port]]
+    # [node-ns port, root-namespace 127.0.0.1 port] on the node namespace's loopback, or with a third
+    # item "node" on the node's address (a Service's endpoint, for pods)
+    forwards: list[list[Any]] = field(default_factory=list)
     cpu: str = "16"
     memory: str = "64Gi"
     backoff_base: float = BACKOFF_BASE
