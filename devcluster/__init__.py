@@ -5,9 +5,10 @@ demo and benchmarks. ``python -m devcluster up|down|status|logs``; from Python
 
 from devcluster.audit import OPERATOR_USER, WRITE_VERBS
 from devcluster.binaries import ClusterError, build_binaries
-from devcluster.cluster import Cluster, peak_rss_mib
+from devcluster.cluster import Cluster
 from devcluster.controlplane.nodes import PROC_NODE
 from devcluster.images import HOST_IMAGE, OPERATOR_IMAGE, RUNTIME_IMAGE
+from devcluster.processes import peak_rss_mib
 
 __all__ = [
     "HOST_IMAGE",

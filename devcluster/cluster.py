@@ -20,7 +20,6 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from devcluster import addons as addon_registry
 from devcluster.audit import OPERATOR_USER, POLICY, AuditLog
@@ -34,26 +33,6 @@ from devcluster.kube import Kube
 from devcluster.network import Network
 from devcluster.node.config import NODE_API_PORT
 from devcluster.processes import Processes, free_ports
-
-
-def kubernetes_endpoints(node_ip: str) -> dict[str, Any]:
-    """The ``kubernetes`` Service's EndpointSlice: the node's address, where the node agent forwards
-    to the apiserver (the apiserver itself listens on loopback only)."""
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "kubernetes",
-            "namespace": "default",
-            "labels": {
-                "kubernetes.io/service-name": "kubernetes",
-                "endpointslice.kubernetes.io/managed-by": "devcluster",
-            },
-        },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [node_ip], "conditions": {"ready": True}}],
-        "ports": [{"name": "https", "port": NODE_API_PORT, "protocol": "TCP"}],
-    }
 
 
 @dataclass
@@ -305,12 +284,13 @@ class Cluster:
             spawn("kwok", components.kwok(bin_dir, kubeconfig, stages, r.kwok_range, r.kwok_node_ip))
             for node in nodes(r.node_cidr):
                 c.kube.create(node)
-            c.kube.create(kubernetes_endpoints(r.node_ip))
+            c.kube.create(components.kubernetes_endpoints(r.node_ip))
             c._start_process_node(pki, host_paths, images, dns="coredns" in names)
-            for name in names:
+            for name in addon_registry.DEFAULT:  # while the nodes come up
                 addon_registry.ADDONS[name].start(c)
             c.wait_ready(timeout)
             for name in names:
+                addon_registry.ADDONS[name].start(c)  # the named ones on a ready cluster (idempotent)
                 addon_registry.ADDONS[name].wait(c, timeout)
                 (d / "addons").mkdir(exist_ok=True)
                 (d / "addons" / f"{name}.ready").write_text("")
@@ -393,15 +373,3 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def peak_rss_mib(pids: list[int]) -> float:
-    """Sum of VmHWM (peak resident set) over the given processes, in MiB."""
-    total = 0
-    for pid in pids:
-        try:
-            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        except OSError:
-            continue
-        total += sum(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
-    return total / 1024

@@ -99,3 +99,15 @@ def kill_recorded(d: Path) -> None:
         with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
             os.killpg(int(p.read_text()), signal.SIGKILL)
         p.unlink(missing_ok=True)
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    """Sum of VmHWM (peak resident set) over the given processes, in MiB."""
+    total = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
+    return total / 1024

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from devcluster.node.config import NODE_API_PORT
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KWOK_STAGES = ["node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"]
@@ -158,3 +161,23 @@ def kube_proxy(bin_dir: Path, node_ns: str, kubeconfig: Path, node: str, cluster
         "--metrics-bind-address=127.0.0.1:10249",
         "--v=0",
     ]
+
+
+def kubernetes_endpoints(node_ip: str) -> dict[str, Any]:
+    """The ``kubernetes`` Service's EndpointSlice: the node's address, where the node agent forwards
+    to the apiserver (the apiserver itself listens on loopback only)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes",
+            "namespace": "default",
+            "labels": {
+                "kubernetes.io/service-name": "kubernetes",
+                "endpointslice.kubernetes.io/managed-by": "devcluster",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [node_ip], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": NODE_API_PORT, "protocol": "TCP"}],
+    }

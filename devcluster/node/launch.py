@@ -54,6 +54,8 @@ def bind(source: str, target: str, read_only: bool) -> None:
         os.makedirs(target, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(target):  # /etc/resolv.conf as a link elsewhere: the file goes in its place
+            os.unlink(target)
         if not os.path.exists(target):
             open(target, "a").close()
     mount(source, target, None, MS_BIND | MS_REC)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from devcluster.cluster import kubernetes_endpoints
 from devcluster.controlplane import components
 from devcluster.controlplane.kubeconfig import write_kubeconfig
 from devcluster.controlplane.nodes import KWOK_NODES, PROC_NODE, nodes
@@ -79,7 +78,7 @@ def test_kubeconfig_names_the_server_and_the_users_certificate(tmp_path):
 
 
 def test_kubernetes_endpoints_point_at_the_node_forwarder():
-    es = kubernetes_endpoints("10.103.255.2")
+    es = components.kubernetes_endpoints("10.103.255.2")
     assert es["metadata"]["labels"]["kubernetes.io/service-name"] == "kubernetes"
     assert es["endpoints"][0]["addresses"] == ["10.103.255.2"] and es["ports"][0]["port"] == 6443
     assert collection_path(es) == "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
