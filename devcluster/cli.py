@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "spaces or commas between names",
     )
     ap.add_argument("-n", "--lines", type=int, default=50, help="logs: how many lines")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     d: Path = args.dir.resolve()
     names = [n for a in args.addons for n in a.replace(",", " ").split()]
     try:

@@ -28,6 +28,13 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def container_argv(spec: dict[str, Any], image: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """As a container runtime: ``command`` replaces the image's entrypoint, ``args`` follow either;
+    ``$(VAR)`` expanded."""
+    command = spec.get("command") or image.get("entrypoint") or []
+    return [expand(a, env) for a in [*command, *(spec.get("args") or [])]]
+
+
 @dataclass
 class Container:
     spec: dict[str, Any]
@@ -85,9 +92,7 @@ class Launcher:
         groups = [gid, *pod_sc.get("supplementalGroups", [])]
         if "fsGroup" in pod_sc:
             groups.append(int(pod_sc["fsGroup"]))
-        argv = [expand(a, env) for a in (c.spec.get("command") or []) + (c.spec.get("args") or [])]
-        if not argv:
-            argv = list(image.get("entrypoint") or [])
+        argv = container_argv(c.spec, image, env)
         return {
             "netns": f"/run/netns/{self.w.netns}",
             "root": str(self.w.dir / "containers" / c.name / "rootfs"),

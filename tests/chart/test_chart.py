@@ -135,7 +135,7 @@ def test_the_charts_operator_pod_runs_on_proc_0_and_reconciles_from_inside_the_c
     t0 = time.time()
     try:
         kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "120s",
-                  "-f", str(values))
+                  "-f", str(values), timeout=150)
         pods = json.loads(kube.kubectl("get", "pods", "-n", namespace, "-l",
                                        "app.kubernetes.io/name=autoglm-operator", "-o", "json").stdout)["items"]
         assert [p["spec"]["nodeName"] for p in pods] == ["proc-0"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from devcluster.node.config import BACKOFF_MAX, NodeConfig
-from devcluster.node.container import Container
+from devcluster.node.container import Container, container_argv
 from devcluster.node.env import expand
 from devcluster.node.lifecycle import backoff_delay
 from devcluster.node.probes import port_of
@@ -80,3 +80,13 @@ def test_container_user_comes_from_the_container_over_the_pod():
     assert Container({"name": "c", "securityContext": {"runAsUser": 7}}).user(pod) == (7, 2000)
     assert Container({"name": "c"}).user({"spec": {}}) == (0, 0)
     assert Container({"name": "c", "securityContext": {"runAsUser": 65532}}).user({"spec": {}}) == (65532, 65532)
+
+
+def test_args_follow_the_images_entrypoint_unless_command_replaces_it():
+    image = {"entrypoint": ["autoglm-operator"]}
+    assert container_argv({"args": ["--liveness=http://0.0.0.0:8080/healthz"]}, image, {}) == [
+        "autoglm-operator", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert container_argv({"command": ["python3", "-m", "x"], "args": ["$(A)"]}, image, {"A": "1"}) == [
+        "python3", "-m", "x", "1"]
+    assert container_argv({}, image, {}) == ["autoglm-operator"]
+    assert container_argv({"args": ["serve"]}, {}, {}) == ["serve"]
