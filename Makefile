@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down demo \
+.PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down cluster-status demo \
         bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
         crd docs docs-reference
 
@@ -15,14 +15,14 @@ venv:  ## Create .venv with the runtime, test, bench, lint and docs extras (torc
 	@bash scripts/venv.sh runtime,test,bench,lint,docs
 
 bins:  ## Build the local control plane's binaries from Go modules (cached)
-	@bash tests/cluster/gobuild/build.sh >/dev/null
+	@bash devcluster/gobuild/build.sh >/dev/null
 
 sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables) if missing
 	@bash scripts/system-deps.sh
 
-lint: venv  ## ruff + mypy on operator/ and runtime/ (config in pyproject.toml), hadolint on the Dockerfiles
-	$(VENV)/bin/ruff check operator runtime
-	$(VENV)/bin/ruff format --check operator runtime
+lint: venv  ## ruff + mypy on operator/, runtime/ and devcluster/ (config in pyproject.toml), hadolint on the Dockerfiles
+	$(VENV)/bin/ruff check operator runtime devcluster
+	$(VENV)/bin/ruff format --check operator runtime devcluster
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime
 
@@ -42,11 +42,14 @@ test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real 
 test-fast: venv  ## Tests that need no cluster
 	$(PYTEST) -m "not cluster"
 
-cluster-up: sysdeps venv bins  ## Start the local cluster in the background; prints `export KUBECONFIG=...` last
-	@python3 -m tests.cluster up
+cluster-up: sysdeps venv bins  ## Start the local cluster in the background (ADDONS="keda": add-ons too); prints `export KUBECONFIG=...` last
+	@python3 -m devcluster up --addons $(ADDONS)
 
 cluster-down:  ## Stop the local cluster
-	@python3 -m tests.cluster down
+	@python3 -m devcluster down
+
+cluster-status:  ## Is the local cluster running; its processes and add-ons
+	@python3 -m devcluster status
 
 demo: sysdeps venv bins  ## Local demo: cluster + CRD + operator + example resource + runtime on the tiny model
 	@bash scripts/demo.sh

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.cluster.harness import Cluster  # noqa: E402
+from devcluster import Cluster  # noqa: E402
 from tests.e2e.test_autoscaling import Timeline, autoscaled  # noqa: E402
 from tests.e2e.test_runtime_pods import Load  # noqa: E402
 

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.cluster.harness import OPERATOR_USER, WRITE_VERBS, Cluster  # noqa: E402
+from devcluster import OPERATOR_USER, WRITE_VERBS, Cluster  # noqa: E402
 
 NAMESPACES = 10
 LEADER_OBJECT = "autoglm-operator"  # the leader-election object's name (chart and tests/operator/test_ha.py)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from autoglm_operator import dashboard  # noqa: E402
-from tests.cluster.harness import Cluster, build_binaries  # noqa: E402
+from devcluster import Cluster, build_binaries  # noqa: E402
 from tests.e2e.test_dashboard_live import concrete  # noqa: E402
 from tests.e2e.test_runtime_pods import Load, tiny  # noqa: E402
 

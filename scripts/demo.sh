@@ -18,7 +18,7 @@ cleanup() {
   echo; echo "Stopping the demo..."
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  python3 -m tests.cluster down --dir "$state/cluster" >/dev/null || true
+  python3 -m devcluster down --dir "$state/cluster" >/dev/null || true
   echo "Stopped."
 }
 trap cleanup EXIT
@@ -27,10 +27,10 @@ trap 'exit 130' INT TERM
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "Starting the local control plane"
-up=$(python3 -m tests.cluster up --dir "$state/cluster")
+up=$(python3 -m devcluster up --dir "$state/cluster")
 echo "$up"
 export KUBECONFIG="$state/cluster/kubeconfig"
-bin=$(bash tests/cluster/gobuild/build.sh)
+bin=$(bash devcluster/gobuild/build.sh)
 export PATH="$bin:$PATH"
 
 step "Installing the CRD"

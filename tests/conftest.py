@@ -1,6 +1,6 @@
 """Fixtures shared by every test tier.
 
-`kube` starts one real control plane per test session (tests/cluster/harness.py). When it cannot
+`kube` starts one real cluster per test session (the `devcluster` package, docs/local-cluster.md). When it cannot
 start, tests that need it fail with the reason; they are never skipped silently.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import Cluster
+from devcluster import Cluster, build_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,8 +41,6 @@ def kube(tmp_path_factory) -> Cluster:
     """
     external = os.environ.get("AUTOGLM_TEST_KUBECONFIG")
     if external:
-        from tests.cluster.harness import build_binaries
-
         yield Cluster.attach(Path(external), build_binaries())
         return
     c = Cluster.start(tmp_path_factory.mktemp("cluster"))
@@ -79,4 +77,4 @@ def node_models(kube) -> Path:
 @pytest.fixture(scope="session")
 def keda(kube) -> float:
     """KEDA installed in the session's cluster (only for the tests that need it); its start seconds."""
-    return kube.start_keda()
+    return kube.start_addon("keda")

@@ -1,5 +1,6 @@
 """The Helm chart: lints, installs on the local cluster, and its RBAC is enough for the operator
-and no more (the operator runs with the chart's ServiceAccount token and reconciles a resource)."""
+and no more (the operator runs with the chart's ServiceAccount token and reconciles a resource); its
+operator pod runs on the process node and reconciles a resource from inside the cluster."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import textwrap
 import pytest
 
 from autoglm_operator import builders
+from devcluster import OPERATOR_IMAGE, RUNTIME_IMAGE
 from tests.conftest import REPO
 from tests.helpers import wait_for
 
@@ -119,6 +121,47 @@ def test_install_rbac_is_least_privilege_and_sufficient(kube, namespace, node_mo
         op.terminate()
         op.wait(timeout=30)
         kube.helm("uninstall", release, "-n", namespace, check=False)
+
+
+def test_the_charts_operator_pod_runs_on_proc_0_and_reconciles_from_inside_the_cluster(kube, namespace, node_models):
+    """The chart as a user installs it, its operator image mapped to this checkout's operator: the pod
+    lands on proc-0, logs in with its projected ServiceAccount token through the `kubernetes` Service,
+    and its reconcile makes the model pod Healthy (the writes audited as the ServiceAccount's)."""
+    import time
+
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kube.kubectl("apply", "--server-side", "-f", str(kube.bin_dir / "crds"))  # Gateway API (httproutes)
+    release = f"inpod-{namespace[-5:]}"
+    values = kube.dir / f"{release}-values.yaml"
+    values.write_text(f"image: {{repository: {OPERATOR_IMAGE}, tag: local}}\n"
+                      f"defaultRuntime: {{image: {RUNTIME_IMAGE}}}\n"
+                      f"watchNamespaces: [{namespace}]\n"
+                      "prometheusAddress: http://prometheus.monitoring:9090\n")
+    t0 = time.time()
+    try:
+        kube.helm("install", release, str(CHART), "-n", namespace, "--skip-crds", "--wait", "--timeout", "120s",
+                  "-f", str(values), timeout=150)
+        pods = json.loads(kube.kubectl("get", "pods", "-n", namespace, "-l",
+                                       "app.kubernetes.io/name=autoglm-operator", "-o", "json").stdout)["items"]
+        assert [p["spec"]["nodeName"] for p in pods] == ["proc-0"]
+        op_pod = pods[0]["metadata"]["name"]
+        kube.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "tiny-cpu.yaml"))
+
+        def phase():
+            return json.loads(kube.kubectl("get", "agd", "tiny", "-n", namespace, "-o", "json").stdout
+                              ).get("status", {}).get("phase")
+
+        wait_for(lambda: phase() == "Healthy", timeout=120,
+                 message=f"tiny Healthy, reconciled by the operator pod (log: "
+                         f"{kube.pod_log(namespace, op_pod, 'operator')[-3000:]})")
+        sa = f"system:serviceaccount:{namespace}:{release}-autoglm"
+        writes = [(e["verb"], e["objectRef"]["resource"]) for e in kube.audit_writes(since=t0, namespace=namespace)
+                  if e["user"]["username"] == sa]
+        assert ("create", "deployments") in writes or ("patch", "deployments") in writes, writes
+        log = kube.pod_log(namespace, op_pod, "operator")
+        assert "Forbidden" not in log, log[-2000:]
+    finally:
+        kube.helm("uninstall", release, "-n", namespace, "--wait", check=False)
 
 
 # ---------------------------------------------------------------- values.schema.json, with the real helm

@@ -70,7 +70,7 @@ def test_gpu_deployment_becomes_available_and_is_garbage_collected(kube, namespa
 def test_helm_install_and_uninstall(kube, namespace):
     from tests.conftest import REPO
 
-    chart = REPO / "tests" / "cluster" / "testdata" / "hello-chart"
+    chart = REPO / "tests" / "devcluster" / "testdata" / "hello-chart"
     kube.helm("install", "smoke", str(chart), "-n", namespace, "--set", "greeting=hi", "--wait")
     cm = _get(kube, "-n", namespace, "configmap/smoke-hello")
     assert cm["data"]["greeting"] == "hi"
@@ -93,7 +93,7 @@ def test_writes_are_audited(kube, namespace):
 def test_the_operators_reads_are_audited_and_nobody_elses(kube, namespace):
     import time
 
-    from tests.cluster.harness import OPERATOR_USER
+    from devcluster import OPERATOR_USER
 
     t0 = time.time()
     kube.kubectl("create", "configmap", "read-me", "-n", namespace, "--from-literal=a=b")

@@ -137,7 +137,7 @@ class Network:
 
     # ----- the node --------------------------------------------------------------------------
     @classmethod
-    def create(cls, owner_pid: int) -> "Network":
+    def create(cls, owner_pid: int) -> Network:
         """Claim a free slot (the node namespace's name is the lock) and build the node's network."""
         cleanup_stale()
         taken = set(_netns_names())

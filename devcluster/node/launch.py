@@ -1,15 +1,15 @@
-"""Start one container of the process node: ``python -m tests.cluster.launch SPEC.json``.
+"""Start one container of the process node: ``python -m devcluster.node.launch SPEC.json``.
 
 A single-threaded process (mounts after fork in a threaded parent are unsafe) that, in order:
-joins the pod's network namespace, unshares a mount and a UTS namespace (hostname = pod name), builds the container's root on a
-tmpfs (the "image": the host folders the image table names, each under an overlayfs whose
-writable layer is the container's own tmpfs), mounts /proc, /sys, a
-minimal /dev with the termination-message file, the pod's volumes at their ``mountPath``s,
-chroots, drops to the pod's ``runAsUser``/``runAsGroup``, asks for SIGKILL if the node agent dies,
-and execs the container's command. Failures before exec exit 127 with a one-line reason on stderr
-(the container's log), as a container runtime's start error would.
+joins the pod's network namespace, unshares a mount and a UTS namespace (hostname = pod name),
+builds the container's root on a tmpfs (the "image": the host folders the image table names, each
+under an overlayfs whose writable layer is the container's own tmpfs), mounts /proc, /sys, a minimal
+/dev with the termination-message file, the pod's volumes at their ``mountPath``s, chroots, drops to
+the pod's ``runAsUser``/``runAsGroup``, asks for SIGKILL if the node agent dies, and execs the
+container's command. Failures before exec exit 127 with a one-line reason on stderr (the container's
+log), as a container runtime's start error would.
 
-The spec (written by ``procnode.py``)::
+The spec (written by ``container.py``)::
 
     {"netns": "/run/netns/agl1-p0", "root": "/tmp/.../rootfs", "binds": ["/usr", ...],
      "mounts": [{"source": "/host/dir", "target": "/models/model", "readOnly": true}],
@@ -54,6 +54,8 @@ def bind(source: str, target: str, read_only: bool) -> None:
         os.makedirs(target, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(target):  # /etc/resolv.conf as a link elsewhere: the file goes in its place
+            os.unlink(target)
         if not os.path.exists(target):
             open(target, "a").close()
     mount(source, target, None, MS_BIND | MS_REC)
@@ -87,7 +89,7 @@ def build_root(spec: dict) -> str:
         target = root + path
         if volume is not None:
             bind(volume["source"], target, read_only=volume.get("readOnly", False))
-        elif os.path.islink(path):                   # /bin -> usr/bin on merged-/usr systems
+        elif os.path.islink(path):  # /bin -> usr/bin on merged-/usr systems
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.symlink(os.readlink(path), target)
         elif os.path.isdir(path):
@@ -105,8 +107,12 @@ def build_root(spec: dict) -> str:
             bind(f"/dev/{d}", f"{dev}/{d}", read_only=False)
     os.makedirs(dev + "/shm")
     mount("tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    for name, target in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")]:
+    for name, target in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ]:
         os.symlink(target, f"{dev}/{name}")
     term = spec.get("termination_log")
     if term:

@@ -1,3 +1,0 @@
-from tests.cluster.harness import main
-
-raise SystemExit(main())

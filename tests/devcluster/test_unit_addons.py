@@ -1,0 +1,47 @@
+"""Add-ons by name, their objects, and the command line (no cluster)."""
+
+from __future__ import annotations
+
+import pytest
+
+from devcluster import addons, cli
+from devcluster.addons import coredns, keda
+
+
+def test_defaults_always_start_and_named_ones_follow_once():
+    assert addons.resolve([]) == ["coredns", "prometheus"]
+    assert addons.resolve(["keda", "prometheus", "keda"]) == ["coredns", "prometheus", "keda"]
+
+
+def test_an_unknown_add_on_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown add-on\\(s\\) hydra; known: coredns, prometheus, keda"):
+        addons.resolve(["hydra"])
+
+
+def test_cli_rejects_an_unknown_add_on(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["up", "--addons", "keda,gatewy"])
+    assert exc.value.code == 2
+    assert "unknown add-on(s) gatewy" in capsys.readouterr().err
+
+
+def test_cluster_dns_service_is_the_tenth_address_with_its_endpoint_on_the_node():
+    svc, es = coredns.objects("10.151.0.0/16", "10.101.255.2")
+    assert coredns.dns_ip("10.151.0.0/16") == "10.151.0.10"
+    assert (svc["metadata"]["namespace"], svc["metadata"]["name"]) == ("kube-system", "kube-dns")
+    assert svc["spec"]["clusterIP"] == "10.151.0.10" and "selector" not in svc["spec"]
+    assert {(p["port"], p["protocol"]) for p in svc["spec"]["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert es["endpoints"][0]["addresses"] == ["10.101.255.2"]
+    assert es["metadata"]["labels"]["kubernetes.io/service-name"] == "kube-dns"
+
+
+def test_corefile_serves_the_cluster_and_forwards_nothing():
+    text = coredns.COREFILE.format(node_ip="10.101.255.2", ready_port=8181, domain="cluster.local", kubeconfig="/k")
+    assert "kubernetes cluster.local in-addr.arpa ip6.arpa" in text and "bind 10.101.255.2" in text
+    assert "forward" not in text  # nothing leaves this machine
+
+
+def test_keda_metrics_apiserver_is_registered_on_the_node_address():
+    objs = {o["kind"]: o for o in keda.objects("10.101.255.2")}
+    assert objs["Endpoints"]["subsets"][0]["addresses"] == [{"ip": "10.101.255.2"}]
+    assert objs["APIService"]["metadata"]["name"] == "v1beta1.external.metrics.k8s.io"
