@@ -1,7 +1,7 @@
 """Which errno does a connect through the process node's network get, while pods come and go?
 
 A standalone reproducer of issue 18's ``ENETUNREACH`` (root, no cluster needed, ~20 s): it builds the
-process node's network exactly as the local cluster does (``tests.cluster.network.Network``: the node
+process node's network exactly as the local cluster does (``devcluster.network.Network``: the node
 namespace, br0, the root link, the routes), adds pods with ``Network.add_pod``/``remove_pod`` (the calls
 the node agent makes), runs a TCP server in each pod, and loads into the node namespace the ruleset
 kube-proxy's nftables mode writes (same chains, hooks, priorities, maps and verdicts as
@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.cluster.network import Network, sh  # noqa: E402
+from devcluster.network import Network, sh  # noqa: E402
 
 PORT = 8000
 SERVER = ("import socket\n"

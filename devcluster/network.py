@@ -45,7 +45,9 @@ class NetworkError(RuntimeError):
     pass
 
 
-def sh(*args: str, check: bool = True, netns: str | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+def sh(
+    *args: str, check: bool = True, netns: str | None = None, input: str | None = None
+) -> subprocess.CompletedProcess:
     cmd = ["ip", "netns", "exec", netns, *args] if netns else list(args)
     proc = subprocess.run(cmd, capture_output=True, text=True, input=input)
     if check and proc.returncode != 0:
@@ -73,19 +75,19 @@ class Ranges:
     slot: int
 
     @property
-    def pod_range(self) -> str:          # the whole cluster's pods (kwok + process node)
+    def pod_range(self) -> str:  # the whole cluster's pods (kwok + process node)
         return f"10.{100 + self.slot}.0.0/16"
 
     @property
-    def kwok_range(self) -> str:         # kwok's fake pod IPs (never routed anywhere)
+    def kwok_range(self) -> str:  # kwok's fake pod IPs (never routed anywhere)
         return f"10.{100 + self.slot}.0.0/17"
 
     @property
-    def kwok_node_ip(self) -> str:       # the address kwok gives its fake nodes
+    def kwok_node_ip(self) -> str:  # the address kwok gives its fake nodes
         return f"10.{100 + self.slot}.0.1"
 
     @property
-    def node_cidr(self) -> str:          # proc-0's spec.podCIDR
+    def node_cidr(self) -> str:  # proc-0's spec.podCIDR
         return f"10.{100 + self.slot}.128.0/24"
 
     @property
@@ -97,15 +99,15 @@ class Ranges:
         return f"10.{150 + self.slot}.0.1"
 
     @property
-    def gateway(self) -> str:            # br0 in the node namespace
+    def gateway(self) -> str:  # br0 in the node namespace
         return f"10.{100 + self.slot}.128.1"
 
     @property
-    def host_ip(self) -> str:            # the root namespace's end of the link
+    def host_ip(self) -> str:  # the root namespace's end of the link
         return f"10.{100 + self.slot}.255.1"
 
     @property
-    def node_ip(self) -> str:            # the node namespace's end of the link (proc-0's InternalIP)
+    def node_ip(self) -> str:  # the node namespace's end of the link (proc-0's InternalIP)
         return f"10.{100 + self.slot}.255.2"
 
     def pod_ip(self, index: int) -> str:
@@ -162,27 +164,36 @@ class Network:
         sh("ip", "link", "add", self.host_link, "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "addr", "add", f"{r.host_ip}/30", "dev", self.host_link)
         sh("ip", "link", "set", self.host_link, "up")
-        for cmd in (["ip", "link", "set", "lo", "up"],
-                    ["ip", "addr", "add", f"{r.node_ip}/30", "dev", "eth0"],
-                    ["ip", "link", "set", "eth0", "up"],
-                    ["ip", "link", "add", "br0", "type", "bridge"],
-                    ["ip", "addr", "add", f"{r.gateway}/24", "dev", "br0"],
-                    ["ip", "link", "set", "br0", "up"],
-                    # A route for the service range, so kube-proxy's verdicts apply (module docstring).
-                    ["ip", "link", "add", "svc0", "type", "veth", "peer", "name", "svc0p"],
-                    ["ip", "link", "set", "svc0p", "up"],
-                    ["ip", "link", "set", "svc0", "up"],
-                    ["ip", "route", "add", r.service_range, "dev", "svc0"],
-                    ["sysctl", "-qw", "net.ipv4.ip_forward=1"]):
+        for cmd in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "addr", "add", f"{r.node_ip}/30", "dev", "eth0"],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "link", "add", "br0", "type", "bridge"],
+            ["ip", "addr", "add", f"{r.gateway}/24", "dev", "br0"],
+            ["ip", "link", "set", "br0", "up"],
+            # A route for the service range, so kube-proxy's verdicts apply (module docstring).
+            ["ip", "link", "add", "svc0", "type", "veth", "peer", "name", "svc0p"],
+            ["ip", "link", "set", "svc0p", "up"],
+            ["ip", "link", "set", "svc0", "up"],
+            ["ip", "route", "add", r.service_range, "dev", "svc0"],
+            ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        ):
             sh(*cmd, netns=ns)
         # Only bridge <-> root-link traffic is forwarded inside the node namespace.
-        sh("nft", "-f", "-", netns=ns, input=(
-            "table inet autoglm-node {\n"
-            "  chain forward {\n"
-            "    type filter hook forward priority 10; policy drop;\n"
-            '    iifname { "br0", "eth0" } oifname { "br0", "eth0" } accept\n'
-            "  }\n"
-            "}\n"))
+        sh(
+            "nft",
+            "-f",
+            "-",
+            netns=ns,
+            input=(
+                "table inet autoglm-node {\n"
+                "  chain forward {\n"
+                "    type filter hook forward priority 10; policy drop;\n"
+                '    iifname { "br0", "eth0" } oifname { "br0", "eth0" } accept\n'
+                "  }\n"
+                "}\n"
+            ),
+        )
         # Root namespace: the node's /24 and the services go to the node namespace; the rest of the
         # pod range is unreachable (fails at once instead of leaving through the default route).
         sh("ip", "route", "replace", "unreachable", r.pod_range)
@@ -202,11 +213,13 @@ class Network:
         host_end = f"vp{index}"
         sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", pod_ns, netns=ns)
         sh("ip", "link", "set", host_end, "master", "br0", "up", netns=ns)
-        for cmd in (["ip", "link", "set", "lo", "up"],
-                    ["ip", "addr", "add", f"{ip}/24", "dev", "eth0"],
-                    ["ip", "link", "set", "eth0", "up"],
-                    ["ip", "route", "add", r.pod_range, "via", r.gateway],
-                    ["ip", "route", "add", r.service_range, "via", r.gateway]):
+        for cmd in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "addr", "add", f"{ip}/24", "dev", "eth0"],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "route", "add", r.pod_range, "via", r.gateway],
+            ["ip", "route", "add", r.service_range, "via", r.gateway],
+        ):
             sh(*cmd, netns=pod_ns)
         return pod_ns, ip
 
