@@ -75,10 +75,6 @@ class ServerState:
             raise errors.ServiceUnavailableError("The model is not loaded yet.", code="not_ready", retry_after=1)
         return self._engine
 
-    @property
-    def loaded(self) -> bool:
-        return self._engine is not None
-
     async def load(self, make_engine: Callable[[], EngineClient] | None) -> None:
         """Make the engine (in a worker thread: loading takes seconds to minutes), start it, and turn
         ready. Raises ``StartupError`` (also kept in ``startup_error``) when it cannot."""
