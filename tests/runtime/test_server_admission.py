@@ -45,8 +45,11 @@ async def test_pending_requests_are_bounded_and_the_next_gets_429_before_its_bod
 
         assert_full(await s.client.post("/v1/chat/completions", json=UNDECODABLE))
         assert_full(await s.client.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}))
+        big = {**UNDECODABLE, "messages": [{"role": "user", "content": [  # an 8 MB screenshot: still a clean 429
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * (8 << 20)}}]}]}
+        assert_full(await s.client.post("/v1/chat/completions", json=big))
         assert engine.tokenizer.calls == tokenized  # nothing of theirs was tokenized
-        assert rejected(s) == 2
+        assert rejected(s) == 3
 
         engine.hold_admission.set()
         assert (await within(first, "the first request")).status_code == 200
