@@ -556,6 +556,7 @@ def git_rev() -> str:
 
 
 def compare(args, model_dir: Path, counter: PromptCounter) -> int:
+    rev = git_rev()  # the runtime measured: the checkout as it was when the run started
     think = tuple(float(x) for x in args.think_time.split(":"))
     system, agents = plan(args.agents, args.steps, args.seed, (think[0], think[-1]), args.system_chars)
     warm = plan(1, 1, args.seed + 7, (0.0, 0.0), 200)  # code paths only: a short prompt
@@ -604,7 +605,7 @@ def compare(args, model_dir: Path, counter: PromptCounter) -> int:
         if r.available and r.why:
             print(f"- {r.system}: {r.why}")
     title = (f"Phone-agent loop: {args.agents} agents x {args.steps} steps, small-vl, {counter.image_tokens} "
-             f"image tokens/screenshot, {args.device}, runtime {git_rev()}")
+             f"image tokens/screenshot, {args.device}, runtime {rev}")
     if any(r.available for r in ordered):
         plot(ordered, args.png, title)
         print(f"plot: {args.png}")
