@@ -619,6 +619,13 @@ def compare(args, model_dir: Path, counter: PromptCounter) -> int:
     return 0 if all(r.failures == 0 for r in ordered if r.available) else 1
 
 
+def kv_bytes_per_token(model_dir: Path, dtype_bytes: int) -> int:
+    """K and V of one position in every layer (the text model's config)."""
+    text = json.loads((model_dir / "config.json").read_text())["text_config"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    return text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * dtype_bytes
+
+
 def capacity(args, model_dir: Path, counter: PromptCounter) -> int:
     """The most sequences each server keeps running at once on the same workload (no think time)."""
     if not args.server:
@@ -626,13 +633,18 @@ def capacity(args, model_dir: Path, counter: PromptCounter) -> int:
         return 2
     system, agents = plan(args.capacity_agents, args.steps, args.seed, (0.0, 0.0), args.system_chars)
     warm = plan(1, 1, args.seed + 7, (0.0, 0.0), 200)  # code paths only: a short prompt
-    print(f"capacity: {args.capacity_agents} agents x {args.steps} steps at once, no think time", flush=True)
+    per_token = kv_bytes_per_token(model_dir, args.dtype_bytes)
+    slots = args.kv_memory // (per_token * args.max_model_len)
+    fields = {"kv_memory": str(args.kv_memory), "slots": str(max(slots, 1))}
+    print(f"capacity: {args.capacity_agents} agents x {args.steps} steps at once, no think time; KV memory "
+          f"{args.kv_memory} B = {args.kv_memory // per_token} token positions ({per_token} B each); a slot cache "
+          f"holds {{slots}} = {slots} sequences of {args.max_model_len} positions", flush=True)
     rows = ["| server | running peak | waiting peak | KV blocks used peak / total | KV usage peak | preemptions | "
             "TTFT p50 s | TTFT p99 s | tokens/s | failures |", "|---|---|---|---|---|---|---|---|---|---|"]
     for spec in args.server:
         label, _, cmd = spec.partition("=")
-        argv = [*shlex.split(cmd), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "{port}",
-                "--served-model-name", "small-vl-agent", "--dtype", "float32", "--device", args.device,
+        argv = [*shlex.split(cmd.format(**fields)), "--model", str(model_dir), "--host", "127.0.0.1", "--port",
+                "{port}", "--served-model-name", "small-vl-agent", "--dtype", "float32", "--device", args.device,
                 "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
         print(f"running {label}: {shlex.join(argv)}", flush=True)
         res = run_system(label, argv, "/ready", "small-vl-agent", lambda n: {"ignore_eos": True}, args, counter,
@@ -675,6 +687,10 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--capacity", action="store_true", help="capacity mode (see --server)")
     p.add_argument("--capacity-agents", type=int, default=32)
+    p.add_argument("--kv-memory", type=int, default=256 << 20,
+                   help="capacity mode: the KV memory both servers get; {kv_memory} and {slots} (the slot cache's "
+                        "--max-batch-size at that memory and --max-model-len) are filled into each --server")
+    p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per KV element (fp32: 4)")
     p.add_argument("--server", action="append", default=[], metavar="LABEL=ARGV",
                    help="capacity mode: a runtime command line without --model/--port (repeat to compare)")
     args = p.parse_args()
