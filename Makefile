@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down cluster-status demo \
-        bench-runtime bench-runtime-vl bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
+        bench-runtime bench-runtime-vl bench-agent bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
         crd docs docs-reference
 
 help:
@@ -59,6 +59,9 @@ bench-runtime: venv  ## Runtime throughput vs generate and transformers serve (C
 
 bench-runtime-vl: venv  ## Phone-agent workload (screenshots) on small-vl: ours vs sequential generate (CPU)
 	$(PY) bench/bench_runtime_vl.py
+
+bench-agent: venv  ## Phone-agent loop on small-vl: TTFT by step, prefix reuse; cache on/off vs transformers serve (CPU)
+	$(PY) bench/bench_agent.py $(BENCH_AGENT_ARGS)
 
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py

@@ -1,7 +1,9 @@
 """``autoglm-runtime``: ``serve`` an OpenAI-compatible server, or ``make-model`` a small test model.
 
-Lifecycle of ``serve``: settings are validated, the model is loaded (a failure prints one line and
-exits 1), then uvicorn serves the app with OUR signal handlers:
+Lifecycle of ``serve``: settings are validated, uvicorn opens the port and the app's lifespan loads the
+model in a worker thread (``/health`` ok and ``/ready`` 503 ``loading`` meanwhile; a failure prints one
+line and exits 1, or 2 for engine settings that cannot work); uvicorn serves the app with OUR signal
+handlers:
 
 - SIGTERM / SIGINT: readiness turns false at once and new requests get 503; in-flight requests
   finish (bounded by ``--drain-timeout``); then the server stops and the process exits 0.
@@ -61,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name")
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--max-queue", type=int)
+    s.add_argument(
+        "--max-pending-requests",
+        type=int,
+        metavar="N",
+        help="most requests read, decoded or tokenized before the engine's queue; more get 429 before their "
+        "body is decoded (default: max-batch-size + max-queue)",
+    )
     s.add_argument("--max-batch-tokens", type=int)
     s.add_argument("--max-model-len", type=int)
     s.add_argument("--dtype", choices=defaults.DTYPES)
@@ -118,6 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
         "served_model_name",
         "max_batch_size",
         "max_queue",
+        "max_pending_requests",
         "max_batch_tokens",
         "max_model_len",
         "dtype",
@@ -181,21 +191,56 @@ def _configure_logging(level: str) -> None:
 
 def serve(settings: RuntimeSettings) -> int:
     _configure_logging(settings.log_level)
-    from autoglm_runtime.loader import ModelLoadError, load_model
-
     if not settings.model.is_dir():
         return _fail(f"cannot load model: {settings.model} is not a directory")
     try:
-        loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device)
-    except ModelLoadError as exc:
-        return _fail(f"cannot load model from {settings.model}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - any load failure is the user's model/dir; one line, no traceback
-        log.debug("Failed to load model", exc_info=True)
-        return _fail(f"cannot load model from {settings.model}: {type(exc).__name__}: {exc}")
-    try:
-        return asyncio.run(_serve(settings, loaded))
+        return asyncio.run(_serve(settings))
     except KeyboardInterrupt:
         return 130
+
+
+def _engine_maker(settings: RuntimeSettings, metrics: Any) -> Any:
+    """What the server's lifespan calls in a worker thread: load the model, make the engine. Every failure
+    is a ``StartupError`` (one line, the exit code: 1 for the model, 2 for settings that cannot work)."""
+
+    def make() -> Any:
+        from autoglm_runtime.engine import Engine
+        from autoglm_runtime.loader import ModelLoadError, load_model
+        from autoglm_runtime.model_runner import KVCacheTooLargeError
+        from autoglm_runtime.server.state import StartupError
+        from autoglm_runtime.vision import VisionMetrics
+
+        try:
+            loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+        except ModelLoadError as exc:
+            raise StartupError(f"cannot load model from {settings.model}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any load failure is the user's model/dir; one line, no traceback
+            log.debug("Failed to load model", exc_info=True)
+            raise StartupError(f"cannot load model from {settings.model}: {type(exc).__name__}: {exc}") from None
+        if settings.max_model_len and settings.max_model_len > int(loaded.max_model_len):
+            log.warning(
+                "Capped max_model_len at the model's, model_max=%s max_model_len=%s",
+                loaded.max_model_len,
+                settings.max_model_len,
+            )
+        try:
+            engine = Engine(
+                loaded,
+                max_batch_size=settings.max_batch_size,
+                max_queue=settings.max_queue,
+                max_batch_tokens=settings.max_batch_tokens or max(2048, settings.max_batch_size),
+                max_model_len=settings.max_model_len,
+                revision=settings.revision,
+                on_step=metrics.on_step,
+            )
+        except KVCacheTooLargeError as exc:
+            raise StartupError(f"invalid engine settings: {exc}", 2) from None
+        except ModelLoadError as exc:  # e.g. an architecture the model runner does not support
+            raise StartupError(f"cannot load model from {settings.model}: {exc}") from None
+        metrics.registry.register(VisionMetrics(engine, lambda: metrics.labels))
+        return engine
+
+    return make
 
 
 class _Server:
@@ -213,42 +258,22 @@ class _Server:
         return Server(config)
 
 
-async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
+async def _serve(settings: RuntimeSettings) -> int:
     import uvicorn
 
-    from autoglm_runtime.engine import Engine
-    from autoglm_runtime.loader import ModelLoadError
     from autoglm_runtime.metrics import RuntimeMetrics
-    from autoglm_runtime.model_runner import KVCacheTooLargeError
     from autoglm_runtime.server.api import create_app
-    from autoglm_runtime.server.state import ServerState
-    from autoglm_runtime.vision import VisionMetrics
+    from autoglm_runtime.server.state import ServerState, StartupError
 
-    if settings.max_model_len and settings.max_model_len > int(loaded.max_model_len):
-        log.warning(
-            "Capped max_model_len at the model's, model_max=%s max_model_len=%s",
-            loaded.max_model_len,
-            settings.max_model_len,
-        )
-    max_batch_tokens = settings.max_batch_tokens or max(2048, settings.max_batch_size)
     metrics = RuntimeMetrics(settings.model_name, settings.revision)
-    try:
-        engine = Engine(
-            loaded,
-            max_batch_size=settings.max_batch_size,
-            max_queue=settings.max_queue,
-            max_batch_tokens=max_batch_tokens,
-            max_model_len=settings.max_model_len,
-            revision=settings.revision,
-            on_step=metrics.on_step,
-        )
-    except KVCacheTooLargeError as exc:
-        return _fail(f"invalid engine settings: {exc}", 2)
-    except ModelLoadError as exc:  # e.g. an architecture the model runner does not support
-        return _fail(f"cannot load model from {settings.model}: {exc}")
-    metrics.registry.register(VisionMetrics(engine, lambda: metrics.labels))
-    state = ServerState(settings, engine, metrics, max_model_len=int(engine.max_model_len))
-    app = create_app(state)
+    state = ServerState(settings, None, metrics)
+    failed: list[StartupError] = []
+
+    def on_startup_error(exc: StartupError) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_app(state, _engine_maker(settings, metrics), on_startup_error)
 
     config = uvicorn.Config(
         app,
@@ -299,6 +324,8 @@ async def _serve(settings: RuntimeSettings, loaded: Any) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+    if failed:
+        return _fail(failed[0].message, failed[0].exit_code)
     if not server.started:
         return _fail(f"the server did not start on {settings.host}:{settings.port} (see the log above)")
     log.info("Exited, pid=%d", os.getpid())

@@ -35,6 +35,12 @@ class RuntimeSettings(BaseSettings):
         default=defaults.MAX_BATCH_SIZE, ge=1, description="Most sequences decoded together in one step."
     )
     max_queue: int = Field(default=defaults.MAX_QUEUE, ge=0, description="Most requests waiting; more get 429.")
+    max_pending_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most requests being read, decoded or tokenized before the engine's queue; more get 429 "
+        "before their body is decoded. Default: max_batch_size + max_queue.",
+    )
     max_batch_tokens: int | None = Field(default=None, ge=1, description="Token budget per step (chunked prefill).")
     max_model_len: int | None = Field(
         default=None, ge=1, description="Prompt + completion limit; default: the model's."
@@ -131,6 +137,15 @@ class RuntimeSettings(BaseSettings):
             max_images_per_request=self.max_images_per_request,
             allowed_media_domains=tuple(self.allowed_media_domains),
         )
+
+    @property
+    def engine_capacity(self) -> int:
+        """Requests the engine holds at most (running + waiting): more in progress means a full server."""
+        return self.max_batch_size + self.max_queue
+
+    @property
+    def pending_limit(self) -> int:
+        return self.max_pending_requests or self.engine_capacity
 
     @property
     def model_name(self) -> str:

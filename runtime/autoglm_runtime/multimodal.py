@@ -216,14 +216,14 @@ async def _fetch(url: str, where: str, limits: MediaLimits) -> bytes:
 
 
 async def load_images(refs: list[ImageRef], limits: MediaLimits) -> list[DecodedImage]:
-    """Fetch (allowed hosts only) and decode every image, decoding off the event loop."""
+    """Fetch (allowed hosts only) and decode every image: base64 and pixels both off the event loop."""
     import asyncio
 
-    blobs: list[tuple[bytes, str]] = []
+    blobs: list[tuple[str | bytes, str]] = []  # a data: URI (base64-decoded in the worker) or fetched bytes
     for ref in refs:
         scheme = urlsplit(ref.url).scheme.lower()
         if scheme == "data":
-            blobs.append((_decode_data_uri(ref.url, ref.where), ref.where))
+            blobs.append((ref.url, ref.where))
         elif scheme in ("http", "https"):
             host = urlsplit(ref.url).hostname or ""
             if not limits.allowed_media_domains or not _host_allowed(host, limits.allowed_media_domains):
@@ -235,7 +235,11 @@ async def load_images(refs: list[ImageRef], limits: MediaLimits) -> list[Decoded
             blobs.append((await _fetch(ref.url, ref.where, limits), ref.where))
         else:
             raise MediaError(f"{ref.where}: unsupported image URL scheme {scheme!r}; send a data: URI")
-    return await asyncio.to_thread(lambda: [decode_image(b, w, limits) for b, w in blobs])
+
+    def decode_all() -> list[DecodedImage]:
+        return [decode_image(_decode_data_uri(b, w) if isinstance(b, str) else b, w, limits) for b, w in blobs]
+
+    return await asyncio.to_thread(decode_all)
 
 
 async def chat_prompt_with_images(

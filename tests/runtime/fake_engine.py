@@ -8,6 +8,7 @@ It implements ``engine_api.EngineClient``. The test decides everything: whether 
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +21,14 @@ class FakeTokenizer:
     chat_template = "fake"
     vocab_size = 1000
 
+    def __init__(self) -> None:
+        self.calls = 0  # prompts tokenized
+        self.decode_threads: set[str] = set()  # names of the threads that called decode()
+
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         if not isinstance(text, str):
             raise TypeError("TextEncodeInput must be a str")
+        self.calls += 1
         text.encode("utf-8")  # a lone surrogate raises here, as it does in `tokenizers`
         return {"input_ids": [ord(c) % 999 + 1 for c in text]}
 
@@ -30,6 +36,7 @@ class FakeTokenizer:
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
     def decode(self, ids: list[int]) -> str:
+        self.decode_threads.add(threading.current_thread().name)
         return "".join(chr(i - 1) for i in ids)  # the inverse of __call__ for ASCII
 
     def __len__(self) -> int:
@@ -78,6 +85,7 @@ class FakeEngine:
         self.hold_admission: asyncio.Event | None = None  # admission waits for it when set
         self.healthy = True
         self.reloads: list[tuple[Any, str]] = []
+        self.admitting = 0  # calls of add_request so far (held ones included)
 
     # ---- what tests call ----
     async def wait_for(self, predicate: Any) -> None:
@@ -109,6 +117,8 @@ class FakeEngine:
     # ---- EngineClient ----
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any,
                           priority: int = 0, mm: Any = None) -> FakeStream:
+        self.admitting += 1
+        self.changed.set()
         if self.hold_admission is not None:
             await self.hold_admission.wait()
         if self.refuse is not None:

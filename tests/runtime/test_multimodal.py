@@ -102,6 +102,23 @@ async def test_urls_refused_unless_allowed_and_fetched_when_allowed():
         srv.shutdown()
 
 
+async def test_base64_and_pixels_are_decoded_off_the_event_loop(monkeypatch):
+    import autoglm_runtime.multimodal as mm
+
+    threads: list[str] = []
+    real = mm.base64.b64decode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mm.base64, "b64decode", recording)
+    refs = split_messages([{"role": "user", "content": [part(png())]}], MediaLimits())[1]
+    (decoded,) = await load_images(refs, MediaLimits())
+    assert decoded.image.size == (40, 30)
+    assert threads and threading.main_thread().name not in threads
+
+
 async def test_text_only_model_refuses_images():
     with pytest.raises(MediaError, match="text-only") as e:
         await chat_prompt_with_images(None, object(), [{"role": "user", "content": [part(png())]}], MediaLimits())

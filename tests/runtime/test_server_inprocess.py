@@ -40,7 +40,7 @@ LIVENESS = 20  # seconds: only a bound that turns a hang into a failure, never a
 class Served:
     url: str
     state: ServerState
-    engine: FakeEngine
+    engine: FakeEngine | None
     client: httpx.AsyncClient
 
     def metrics(self) -> str:
@@ -48,18 +48,24 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(root: Path, engine: FakeEngine | None = None, **overrides) -> AsyncIterator[Served]:
-    engine = engine or FakeEngine()
+async def serve(root: Path, engine: FakeEngine | None = None, make_engine=None, on_startup_error=None,
+                **overrides) -> AsyncIterator[Served]:
+    """``make_engine``: the server loads its engine in the lifespan (as the CLI's does) instead of being given
+    ``engine``; ``Served.engine`` is then None."""
+    if make_engine is None:
+        engine = engine or FakeEngine()
     model = root / "models" / "fake"
     model.mkdir(parents=True, exist_ok=True)
     settings = RuntimeSettings(model=model, served_model_name="fake", **overrides)
-    state = ServerState(settings, engine, RuntimeMetrics("fake", "r1"), max_model_len=engine.max_model_len)
+    state = ServerState(settings, engine, RuntimeMetrics("fake", "r1"),
+                        max_model_len=engine.max_model_len if engine else 0)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)  # connections wait in the backlog until uvicorn has started: no polling
     import uvicorn
 
-    server = _Server.make(uvicorn.Config(create_app(state), lifespan="on", log_level="warning",
+    server = _Server.make(uvicorn.Config(create_app(state, make_engine, on_startup_error), lifespan="on",
+                                         log_level="warning",
                                          timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

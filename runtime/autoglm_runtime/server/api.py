@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,14 +14,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from autoglm_runtime.engine_api import EngineClient
 from autoglm_runtime.metrics import CONTENT_TYPE
 from autoglm_runtime.server import errors
+from autoglm_runtime.server.admission import AdmissionMiddleware
 from autoglm_runtime.server.chat import OpenAIServingChat
 from autoglm_runtime.server.completions import OpenAIServingCompletion
 from autoglm_runtime.server.generation import EventStream
 from autoglm_runtime.server.headers import ResponseHeadersMiddleware
 from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, ReloadRequest
-from autoglm_runtime.server.state import ServerState
+from autoglm_runtime.server.state import ServerState, StartupError
 
 log = logging.getLogger("autoglm_runtime.server")
 
@@ -166,7 +168,12 @@ async def ready(request: Request) -> Response:
     state = _state(request)
     if state.ready():
         return JSONResponse({"status": "ready"})
-    reason = "draining" if state.draining else ("loading" if not state.started else "engine dead")
+    if state.draining:
+        reason = "draining"
+    elif state.startup_error is not None:
+        reason = "failed to start"
+    else:
+        reason = "loading" if not state.started else "engine dead"
     return JSONResponse({"status": reason}, status_code=503)
 
 
@@ -191,20 +198,31 @@ async def reload(request: Request) -> Response:
     return JSONResponse(await _state(request).reload(body.model, body.revision))
 
 
-def create_app(state: ServerState) -> FastAPI:
-    """The ASGI app of one server. The lifespan starts and stops the engine; readiness follows it."""
+def create_app(
+    state: ServerState,
+    make_engine: Callable[[], EngineClient] | None = None,
+    on_startup_error: Callable[[StartupError], None] | None = None,
+) -> FastAPI:
+    """The ASGI app of one server. The lifespan loads the model (``make_engine``, in a worker thread,
+    while the port already answers ``/health`` and ``/ready``), starts and stops the engine; readiness
+    follows it. A failed load calls ``on_startup_error`` (the CLI stops the server and exits with its code)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await state.engine.start()
-        state.started = True
-        log.info("Started engine, model=%s max_model_len=%d", state.settings.model_name, state.max_model_len)
+        async def load() -> None:
+            try:
+                await state.load(make_engine)
+            except StartupError as exc:
+                if on_startup_error is not None:
+                    on_startup_error(exc)
+
+        loading = asyncio.create_task(load())
         try:
             yield
         finally:
-            state.started = False
-            await state.engine.stop()
-            state.close()
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await state.stop()
             log.info("Stopped engine")
 
     app = FastAPI(title="autoglm-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -213,5 +231,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.chat = OpenAIServingChat(state)
     errors.install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(ResponseHeadersMiddleware, revision=lambda: state.metrics.revision)
+    app.add_middleware(
+        AdmissionMiddleware, gate=state.admission, on_reject=lambda: state.metrics.request_finished("rejected")
+    )
+    app.add_middleware(ResponseHeadersMiddleware, revision=lambda: state.metrics.revision)  # outermost
     return app

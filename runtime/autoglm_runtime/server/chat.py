@@ -79,7 +79,7 @@ class OpenAIServingChat(OpenAIServing):
         choice = ChatChoice(
             message=ChatMessageOut(content=text),
             finish_reason=gen.finish_reason,
-            logprobs=self._chat_logprobs(gen.logprobs, req),
+            logprobs=await self._chat_logprobs(gen.logprobs, req),
             token_ids=gen.token_ids if req.return_token_ids else None,
             prompt_token_ids=prompt_ids if req.return_token_ids else None,
         )
@@ -95,13 +95,13 @@ class OpenAIServingChat(OpenAIServing):
                 )
             )
 
-        def chunk(d: Delta, ids: list[int], lps: list[Any]) -> str:
+        async def chunk(d: Delta, ids: list[int], lps: list[Any]) -> str:
             return event(
                 [
                     ChatStreamChoice(
                         delta=DeltaMessage(content=d.text or None),
                         finish_reason=d.finish_reason,
-                        logprobs=self._chat_logprobs(lps, req),
+                        logprobs=await self._chat_logprobs(lps, req),
                         token_ids=ids if req.return_token_ids else None,
                     )
                 ]

@@ -33,7 +33,7 @@ class OpenAIServingCompletion(OpenAIServing):
         choice = CompletionChoice(
             text=text,
             finish_reason=gen.finish_reason,
-            logprobs=self._completion_logprobs(gen.logprobs, req),
+            logprobs=await self._completion_logprobs(gen.logprobs, req),
             token_ids=gen.token_ids if req.return_token_ids else None,
             prompt_token_ids=prompt_ids if req.return_token_ids else None,
         )
@@ -44,12 +44,12 @@ class OpenAIServingCompletion(OpenAIServing):
 
         offset = 0  # text_offset of the chunk's first token in the whole completion
 
-        def chunk(d: Delta, ids: list[int], lps: list[Any]) -> str:
+        async def chunk(d: Delta, ids: list[int], lps: list[Any]) -> str:
             nonlocal offset
             choice = CompletionChoice(
                 text=d.text,
                 finish_reason=d.finish_reason,
-                logprobs=self._completion_logprobs(lps, req, offset),
+                logprobs=await self._completion_logprobs(lps, req, offset),
                 token_ids=ids if req.return_token_ids else None,
             )
             offset += len(d.text)

@@ -180,7 +180,7 @@ class EventStream:
 async def stream_events(
     gen: Generation,
     first: list[str],
-    chunk: Callable[[Delta, list[int], list[Any]], str],
+    chunk: Callable[[Delta, list[int], list[Any]], Awaitable[str]],
     usage_chunk: Callable[[], str] | None,
 ) -> AsyncIterator[str]:
     """The one SSE loop: ``first`` chunks, one chunk per delta with text or a finish reason (token ids and
@@ -196,7 +196,7 @@ async def stream_events(
             pending_lp.extend(d.logprobs or [])
             if not d.text and d.finish_reason is None:
                 continue
-            yield chunk(d, pending, pending_lp)
+            yield await chunk(d, pending, pending_lp)
             pending, pending_lp = [], []
         if usage_chunk is not None:
             yield usage_chunk()

@@ -20,6 +20,7 @@ from autoglm_runtime.guided import ResponseFormatError, compile_response_format
 from autoglm_runtime.logprobs import chat_logprobs, completion_logprobs
 from autoglm_runtime.sampling import SamplingParams, byte_level_token_bytes
 from autoglm_runtime.server import errors
+from autoglm_runtime.server.admission import mark_queued
 from autoglm_runtime.server.generation import Generation
 from autoglm_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, random_id
 from autoglm_runtime.server.state import ServerState
@@ -53,6 +54,7 @@ class OpenAIServing:
             raise errors.ModelNotFoundError(model, self.model_name)
 
     def models(self) -> ModelList:
+        self.state.engine  # noqa: B018 - 503 until the model is loaded (max_model_len is not known before)
         return ModelList(
             data=[
                 ModelCard(
@@ -132,6 +134,7 @@ class OpenAIServing:
             slot.release()
             raise
         await gen.start()  # closes itself (and releases the slot) when it fails
+        mark_queued()  # in the engine's queue now: no longer pending work of the server (admission.py)
         return gen
 
     async def _collect(self, gen: Generation) -> str:
@@ -149,14 +152,17 @@ class OpenAIServing:
         if self._token_bytes is None or self._token_bytes[0] is not tok:
             self._token_bytes = (tok, await self._off_loop(byte_level_token_bytes, tok))
 
-    def _chat_logprobs(self, items: list[Any], req: ChatCompletionRequest) -> dict[str, Any] | None:
+    async def _chat_logprobs(self, items: list[Any], req: ChatCompletionRequest) -> dict[str, Any] | None:
+        """Detokenized on the tokenizer thread: a long completion's logprobs are thousands of decodes."""
         if req.requested_logprobs is None:
             return None
         tb = self._token_bytes
         table = tb[1] if tb is not None and tb[0] is self.state.engine.tokenizer else None
-        return chat_logprobs(items, self._decode_token_list, table)
+        return await self._off_loop(chat_logprobs, items, self._decode_token_list, table)
 
-    def _completion_logprobs(self, items: list[Any], req: CompletionRequest, offset: int = 0) -> dict[str, Any] | None:
+    async def _completion_logprobs(
+        self, items: list[Any], req: CompletionRequest, offset: int = 0
+    ) -> dict[str, Any] | None:
         if req.requested_logprobs is None:
             return None
-        return completion_logprobs(items, self._decode_token_list, offset)
+        return await self._off_loop(completion_logprobs, items, self._decode_token_list, offset)

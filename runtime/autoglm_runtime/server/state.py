@@ -1,11 +1,17 @@
-"""The lifecycle of one server: readiness, draining, in-flight requests, hot reload, and the one
-worker thread that tokenizes off the event loop (tokenizers are not safe to call from several threads)."""
+"""The lifecycle of one server: loading, readiness, draining, in-flight requests, hot reload, and the one
+worker thread that tokenizes off the event loop (tokenizers are not safe to call from several threads).
+
+The model loads inside the server's lifespan (``load``), in a worker thread, after the port is open:
+meanwhile ``/health`` answers ok, ``/ready`` answers 503 ``loading`` and requests get 503 ``not_ready``.
+A load that fails leaves a ``StartupError`` (its message and exit code) for the CLI to report.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,34 +21,92 @@ from autoglm_runtime.engine_api import EngineClient
 from autoglm_runtime.loader import ModelLoadError
 from autoglm_runtime.metrics import RuntimeMetrics
 from autoglm_runtime.server import errors
+from autoglm_runtime.server.admission import AdmissionGate
 
 log = logging.getLogger("autoglm_runtime.server")
 
 
+class StartupError(Exception):
+    """The model or the engine could not be made: one line for the operator and the process's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
 class ServerState:
-    """Lifecycle of one server: readiness, draining, in-flight requests, hot reload."""
+    """Lifecycle of one server: loading, readiness, draining, in-flight requests, hot reload.
+
+    ``engine`` is given (tests) or made by ``load(make_engine)`` in the lifespan; until then the
+    ``engine`` property answers 503 ``not_ready``."""
 
     def __init__(
-        self, settings: RuntimeSettings, engine: EngineClient, metrics: RuntimeMetrics, max_model_len: int
+        self,
+        settings: RuntimeSettings,
+        engine: EngineClient | None,
+        metrics: RuntimeMetrics,
+        max_model_len: int = 0,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        self._engine: EngineClient | None = None
         self.metrics = metrics
         self.max_model_len = max_model_len
         self.started = False
         self.draining = False
+        self.startup_error: StartupError | None = None
         self.inflight = 0
+        self.admission = AdmissionGate(settings.engine_capacity, settings.pending_limit)
         self._idle = asyncio.Event()
         self._idle.set()
         self._reload_lock: asyncio.Lock | None = None
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoglm-tokenize")
-        metrics.bind_stats(engine.stats)
+        if engine is not None:
+            self._attach(engine, max_model_len)
 
-    def close(self) -> None:
+    def _attach(self, engine: EngineClient, max_model_len: int) -> None:
+        self._engine = engine
+        self.max_model_len = max_model_len
+        self.metrics.bind_stats(engine.stats)
+
+    @property
+    def engine(self) -> EngineClient:
+        if self._engine is None:
+            raise errors.ServiceUnavailableError("The model is not loaded yet.", code="not_ready", retry_after=1)
+        return self._engine
+
+    async def load(self, make_engine: Callable[[], EngineClient] | None) -> None:
+        """Make the engine (in a worker thread: loading takes seconds to minutes), start it, and turn
+        ready. Raises ``StartupError`` (also kept in ``startup_error``) when it cannot."""
+        try:
+            if self._engine is None:
+                assert make_engine is not None, "a ServerState without an engine needs make_engine"
+                started = time.monotonic()
+                engine = await asyncio.to_thread(make_engine)
+                self._attach(engine, int(engine.max_model_len))
+                log.info("Loaded model, model=%s seconds=%.2f", self.settings.model, time.monotonic() - started)
+            await self.engine.start()
+        except StartupError as exc:
+            self.startup_error = exc
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to start is reported as one line, not a traceback
+            log.debug("Failed to start the engine", exc_info=True)
+            self.startup_error = StartupError(f"cannot start the engine: {type(exc).__name__}: {exc}")
+            raise self.startup_error from None
+        self.started = True
+        log.info("Started engine, model=%s max_model_len=%d", self.settings.model_name, self.max_model_len)
+
+    async def stop(self) -> None:
+        self.started = False
+        if self._engine is not None:
+            await self._engine.stop()
         self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     # ---- readiness ----
     def healthy(self) -> bool:
+        """The process can serve or is on its way: while loading it is healthy, once a load failed not."""
+        if self._engine is None:
+            return self.startup_error is None
         try:
             return bool(self.engine.check_health())
         except Exception:  # noqa: BLE001 - an engine that cannot answer is not healthy
@@ -78,9 +142,11 @@ class ServerState:
         except TimeoutError:
             log.warning("Drain timed out, in_flight=%d", self.inflight)
             return False
+        if self._engine is None:
+            return True
         try:
             await asyncio.wait_for(
-                self.engine.drain(max(0.0, deadline - time.monotonic())), timeout=max(0.1, deadline - time.monotonic())
+                self._engine.drain(max(0.0, deadline - time.monotonic())), timeout=max(0.1, deadline - time.monotonic())
             )
         except TimeoutError:
             return False
