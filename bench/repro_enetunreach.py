@@ -19,8 +19,13 @@ runs) and from a pod, and count the outcome of every connect. ``--no-fix`` remov
 namespace's route for the service range first (the network as it was before the fix), so one checkout
 shows both::
 
-    sudo python3 bench/repro_enetunreach.py --no-fix    # before: ENETUNREACH for 'none' and in 'churn'
+    sudo python3 bench/repro_enetunreach.py --no-fix    # before: ENETUNREACH for a Service without endpoints
     sudo python3 bench/repro_enetunreach.py             # after: ECONNREFUSED (kube-proxy's reject)
+
+The kernel rate-limits ICMP errors per client address (a small burst, then about one a second; the
+clients of 'none' and 'churn' share it), so most connects in a no-endpoints window get no answer and
+time out (their SYN is retransmitted): the first ones show the errno. 'stable' and 'pod0' never fail
+while pods come and go: creating and deleting veths, the bridge's ports and routes is not the cause.
 """
 
 from __future__ import annotations
