@@ -3,8 +3,8 @@ the cluster does not resolve, nothing leaves this machine) in the node's network
 node's address, behind the ``kube-dns`` Service at the service range's tenth address, as kubeadm
 sets it up. Pods' resolv.conf points at that Service with the usual search domains
 (``<ns>.svc.cluster.local svc.cluster.local cluster.local``, ``ndots:5``), so
-``http://prometheus.monitoring:9090`` resolves from a pod as in a user's cluster; the host reaches it
-too (``dig @<dns ip> kubernetes.default.svc.cluster.local``)."""
+``http://prometheus.monitoring:9090`` resolves from a pod as in a user's cluster. The host's
+resolv.conf is left alone."""
 
 from __future__ import annotations
 
