@@ -267,13 +267,14 @@ class Engine:
     def _max_len_for(self, loaded: LoadedModel) -> int:
         return min(loaded.max_model_len, self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN)
 
-    def _num_blocks(self, config: Any, max_len: int, itemsize: int, device: torch.device) -> int:
-        """Blocks of the KV pool for a model (see the module docstring). Raises KVCacheTooLargeError."""
+    def _num_blocks(self, config: Any, max_len: int, itemsize: int, device: torch.device, capped: bool = True) -> int:
+        """Blocks of the KV pool for a model (see the module docstring); ``capped=False``: what it would take
+        without the cap by the free memory. Raises KVCacheTooLargeError."""
         try:
             return kv_cache_blocks(
                 bytes_per_token=kv_bytes_per_token_for(text_config(config), itemsize),
                 block_size=self.block_size,
-                available=available_memory(device),
+                available=available_memory(device) if capped else None,
                 kv_cache_memory=self.kv_cache_memory,
                 default_tokens=self.max_batch_size * max_len,
                 min_tokens=max_len,
@@ -393,7 +394,7 @@ class Engine:
             getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN,
             self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN,
         )
-        blocks = self._num_blocks(config, max_len, torch_dtype.itemsize, dev)
+        blocks = self._num_blocks(config, max_len, torch_dtype.itemsize, dev, capped=False)
         need = checkpoint_bytes(
             model_dir, torch_dtype.itemsize, ckpt_itemsize
         ) + blocks * self.block_size * kv_bytes_per_token_for(cfg, torch_dtype.itemsize)

@@ -108,7 +108,7 @@ class FakeEngine:
 
     # ---- EngineClient ----
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any,
-                          priority: int = 0, mm: Any = None) -> FakeStream:
+                          priority: int = 0, mm: Any = None, cache_salt: str | None = None) -> FakeStream:
         if self.hold_admission is not None:
             await self.hold_admission.wait()
         if self.refuse is not None:
