@@ -46,6 +46,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Requests running per pod", "short", [("{{pod}}", q.per_pod("autoglm_requests_running", SEL))]),
     ("Mean batch size", "short", [("{{revision}}", q.mean_batch_size(SEL, WINDOW))]),
     ("KV cache usage per pod", "percentunit", [("{{pod}}", q.per_pod("autoglm_kv_cache_usage_ratio", SEL))]),
+    ("Prefix cache hit rate (prompt tokens)", "percentunit", [("{{revision}}", q.prefix_cache_hit_rate(SEL, WINDOW))]),
     ("Generated tokens per second", "short", [("{{revision}}", q.tokens_per_second(SEL, WINDOW))]),
     ("Serving pods by revision", "short", [("{{revision}}", q.serving_pods(SEL))]),
 ]

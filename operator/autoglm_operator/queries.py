@@ -58,6 +58,12 @@ def tokens_per_second(sel: str, window: str) -> str:
     return f"sum by (revision) (rate(autoglm_generation_tokens_total{{{sel}}}[{window}]))"
 
 
+def prefix_cache_hit_rate(sel: str, window: str) -> str:
+    """Share of the prompt tokens looked up in the prefix cache whose KV was found there."""
+    hits = f"sum by (revision) (rate(autoglm_prefix_cache_hits_total{{{sel}}}[{window}]))"
+    return f"{hits} / sum by (revision) (rate(autoglm_prefix_cache_queries_total{{{sel}}}[{window}]))"
+
+
 def serving_pods(sel: str) -> str:
     """Pods of each revision that Prometheus scrapes (the replicas that report)."""
     return f"count by (revision) (autoglm_requests_running{{{sel}}})"

@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-tokens", type=int)
     s.add_argument("--max-model-len", type=int)
     s.add_argument("--dtype", choices=defaults.DTYPES)
+    s.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        metavar="BYTES",
+        help="bytes of the paged KV cache (default: max-batch-size x max-model-len tokens, capped at a share "
+        "of the free memory) [env AUTOGLM_RUNTIME_KV_CACHE_MEMORY]",
+    )
+    s.add_argument("--kv-block-size", type=int, metavar="TOKENS", help="token positions per KV block (default 16)")
+    s.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_const",
+        const=False,
+        help="do not reuse the KV of prompt prefixes (on by default) [env AUTOGLM_RUNTIME_ENABLE_PREFIX_CACHING]",
+    )
     s.add_argument("--device")
     s.add_argument("--api-key-file")
     s.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate [env AUTOGLM_RUNTIME_SSL_CERTFILE]")
@@ -132,6 +147,9 @@ def settings_from_args(args: argparse.Namespace) -> RuntimeSettings:
         "max_model_len",
         "dtype",
         "device",
+        "kv_cache_memory",
+        "kv_block_size",
+        "enable_prefix_caching",
         "api_key_file",
         "ssl_certfile",
         "ssl_keyfile",
@@ -232,6 +250,9 @@ def _engine_maker(settings: RuntimeSettings, metrics: Any) -> Any:
                 max_model_len=settings.max_model_len,
                 revision=settings.revision,
                 on_step=metrics.on_step,
+                kv_cache_memory=settings.kv_cache_memory,
+                block_size=settings.kv_block_size,
+                enable_prefix_caching=settings.enable_prefix_caching,
             )
         except KVCacheTooLargeError as exc:
             raise StartupError(f"invalid engine settings: {exc}", 2) from None

@@ -47,6 +47,16 @@ class RuntimeSettings(BaseSettings):
     )
     dtype: Dtype = Field(default="auto", description="Weights dtype; auto: the model's own, float32 on CPU.")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu or cuda.")
+    kv_cache_memory: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bytes of the paged KV cache; default: room for max_batch_size x max_model_len tokens, "
+        "capped at a share of the free memory (0.9 on GPU, 0.5 of the cgroup's room on CPU).",
+    )
+    kv_block_size: int = Field(default=16, ge=1, le=1024, description="Token positions per KV cache block.")
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse the KV of prompt prefixes seen before (--no-prefix-caching: off)."
+    )
 
     api_key: str | None = Field(default=None, repr=False)
     api_key_file: Path | None = Field(default=None, description="File holding the API key clients must send.")

@@ -3,17 +3,23 @@
 API (all coroutine methods must be called on one asyncio event loop, the server's):
 
     engine = Engine(load_model(dir), max_batch_size=32, max_queue=256, max_batch_tokens=2048,
-                    max_model_len=None, revision="", on_step=None, num_threads=None, seed=None)
-    # max_model_len: None = min(model's max_position_embeddings, 8192). The KV cache is
-    # preallocated as max_batch_size x max_model_len slots; KVCacheTooLargeError (a ValueError and
-    # a ModelLoadError) when that does not fit in memory. num_threads: torch intra-op threads (CPU).
+                    max_model_len=None, revision="", on_step=None, num_threads=None, seed=None,
+                    kv_cache_memory=None, block_size=16, enable_prefix_caching=True)
+    # max_model_len: None = min(model's max_position_embeddings, 8192). The KV cache is a pool of
+    # blocks of block_size positions (paged, see kv_cache.py): kv_cache_memory bytes, or by default
+    # room for max_batch_size x max_model_len positions capped at a fraction of the free memory
+    # (memory.KV_MEMORY_FRACTION; the cgroup's room on CPU). KVCacheTooLargeError (a ValueError and a
+    # ModelLoadError) when that does not fit or holds less than one max_model_len sequence.
+    # enable_prefix_caching: reuse the KV of prompt prefixes seen before (images hashed by content).
+    # num_threads: torch intra-op threads (CPU).
     await engine.start()
 
-    stream = await engine.add_request(request_id, prompt, params, priority=0, mm=None)
+    stream = await engine.add_request(request_id, prompt, params, priority=0, mm=None, cache_salt=None)
     # mm: the prompt's images (`vision.MultiModalInputs`, from `engine.vision.process`) for a
     # vision-language model; InvalidRequestError when the model takes none.
     # returns once the request is ADMITTED (in the engine's queue), before any token; raises
-    # the errors below. `async for out in stream`, then `await stream.aclose()` (aborts it if
+    # the errors below. cache_salt: prefixes are shared only between requests with the same salt.
+    # `async for out in stream`, then `await stream.aclose()` (aborts it if
     # unfinished and returns once its slot is free). This is `engine_api.EngineClient`, which the
     # server uses. `generate()` wraps it for tests and scripts:
     async for out in engine.generate(request_id, prompt, params, priority=0):
@@ -21,7 +27,8 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
         #         tokenizer of the model that will serve it, which matters only around reload())
         # out: RequestOutput(request_id, new_token_ids, new_text, finished, finish_reason,
         #                    prompt_tokens, completion_tokens, arrival_time, first_scheduled_time,
-        #                    first_token_time, finish_time, logprobs)   # times: time.monotonic()
+        #                    first_token_time, finish_time, logprobs, num_cached_tokens)
+        # times: time.monotonic(); num_cached_tokens: prompt tokens whose KV came from the prefix cache
         # logprobs: a logprobs.TokenLogprob per new token when params.logprobs is set, else None
         ...
     # Raised by add_request (generate: at the first `__anext__()`), before any output; all are
@@ -37,7 +44,8 @@ API (all coroutine methods must be called on one asyncio event loop, the server'
 
     engine.abort(request_id)          # finishes it with finish_reason "abort"; unknown ids ignored
     engine.check_health() -> bool     # False once the step loop has died (or before start/after stop)
-    engine.stats() -> EngineStats     # num_running, num_waiting, kv_cache_usage, slot_usage, ...
+    engine.stats() -> EngineStats     # num_running, num_waiting, kv_cache_usage, KV blocks, prefix
+                                      # cache queries/hits (tokens), preemptions, ...
     await engine.reload(model_dir, revision="")  # load in a thread, then new requests go to the new
                                       # model; requests already admitted finish on the old one, which
                                       # is freed when it has drained. Raises ModelLoadError (old model
@@ -93,8 +101,8 @@ from .engine_api import (
 from .guided import GuidedDecoder, ResponseFormatError, llg_tokenizer
 from .loader import InsufficientMemoryError, LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
 from .logprobs import TokenLogprob
-from .memory import checkpoint_bytes
-from .model_runner import ModelRunner, available_memory, kv_cache_bytes_for, text_config
+from .memory import KV_MEMORY_FRACTION, checkpoint_bytes, kv_cache_blocks
+from .model_runner import KVCacheTooLargeError, ModelRunner, available_memory, kv_bytes_per_token_for, text_config
 from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState
 from .scheduler import FinishReason, Scheduler, Sequence
 from .vision import MultiModalInputs, VisionLanguage
@@ -222,8 +230,14 @@ class Engine:
         on_step: Callable[[StepStats], None] | None = None,
         num_threads: int | None = None,
         seed: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.kv_cache_memory = kv_cache_memory
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.max_queue = max_queue
         self.max_batch_tokens = max(max_batch_tokens, max_batch_size)
         self._max_model_len_arg = max_model_len
@@ -246,20 +260,41 @@ class Engine:
         self.num_steps = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._snapshot = (0, 0, 0.0, 0.0, 1)
+        self._retired = (0, 0, 0)  # prefix cache queries, hits, preemptions of released models
+        self._snapshot: tuple[Any, ...] = (0, 0, 0.0, 0.0, 1, (0, 0, 0, 0, 0))
         self._publish_stats()
 
     def _max_len_for(self, loaded: LoadedModel) -> int:
         return min(loaded.max_model_len, self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN)
 
+    def _num_blocks(self, config: Any, max_len: int, itemsize: int, device: torch.device, capped: bool = True) -> int:
+        """Blocks of the KV pool for a model (see the module docstring); ``capped=False``: what it would take
+        without the cap by the free memory. Raises KVCacheTooLargeError."""
+        try:
+            return kv_cache_blocks(
+                bytes_per_token=kv_bytes_per_token_for(text_config(config), itemsize),
+                block_size=self.block_size,
+                available=available_memory(device) if capped else None,
+                kv_cache_memory=self.kv_cache_memory,
+                default_tokens=self.max_batch_size * max_len,
+                min_tokens=max_len,
+                fraction=KV_MEMORY_FRACTION.get(device.type, 0.5),
+            )
+        except ValueError as exc:
+            raise KVCacheTooLargeError(str(exc)) from None
+
     def _make_instance(self, loaded: LoadedModel, revision: str) -> _Instance:
         max_len = self._max_len_for(loaded)
-        runner = ModelRunner(loaded, self.max_batch_size, max_len, seed=self._seed)
+        num_blocks = self._num_blocks(loaded.config, max_len, loaded.dtype.itemsize, loaded.device)
+        runner = ModelRunner(loaded, num_blocks, self.block_size, seed=self._seed)
         scheduler = Scheduler(
             max_batch_size=self.max_batch_size,
             max_queue=self.max_queue,
             max_batch_tokens=self.max_batch_tokens,
             max_model_len=max_len,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         return _Instance(loaded, runner, scheduler, revision)
 
@@ -359,9 +394,10 @@ class Engine:
             getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN,
             self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN,
         )
-        need = checkpoint_bytes(model_dir, torch_dtype.itemsize, ckpt_itemsize) + kv_cache_bytes_for(
-            cfg, self.max_batch_size, max_len, torch_dtype.itemsize
-        )
+        blocks = self._num_blocks(config, max_len, torch_dtype.itemsize, dev, capped=False)
+        need = checkpoint_bytes(
+            model_dir, torch_dtype.itemsize, ckpt_itemsize
+        ) + blocks * self.block_size * kv_bytes_per_token_for(cfg, torch_dtype.itemsize)
         avail = available_memory(dev)
         if avail is not None and need > RELOAD_MEMORY_FRACTION * avail:
             raise InsufficientMemoryError(
@@ -399,6 +435,7 @@ class Engine:
         params: SamplingParams,
         priority: int,
         mm: MultiModalInputs | None = None,
+        cache_salt: str | None = None,
     ) -> _Request:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
@@ -430,6 +467,8 @@ class Engine:
             stop_token_ids=frozenset(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             priority=priority,
+            mm_spans=mm.spans if mm is not None else [],
+            cache_salt=cache_salt,
         )
         req = _Request(seq, inst, params)
         seq.data = req
@@ -450,11 +489,13 @@ class Engine:
         params: SamplingParams,
         priority: int = 0,
         mm: MultiModalInputs | None = None,
+        cache_salt: str | None = None,
     ) -> _RequestStream:
         """Admits a request (returns once it is in the engine's queue, before any token). Raises
         InvalidRequestError, QueueFullError, EngineDrainingError, EngineDeadError. ``mm``: the images of
-        the prompt (``VisionLanguage.process``) for a vision-language model."""
-        req = self._new_request(request_id, prompt, params, priority, mm)
+        the prompt (``VisionLanguage.process``) for a vision-language model. ``cache_salt``: its prefix
+        is shared only with requests of the same salt."""
+        req = self._new_request(request_id, prompt, params, priority, mm, cache_salt)
         if params.grammar is not None:
             # response_format: the grammar's matcher is made now (off the event loop: the first one of a
             # model builds its llguidance tokenizer), so the engine thread cannot fail on it later.
@@ -466,9 +507,15 @@ class Engine:
         self._requests[request_id] = req
         self._send(("add", req, admitted))
         try:
-            await admitted
+            while not admitted.done():
+                await asyncio.wait({admitted}, timeout=0.5)
+                if not admitted.done() and not self._thread_running():  # died (or stopped) before it got there
+                    admitted.set_exception(EngineDeadError(f"engine loop died: {self._dead!r}"))
+            admitted.result()
         except BaseException:
-            if not admitted.done() or admitted.cancelled():  # cancelled while queued for admission
+            # Cancelled while queued, or after the engine admitted it (the answer was set but this task
+            # was cancelled before it resumed): either way the sequence must not run on unread.
+            if not admitted.done() or admitted.cancelled() or admitted.exception() is None:
                 self._send(("abort", req, None))
             if self._requests.get(request_id) is req:
                 del self._requests[request_id]
@@ -482,8 +529,9 @@ class Engine:
         params: SamplingParams,
         priority: int = 0,
         mm: MultiModalInputs | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(request_id, prompt, params, priority, mm)
+        stream = await self.add_request(request_id, prompt, params, priority, mm, cache_salt)
         try:
             async for item in stream:
                 yield item
@@ -523,8 +571,13 @@ class Engine:
         self._deliver([(req, self._output(req, [], "", finished=True, now=time.monotonic()))])
 
     def stats(self) -> EngineStats:
-        running, waiting, kv, slots, n_models = self._snapshot
+        running, waiting, kv, slots, n_models, blocks = self._snapshot
         return EngineStats(
+            kv_blocks_used=blocks[0],
+            kv_blocks_total=blocks[1],
+            prefix_cache_queries=blocks[2],
+            prefix_cache_hits=blocks[3],
+            num_preemptions=blocks[4],
             num_running=running,
             num_waiting=waiting,
             kv_cache_usage=kv,
@@ -547,11 +600,20 @@ class Engine:
             sum(i.scheduler.kv_cache_usage for i in inst) / len(inst),
             sum(i.scheduler.slot_usage for i in inst) / len(inst),
             len(inst),
+            (
+                sum(i.scheduler.blocks.num_used_blocks for i in inst),
+                sum(i.scheduler.blocks.num_usable_blocks for i in inst),
+                self._retired[0] + sum(i.scheduler.blocks.queries for i in inst),
+                self._retired[1] + sum(i.scheduler.blocks.hits for i in inst),
+                self._retired[2] + sum(i.scheduler.num_preemptions for i in inst),
+            ),
         )
 
     # ------------------------------------------------------------------ output plumbing
     def _output(self, req: _Request, new_ids: list[int], text: str, finished: bool, now: float) -> RequestOutput:
         seq = req.seq
+        if finished and seq.mm is not None:
+            seq.mm.release()
         lps = None
         if req.sampling.params.logprobs is not None:
             lps, req.pending_logprobs = req.pending_logprobs[: len(new_ids)], req.pending_logprobs[len(new_ids) :]
@@ -568,6 +630,7 @@ class Engine:
             first_scheduled_time=seq.first_scheduled_time,
             first_token_time=req.first_token_time,
             finish_time=now if finished else None,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
@@ -610,6 +673,9 @@ class Engine:
                         req.instance.scheduler.add_request(req.seq)
                     except QueueFullError as exc:
                         error = exc
+                    except Exception as exc:  # noqa: BLE001 - fails this request only, never the loop
+                        log.exception("Failed to admit request request_id=%s", req.seq.request_id)
+                        error = exc
                 replies.append((admitted, error))
             elif cmd[0] == "abort":
                 _, req, done = cmd
@@ -625,6 +691,11 @@ class Engine:
     def _release_idle_models(self) -> None:
         if len(self._instances) > 1:  # an old model with no work left after a reload is released
             cur = self._instances[-1]
+            for i in self._instances[:-1]:
+                if not i.scheduler.has_work():  # its counters live on in the totals
+                    b = i.scheduler.blocks
+                    q, h, p = self._retired
+                    self._retired = (q + b.queries, h + b.hits, p + i.scheduler.num_preemptions)
             self._instances = [i for i in self._instances[:-1] if i.scheduler.has_work()] + [cur]
             self._publish_stats()
 
@@ -643,8 +714,6 @@ class Engine:
                 for inst in self._instances:
                     out = inst.scheduler.schedule()
                     if out.is_empty:
-                        if out.moves:
-                            inst.runner.apply_moves(out.moves)
                         continue
                     states = [s.data.sampling for s in out.sampled_sequences]
                     self._publish_stats()

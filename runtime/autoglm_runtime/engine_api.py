@@ -4,8 +4,9 @@ Torch-free, so the server (and its fake-engine tests) import it without loading 
 (``autoglm_runtime.engine.Engine``) implements ``EngineClient``; ``server/errors.py`` maps every
 ``EngineError`` to an HTTP status in one place.
 
-    stream = await engine.add_request(request_id, prompt_token_ids, params, priority=0, mm=None)
+    stream = await engine.add_request(request_id, prompt_token_ids, params, priority=0, mm=None, cache_salt=None)
     # mm: the images of the prompt (vision.MultiModalInputs) for a vision-language model
+    # cache_salt: the prompt's KV prefix is shared only with requests of the same salt
     # returns once the request is ADMITTED (in the engine's queue), before any token; raises
     # QueueFullError / InvalidRequestError / EngineDrainingError / EngineDeadError otherwise.
     async for out in stream:      # RequestOutput, the last one has finished=True
@@ -104,6 +105,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     logprobs: list[Any] | None = None  # logprobs.TokenLogprob per new token, when the request asked (params.logprobs)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens)
 
     @property
     def queue_time(self) -> float | None:
@@ -122,7 +124,7 @@ class RequestOutput:
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # 0..1, fraction of the slot cache's positions holding live KV
+    kv_cache_usage: float  # 0..1, fraction of the KV blocks held by sequences
     slot_usage: float  # 0..1, running / max_batch_size
     max_batch_size: int
     max_queue: int
@@ -132,6 +134,11 @@ class EngineStats:
     healthy: bool
     accepting: bool
     num_models: int  # > 1 while an old model drains after reload()
+    kv_blocks_used: int = 0  # KV blocks held by sequences
+    kv_blocks_total: int = 0  # KV blocks of the pool
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (since start)
+    prefix_cache_hits: int = 0  # ... of which found there
+    num_preemptions: int = 0  # sequences sent back to the queue for lack of KV blocks (since start)
 
 
 class RequestStream(Protocol):
@@ -182,7 +189,13 @@ class EngineClient(Protocol):
     def vision(self) -> Any: ...  # vision.VisionLanguage of a vision-language model, None for a text-only one
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: Any, priority: int = 0, mm: Any = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: Any,
+        priority: int = 0,
+        mm: Any = None,
+        cache_salt: str | None = None,
     ) -> RequestStream: ...
     def check_health(self) -> bool: ...
     def stats(self) -> EngineStats: ...

@@ -20,7 +20,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CgroupMemory", "cgroup_memory", "cpu_available_memory", "kv_cache_bytes", "checkpoint_bytes"]
+__all__ = [
+    "CgroupMemory",
+    "KV_MEMORY_FRACTION",
+    "cgroup_memory",
+    "checkpoint_bytes",
+    "cpu_available_memory",
+    "kv_bytes_per_token",
+    "kv_cache_blocks",
+]
 
 CGROUP_ROOT_ENV = "AUTOGLM_RUNTIME_CGROUP_ROOT"
 _NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a page-rounded 2**63-1
@@ -88,11 +96,49 @@ def cpu_available_memory(root: str | Path | None = None) -> int:
     return host if cg is None else min(host, cg.available)
 
 
-def kv_cache_bytes(
-    num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_model_len: int, itemsize: int
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """K and V of one token position in every layer."""
+    return 2 * num_layers * kv_heads * head_dim * itemsize
+
+
+# Default share of the available memory the KV pool may take (vLLM's gpu_memory_utilization is 0.9 of
+# the whole GPU; here it is of what is still free after the weights, and on CPU of the cgroup's room).
+KV_MEMORY_FRACTION = {"cuda": 0.9, "cpu": 0.5}
+
+
+def kv_cache_blocks(
+    *,
+    bytes_per_token: int,
+    block_size: int,
+    available: int | None,
+    kv_cache_memory: int | None,
+    default_tokens: int,
+    min_tokens: int,
+    fraction: float,
 ) -> int:
-    """K and V for every layer, ``max_batch_size`` slots of ``max_model_len`` positions."""
-    return 2 * num_layers * max_batch_size * kv_heads * max_model_len * head_dim * itemsize
+    """Blocks of the KV pool (block 0, the null block, included). ``kv_cache_memory`` (bytes) when given,
+    else ``default_tokens`` positions capped at ``fraction`` of ``available``. Raises ValueError (naming the
+    setting) when that is more than is available or holds fewer than ``min_tokens`` positions."""
+    block_bytes = bytes_per_token * block_size
+    if kv_cache_memory is not None:
+        if available is not None and kv_cache_memory > available:
+            raise ValueError(
+                f"--kv-cache-memory is {kv_cache_memory / 2**30:.2f} GiB but {available / 2**30:.2f} GiB is available"
+            )
+        blocks = kv_cache_memory // block_bytes
+    else:
+        blocks = -(-default_tokens // block_size)
+        if available is not None:
+            blocks = min(blocks, int(fraction * available) // block_bytes)
+    blocks += 1  # the null block
+    if (blocks - 1) * block_size < min_tokens:
+        have = f"{available / 2**30:.2f} GiB available" if available is not None else "no memory limit known"
+        raise ValueError(
+            f"the KV cache holds {(blocks - 1) * block_size} tokens ({block_bytes} bytes per block of {block_size}), "
+            f"less than one sequence of max_model_len={min_tokens} ({have}); lower max_model_len or raise "
+            f"--kv-cache-memory"
+        )
+    return blocks
 
 
 def checkpoint_bytes(model_dir: str | Path, itemsize: int, checkpoint_itemsize: int) -> int:

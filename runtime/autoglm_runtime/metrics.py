@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -213,6 +213,21 @@ class _EngineGauges(Collector):
             family = GaugeMetricFamily(name, doc, labels=LABELS)
             family.add_metric(lv, float(getattr(stats, attr, 0) if stats is not None else 0))
             yield family
+        for name, doc, attr in (
+            ("autoglm_kv_cache_blocks_used", "KV cache blocks held by sequences.", "kv_blocks_used"),
+            ("autoglm_kv_cache_blocks_capacity", "KV cache blocks of the pool.", "kv_blocks_total"),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(lv, float(getattr(stats, attr, 0) if stats is not None else 0))
+            yield family
+        for name, doc, attr in (
+            ("autoglm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("autoglm_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.", "prefix_cache_hits"),
+            ("autoglm_preemptions", "Sequences sent back to the queue for lack of KV blocks.", "num_preemptions"),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=LABELS)
+            counter.add_metric(lv, float(getattr(stats, attr, 0) if stats is not None else 0))
+            yield counter
 
 
 class RequestTimer:

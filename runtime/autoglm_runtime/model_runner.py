@@ -2,20 +2,23 @@
 
 Design (measured on CPU; the same code runs on CUDA):
 
-* KV cache: per layer, K and V tensors `[max_batch_size, kv_heads, max_model_len, head_dim]`,
-  preallocated once. A sequence owns one *slot* (row) for its life; the scheduler keeps slots
-  dense (`0..n-1`) and tells us which slot moved where (`SlotMove`) when one leaves.
+* KV cache: a *paged* pool (see kv_cache.py for the bookkeeping): per layer, K and V tensors
+  `[num_blocks * block_size, kv_heads, head_dim]`, preallocated once and zeroed (block 0 is the null
+  block, never handed out). Token `p` of a sequence lives in slot
+  `block_ids[p // block_size] * block_size + p % block_size`.
 * One forward per step over a *packed* batch `[1, T]`: the decode token of every running sequence
-  (in slot order) followed by the prefill chunks of this step. No padding, so the linear layers
-  (the bulk of the compute) run on exactly T rows. Explicit `position_ids` drive the model's own
-  rotary embedding; `logits_to_keep` limits the LM head to the rows we sample from.
+  followed by the prefill chunks of this step. No padding, so the linear layers (the bulk of the
+  compute) run on exactly T rows. Explicit `position_ids` drive the model's own rotary embedding;
+  `logits_to_keep` limits the LM head to the rows we sample from.
 * Attention: the model's own layers call `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`;
-  we register `autoglm_slots` there. It writes the step's new K/V into the slot cache and runs
-  SDPA: all decode rows in one call against a contiguous view `cache[:n, :, :max_len]` with a
-  length mask (grouped-query heads folded into the query axis, so no K/V repeat), and each
-  prefill chunk causally (first chunk: on the fresh K/V with `is_causal`; later chunks: against
-  its slot's cached prefix). Called outside an engine step (e.g. `model.generate`), the function
-  falls back to the stock sdpa implementation, so the model object stays usable.
+  we register `autoglm_paged` there. It writes the step's new K/V into the pool by slot mapping
+  (`index_copy_`) and runs SDPA: all decode rows in one call against K/V gathered by index from
+  their block tables (`[n, kv_heads, L, head_dim]`, positions past a sequence's length read the
+  null block and are masked; grouped-query heads folded into the query axis, so no K/V repeat),
+  and each prefill chunk causally (a chunk at position 0: on its fresh K/V with `is_causal`; a
+  later chunk or one after a prefix-cache hit: against its gathered prefix). Called outside an
+  engine step (e.g. `model.generate`), the function falls back to the stock sdpa implementation,
+  so the model object stays usable.
 * Sampling happens on device; the engine does the one host sync of the step (`.tolist()`).
 
 Works for any model whose attention goes through the attention interface (GLM, Llama, Qwen2,
@@ -33,20 +36,20 @@ import torch.nn.functional as F
 from .guided import guided_mask
 from .loader import LoadedModel, ModelLoadError
 from .logprobs import TokenLogprob, capture, gather
-from .memory import cpu_available_memory, kv_cache_bytes
+from .memory import cpu_available_memory, kv_bytes_per_token
 from .penalties import PenaltyBatch, penalty_batch_for
 from .sampling import SamplingState, min_tokens_suppression, sample
-from .scheduler import SchedulerOutput, SlotMove
+from .scheduler import SchedulerOutput
 from .vision import VisionLanguage, VisionStep
 
 __all__ = ["ModelRunner", "ATTN_IMPL", "KVCacheTooLargeError"]
 
 
 class KVCacheTooLargeError(ModelLoadError, ValueError):
-    """max_batch_size x max_model_len slots do not fit in the memory available for the KV cache."""
+    """The KV cache asked for does not fit in the memory available, or holds less than one sequence."""
 
 
-ATTN_IMPL = "autoglm_slots"
+ATTN_IMPL = "autoglm_paged"
 _ctx = threading.local()  # .step: the _Step running on this thread (None outside a step)
 
 
@@ -55,14 +58,11 @@ class _Step:
     runner: ModelRunner
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    w_slots: torch.Tensor  # [T] slot of each token
-    w_pos: torch.Tensor  # [T] position of each token
+    w_slots: torch.Tensor  # [T] pool slot of each token
     n_dec: int
-    dec_range: int  # decode attention runs on slots [0, dec_range)
-    dec_len: int  # ... and positions [0, dec_len)
-    dec_mask: torch.Tensor | None  # [dec_range, 1, 1, dec_len] additive
-    dec_rows: torch.Tensor | None  # slot of each decode row when the range has holes
-    chunks: list[tuple[int, int, int, int, torch.Tensor | None]]  # (offset, length, slot, start, mask)
+    dec_idx: torch.Tensor | None  # [n_dec, L] pool slot of each position attended by each decode row
+    dec_mask: torch.Tensor | None  # [n_dec, 1, 1, L] additive
+    chunks: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]]  # (offset, length, start, idx, mask)
     keep: torch.Tensor  # rows whose logits are sampled
     states: list[SamplingState]
     suppress: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) -> -inf (min_tokens)
@@ -72,7 +72,7 @@ class _Step:
     guided: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, allowed tokens): response_format grammars
 
 
-def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     step: _Step | None = getattr(_ctx, "step", None)
     if step is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -86,7 +86,7 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 def _register() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_IMPL, _slot_attention)
+    AttentionInterface.register(ATTN_IMPL, _paged_attention)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -104,22 +104,22 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def kv_cache_bytes_for(cfg, max_batch_size: int, max_model_len: int, itemsize: int) -> int:
+def kv_bytes_per_token_for(cfg, itemsize: int) -> int:
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return kv_cache_bytes(cfg.num_hidden_layers, kv_heads, head_dim, max_batch_size, max_model_len, itemsize)
+    return kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, itemsize)
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, max_model_len: int, seed: int | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, seed: int | None = None) -> None:
         _register()
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.max_batch_size = max_batch_size
-        self.max_model_len = max_model_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
         cfg = text_config(loaded.config)
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
@@ -136,14 +136,11 @@ class ModelRunner:
             raise ModelLoadError(
                 f"unsupported model: found {len(attn_layers)} attention modules for {self.num_layers} layers"
             )
-        shape = (max_batch_size, self.kv_heads, max_model_len, self.head_dim)
-        need = kv_cache_bytes_for(cfg, max_batch_size, max_model_len, self.dtype.itemsize)
-        avail = available_memory(self.device)
-        if avail is not None and need > 0.9 * avail:
-            raise KVCacheTooLargeError(
-                f"the KV cache for {max_batch_size} sequences x {max_model_len} tokens needs {need / 2**30:.1f} GiB "
-                f"but {avail / 2**30:.1f} GiB is available; lower max_model_len or max_batch_size"
-            )
+        # Zeroed, not torch.empty: positions never written are never read (past a sequence's length the
+        # gather reads the null block), but on CPU an uninitialised pool measured 6x slower end to end
+        # (cause not pinned down; flush-to-zero denormals made it fast too), and zeroing
+        # commits the memory up front, as the slot cache did.
+        shape = (num_blocks * block_size, self.kv_heads, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         head = self.model.get_output_embeddings()
@@ -176,37 +173,45 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
     # ------------------------------------------------------------------ per step
-    def apply_moves(self, moves: list[SlotMove]) -> None:
-        for m in moves:
-            n = min(self.max_model_len, m.seq.num_computed_tokens + 1)
-            for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
-                kc[m.dst, :, :n].copy_(kc[m.src, :, :n])
-                vc[m.dst, :, :n].copy_(vc[m.src, :, :n])
+    def _index(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool slots of positions [0, max(lens)) of each block table (the null block past each length)
+        and the validity mask, both on the device."""
+        bs, dev = self.block_size, self.device
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).to(dev, non_blocking=True)
+        length = max(lens)
+        ar = torch.arange(length, device=dev)
+        idx = bt[:, ar // bs] * bs + ar % bs
+        valid = ar.unsqueeze(0) < torch.tensor(lens, dtype=torch.long).to(dev, non_blocking=True).unsqueeze(1)
+        return idx.masked_fill_(~valid, 0), valid
 
     def prepare(self, out: SchedulerOutput, states: list[SamplingState]) -> _Step:
-        """Build the step's tensors from scheduler state. Call with the scheduler lock held."""
-        self.apply_moves(out.moves)
+        """Build the step's tensors from scheduler state (on the engine thread, between steps)."""
+        bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         dec_lens: list[int] = []
-        dec_slots: list[int] = []
+        dec_tables: list[list[int]] = []
         for seq in out.decodes:
             p = seq.num_computed_tokens
             ids.append(seq.last_token_id)
             pos.append(p)
-            slots.append(seq.slot)  # type: ignore[arg-type]
-            dec_slots.append(seq.slot)  # type: ignore[arg-type]
+            slots.append(seq.block_ids[p // bs] * bs + p % bs)
+            dec_tables.append(seq.block_ids)
             dec_lens.append(p + 1)
         n_dec = len(ids)
         keep = list(range(n_dec))
-        chunk_specs: list[tuple[int, int, int, int]] = []
+        chunk_specs: list[tuple[int, int, int, list[int]]] = []
         for ch in out.prefills:
             off = len(ids)
-            ids.extend(ch.seq.prompt_token_ids[ch.start : ch.start + ch.num_tokens])
-            pos.extend(range(ch.start, ch.start + ch.num_tokens))
-            slots.extend([ch.seq.slot] * ch.num_tokens)  # type: ignore[list-item]
-            chunk_specs.append((off, ch.num_tokens, ch.seq.slot, ch.start))  # type: ignore[arg-type]
+            seq = ch.seq
+            end = ch.start + ch.num_tokens
+            ids.extend(seq.token_ids(ch.start, end))
+            pos.extend(range(ch.start, end))
+            table = seq.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(ch.start, end))
+            chunk_specs.append((off, ch.num_tokens, ch.start, table))
             if ch.samples:
                 keep.append(off + ch.num_tokens - 1)
         suppress = None
@@ -227,41 +232,28 @@ class ModelRunner:
             penalties = penalty_batch_for(out.sampled_sequences, states, self.vocab_size, self.device)
 
         dev = self.device
-        ids_t = torch.tensor(ids, dtype=torch.long)
         pos_t = torch.tensor(pos, dtype=torch.long)
-        slots_t = torch.tensor(slots, dtype=torch.long)
-        dec_mask = dec_rows = None
-        dec_range = dec_len = 0
+        dec_idx = dec_mask = None
         if n_dec:
-            dec_range = max(dec_slots) + 1
-            dec_len = max(dec_lens)
-            lens = [1] * dec_range  # hole rows attend to one (ignored) position
-            for s, n in zip(dec_slots, dec_lens, strict=True):
-                lens[s] = n
-            lens_t = torch.tensor(lens, dtype=torch.long)
-            valid = torch.arange(dec_len).unsqueeze(0) < lens_t.unsqueeze(1)
-            dec_mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
-            dec_mask = dec_mask.view(dec_range, 1, 1, dec_len).to(dev, non_blocking=True)
-            if dec_range != n_dec:
-                dec_rows = torch.tensor(dec_slots, dtype=torch.long, device=dev)
+            dec_idx, valid = self._index(dec_tables, dec_lens)
+            dec_mask = torch.zeros(valid.shape, dtype=self.dtype, device=dev).masked_fill_(~valid, float("-inf"))
+            dec_mask = dec_mask.view(n_dec, 1, 1, -1)
         chunks = []
-        for off, n, slot, start in chunk_specs:
-            mask = None
+        for off, n, start, table in chunk_specs:
+            idx = mask = None
             if start > 0:
+                idx = self._index([table], [start + n])[0][0]
                 q_pos = torch.arange(start, start + n).unsqueeze(1)
                 mask = (torch.arange(start + n).unsqueeze(0) <= q_pos).to(dev, non_blocking=True)
-            chunks.append((off, n, slot, start, mask))
+            chunks.append((off, n, start, idx, mask))
         return _Step(
             runner=self,
-            input_ids=ids_t.to(dev, non_blocking=True).unsqueeze(0),
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True).unsqueeze(0),
             position_ids=pos_t.to(dev, non_blocking=True).unsqueeze(0),
-            w_slots=slots_t.to(dev, non_blocking=True),
-            w_pos=pos_t.to(dev, non_blocking=True),
+            w_slots=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
             n_dec=n_dec,
-            dec_range=dec_range,
-            dec_len=dec_len,
+            dec_idx=dec_idx,
             dec_mask=dec_mask,
-            dec_rows=dec_rows,
             chunks=chunks,
             keep=torch.tensor(keep, dtype=torch.long).to(dev, non_blocking=True),
             states=states,
@@ -296,10 +288,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ attention
     def attend(self, step: _Step, layer: int, query, key, value, scaling) -> tuple[torch.Tensor, None]:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        k_new = key[0].transpose(0, 1)  # [T, KV, D]
-        v_new = value[0].transpose(0, 1)
-        kc[step.w_slots, :, step.w_pos] = k_new
-        vc[step.w_slots, :, step.w_pos] = v_new
+        kc.index_copy_(0, step.w_slots, key[0].transpose(0, 1))  # [T, KV, D]
+        vc.index_copy_(0, step.w_slots, value[0].transpose(0, 1))
 
         q = query[0]  # [H, T, D]
         H, T, D = q.shape
@@ -307,30 +297,23 @@ class ModelRunner:
         out = q.new_empty(T, H, D)
         n = step.n_dec
         if n:
+            assert step.dec_idx is not None
             qd = q[:, :n].transpose(0, 1).reshape(n, KV, G, D)
-            if step.dec_rows is not None:
-                qf = qd.new_zeros(step.dec_range, KV, G, D)
-                qf.index_copy_(0, step.dec_rows, qd)
-                qd = qf
-            o = F.scaled_dot_product_attention(
-                qd,
-                kc[: step.dec_range, :, : step.dec_len],
-                vc[: step.dec_range, :, : step.dec_len],
-                attn_mask=step.dec_mask,
-                scale=scaling,
-            )
-            if step.dec_rows is not None:
-                o = o.index_select(0, step.dec_rows)
+            length = step.dec_idx.shape[1]
+            flat = step.dec_idx.reshape(-1)
+            kk = kc.index_select(0, flat).view(n, length, KV, D).transpose(1, 2)
+            vv = vc.index_select(0, flat).view(n, length, KV, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=step.dec_mask, scale=scaling)
             out[:n] = o.reshape(n, H, D)
-        for off, c, slot, start, mask in step.chunks:
+        for off, c, _start, idx, mask in step.chunks:
             qc = q[:, off : off + c].unsqueeze(0)  # [1, H, c, D]
-            if start == 0:
+            if idx is None:
                 kk = key[:, :, off : off + c]
                 vv = value[:, :, off : off + c]
                 o = F.scaled_dot_product_attention(qc, kk, vv, is_causal=True, scale=scaling, enable_gqa=G > 1)
             else:
-                kk = kc[slot : slot + 1, :, : start + c]
-                vv = vc[slot : slot + 1, :, : start + c]
+                kk = kc.index_select(0, idx).transpose(0, 1).unsqueeze(0)
+                vv = vc.index_select(0, idx).transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask, scale=scaling, enable_gqa=G > 1)
             out[off : off + c] = o[0].transpose(0, 1)
         return out.unsqueeze(0), None

@@ -9,12 +9,15 @@ positions (M-RoPE) of the prompt come from the model's own `get_rope_index`. The
 `MultiModalInputs` carried by the scheduler's `Sequence.mm`.
 
 Runner side (engine thread):
-- At a sequence's first prefill chunk the vision encoder runs once for all of its images not in
-  the encoder cache, batched across the sequences of the step (`encode`). Embeddings are cached
-  by image content hash (`EncoderCache`, LRU bounded in bytes), so a repeated image skips it.
-- `plan()` builds the step's 3-row position ids: prompt tokens take their M-RoPE position; decode
-  tokens take `cache position + rope_delta` on all three axes (the sequence's offset, kept in
-  `Sequence.mm`); text-only sequences have delta 0.
+- The vision encoder runs for an image when a prefill chunk first holds some of its tokens, batched
+  across the sequences of the step (`encode`). Images whose tokens all come from the prefix cache
+  (kv_cache.py) are never encoded. Embeddings are also cached by image content hash
+  (`EncoderCache`, LRU bounded in bytes), so a repeated image skips the encoder; a sequence keeps
+  its images' embeddings until it finishes (a preempted sequence recomputes with them).
+- `plan()` builds the step's 3-row position ids: prompt tokens take their M-RoPE position, computed
+  for the whole prompt at request time (so a suffix after a reused prefix is exact); decode tokens
+  and generated tokens recomputed after a preemption take `cache position + rope_delta` on all
+  three axes (the sequence's offset, kept in `Sequence.mm`); text-only sequences have delta 0.
 - `embed()` builds `inputs_embeds`: token embeddings, with the rows of image tokens replaced by
   image embeddings. A chunk boundary may fall anywhere inside an image's tokens: each chunk takes
   exactly the embedding rows of the image tokens it holds.
@@ -53,11 +56,28 @@ class MultiModalInputs:
     tokens_per_image: list[int]
     patches_per_image: list[int]  # rows of pixel_values per image (0 for one taken from the encoder cache)
     cached_embeds: list[torch.Tensor | None] = field(default_factory=list, repr=False)
-    embeds: torch.Tensor | None = field(default=None, repr=False)  # [n_image_tokens, H] during prefill
+    # per image: its embeddings [tokens, H] on the device once encoded (None before)
+    image_embeds: list[torch.Tensor | None] = field(default_factory=list, repr=False)
 
     @property
     def num_images(self) -> int:
         return len(self.image_hashes)
+
+    @property
+    def spans(self) -> list[tuple[int, int, str]]:
+        """(first, end) prompt positions of each image's tokens (contiguous) and its content hash."""
+        out, k = [], 0
+        for n, h in zip(self.tokens_per_image, self.image_hashes, strict=True):
+            first = int(self.image_token_pos[k]) if n else 0
+            out.append((first, first + n, h))
+            k += n
+        return out
+
+    def release(self) -> None:
+        """Drops the embeddings and pixels (the sequence finished)."""
+        self.image_embeds = [None] * self.num_images
+        self.pixel_values = self.pixel_values[:0]
+        self.cached_embeds = []
 
 
 class EncoderCache:
@@ -151,28 +171,29 @@ class VisionLanguage:
             image_token_pos=torch.nonzero(is_image).reshape(-1),
             tokens_per_image=counts,
             patches_per_image=[int(g.prod()) if c is None else 0 for g, c in zip(grid, cached, strict=True)],
+            image_embeds=[None] * len(counts),
         )
         return ids, mm
 
     # ------------------------------------------------------------------ runner side (engine thread)
     @torch.inference_mode()
-    def encode(self, mms: list[MultiModalInputs], device: torch.device, dtype: torch.dtype) -> None:
-        """Fill `mm.embeds` for each of `mms`: cached images are reused, the rest go through the
-        vision encoder in one batched call."""
+    def encode(self, need: list[tuple[MultiModalInputs, int]], device: torch.device, dtype: torch.dtype) -> None:
+        """Fill ``mm.image_embeds[i]`` for each ``(mm, i)`` of ``need``: from the embeddings the request
+        took at preprocessing or the encoder cache, the rest through the vision encoder in one call."""
         todo: list[tuple[MultiModalInputs, int]] = []
-        found: dict[tuple[int, int], torch.Tensor] = {}
-        for mm in mms:
-            for i, h in enumerate(mm.image_hashes):
-                held = mm.cached_embeds[i] if mm.cached_embeds else None
-                if held is None:  # not cached at preprocessing: encoded meanwhile for another request?
-                    entry = self.cache.get(h)
-                    held = entry[0] if entry is not None else None
-                if held is None:
-                    todo.append((mm, i))
-                    self.cache.misses += 1
-                else:
-                    self.cache.hits += 1
-                    found[(id(mm), i)] = held
+        for mm, i in need:
+            if mm.image_embeds[i] is not None:
+                continue
+            held = mm.cached_embeds[i] if mm.cached_embeds else None
+            if held is None:  # not cached at preprocessing: encoded meanwhile for another request?
+                entry = self.cache.get(mm.image_hashes[i])
+                held = entry[0] if entry is not None else None
+            if held is None:
+                todo.append((mm, i))
+                self.cache.misses += 1
+            else:
+                self.cache.hits += 1
+                mm.image_embeds[i] = held.to(device)
         if todo:
             pixels, grids = [], []
             for mm, i in todo:
@@ -186,15 +207,15 @@ class VisionLanguage:
             )
             for (mm, i), emb in zip(todo, out.pooler_output, strict=True):
                 emb = emb.to(dtype)
-                found[(id(mm), i)] = emb
+                mm.image_embeds[i] = emb
                 self.cache.put(mm.image_hashes[i], emb, mm.image_grid_thw[i])
-        for mm in mms:
-            mm.embeds = torch.cat([found[(id(mm), i)] for i in range(mm.num_images)])
-            mm.pixel_values = mm.pixel_values[:0]  # the pixels are not needed any more
-            mm.cached_embeds = []
+        for mm, _ in need:
+            if all(e is not None for e in mm.image_embeds):  # the pixels are not needed any more
+                mm.pixel_values = mm.pixel_values[:0]
+                mm.cached_embeds = []
 
     def plan(self, out: Any, device: torch.device) -> VisionStep:
-        """Positions and image rows of one scheduler step (call with the scheduler lock held)."""
+        """Positions and image rows of one scheduler step (on the engine thread, between steps)."""
         n_dec = len(out.decodes)
         pos_parts: list[torch.Tensor] = []
         if n_dec:
@@ -204,24 +225,25 @@ class VisionLanguage:
             )
             pos_parts.append(p.unsqueeze(0).expand(3, -1))
         off = n_dec
-        fills: list[tuple[torch.Tensor, MultiModalInputs, torch.Tensor, bool]] = []
-        need: list[MultiModalInputs] = []
+        fills: list[tuple[torch.Tensor, MultiModalInputs, int, torch.Tensor]] = []
+        need: list[tuple[MultiModalInputs, int]] = []
         for ch in out.prefills:
             mm = ch.seq.mm
             s, e = ch.start, ch.start + ch.num_tokens
             if mm is None:
                 pos_parts.append(torch.arange(s, e).unsqueeze(0).expand(3, -1))
             else:
-                pos_parts.append(mm.positions[:, s:e])
-                if mm.embeds is None:
-                    need.append(mm)
-                lo = int(torch.searchsorted(mm.image_token_pos, s))
-                hi = int(torch.searchsorted(mm.image_token_pos, e))
-                if hi > lo:
-                    rows_in_batch = mm.image_token_pos[lo:hi] - s + off
-                    fills.append((rows_in_batch, mm, torch.arange(lo, hi), ch.samples))
-                elif ch.samples:
-                    fills.append((torch.empty(0, dtype=torch.long), mm, torch.empty(0, dtype=torch.long), True))
+                plen = mm.positions.shape[1]
+                if s < plen:
+                    pos_parts.append(mm.positions[:, s : min(e, plen)])
+                if e > plen:  # generated tokens recomputed after a preemption
+                    pos_parts.append((torch.arange(max(s, plen), e) + mm.rope_delta).unsqueeze(0).expand(3, -1))
+                for i, (a, b, _) in enumerate(mm.spans):
+                    lo, hi = max(a, s), min(b, e)
+                    if hi > lo:
+                        if mm.image_embeds[i] is None:
+                            need.append((mm, i))
+                        fills.append((torch.arange(lo - s + off, hi - s + off), mm, i, torch.arange(lo - a, hi - a)))
             off += ch.num_tokens
         positions = torch.cat(pos_parts, dim=1) if pos_parts else torch.zeros(3, 0, dtype=torch.long)
         return VisionStep(positions=positions.to(device, non_blocking=True).unsqueeze(1), fills=fills, need=need)
@@ -229,24 +251,22 @@ class VisionLanguage:
     def embed(
         self, input_ids: torch.Tensor, vstep: VisionStep, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
-        """`inputs_embeds` [1, T, H] of the step; runs the encoder for sequences that need it."""
+        """`inputs_embeds` [1, T, H] of the step; runs the encoder for the images that need it."""
         if vstep.need:
             self.encode(vstep.need, device, dtype)
         emb = self._embed_tokens(input_ids)
-        for rows, mm, idx, last in vstep.fills:
-            if rows.numel():
-                assert mm.embeds is not None
-                emb[0, rows.to(device)] = mm.embeds[idx.to(device)].to(emb.dtype)
-            if last:
-                mm.embeds = None  # prompt complete: free the embeddings (the cache keeps its copy)
+        for rows, mm, i, erows in vstep.fills:
+            embeds = mm.image_embeds[i]
+            assert embeds is not None
+            emb[0, rows.to(device)] = embeds[erows.to(device)].to(emb.dtype)
         return emb
 
 
 @dataclass
 class VisionStep:
     positions: torch.Tensor  # [3, 1, T]
-    fills: list  # (rows in the packed batch, mm, embedding rows, chunk completes the prompt)
-    need: list[MultiModalInputs]  # sequences whose images must be encoded this step
+    fills: list  # (rows in the packed batch, mm, image index, rows of the image's embeddings)
+    need: list[tuple[MultiModalInputs, int]]  # images to encode this step
 
 
 class VisionMetrics:

@@ -116,7 +116,7 @@ class FakeEngine:
 
     # ---- EngineClient ----
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any,
-                          priority: int = 0, mm: Any = None) -> FakeStream:
+                          priority: int = 0, mm: Any = None, cache_salt: str | None = None) -> FakeStream:
         self.admitting += 1
         self.changed.set()
         if self.hold_admission is not None:

@@ -559,22 +559,27 @@ async def test_event_loop_never_waits_on_a_step(loaded):
 async def test_kv_cache_and_reload_respect_the_cgroup_memory_limit(tiny_model_dir, tmp_path, loaded, monkeypatch):
     from autoglm_runtime.loader import InsufficientMemoryError
     from autoglm_runtime.memory import CGROUP_ROOT_ENV, checkpoint_bytes
-    from autoglm_runtime.model_runner import KVCacheTooLargeError, kv_cache_bytes_for, text_config
+    from autoglm_runtime.model_runner import KVCacheTooLargeError, kv_bytes_per_token_for, text_config
 
     cg = tmp_path / "cgroup"
     cg.mkdir()
     (cg / "memory.current").write_text("0\n")
     monkeypatch.setenv(CGROUP_ROOT_ENV, str(cg))
-    kv = kv_cache_bytes_for(text_config(loaded.config), 4, 256, 4)
+    per_token = kv_bytes_per_token_for(text_config(loaded.config), 4)
+    kv = 4 * 256 * per_token
     weights = checkpoint_bytes(tiny_model_dir, 4, 4)
     assert kv > 0 and weights > 0
     # The host has GBs free; the container's limit is what counts.
-    (cg / "memory.max").write_text(f"{kv}\n")
+    (cg / "memory.max").write_text(f"{kv // 2}\n")
     with pytest.raises(KVCacheTooLargeError, match="available"):
+        Engine(loaded, max_batch_size=4, max_model_len=256, kv_cache_memory=kv)
+    # By default the pool takes a share of what is free: here less than one 256-token sequence.
+    (cg / "memory.max").write_text(f"{200 * per_token}\n")
+    with pytest.raises(KVCacheTooLargeError, match="less than one sequence"):
         Engine(loaded, max_batch_size=4, max_model_len=256)
     # Room for one KV cache and half a model: the engine starts; a reload (both models live) is refused.
     (cg / "memory.max").write_text(f"{int((kv + weights // 2) / 0.9)}\n")
-    eng = Engine(loaded, max_batch_size=4, max_model_len=256)
+    eng = Engine(loaded, max_batch_size=4, max_model_len=256, kv_cache_memory=kv)
     await eng.start()
     try:
         with pytest.raises(InsufficientMemoryError, match="restart"):

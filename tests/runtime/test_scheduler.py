@@ -30,17 +30,15 @@ def test_join_decode_and_leave():
     out = s.schedule()  # a and b admitted (2 slots), prefilled whole
     assert [c.seq.request_id for c in out.prefills] == ["a", "b"] and not out.decodes
     assert all(ch.samples and ch.start == 0 and ch.num_tokens == 4 for ch in out.prefills)
-    assert (a.slot, b.slot) == (0, 1) and s.num_waiting == 1
+    assert len(a.block_ids) == 1 and len(b.block_ids) == 1 and s.num_waiting == 1
     s.update_from_output(out, [7, 7])
     assert a.output_token_ids == [7] and a.num_computed_tokens == 4
 
     out = step(s)  # both decode; a reaches max_tokens=2 and leaves
     assert [x.request_id for x in out.decodes] == ["a", "b"]
-    assert a.is_finished and a.finish_reason == FinishReason.LENGTH and a.slot is None
-    assert b.slot == 0  # compacted into the hole
-    out = s.schedule()  # c joins while b decodes; b's KV moves 1 -> 0 first
-    assert [(m.src, m.dst, m.seq.request_id) for m in out.moves] == [(1, 0, "b")]
-    assert [x.request_id for x in out.decodes] == ["b"] and out.prefills[0].seq is c and c.slot == 1
+    assert a.is_finished and a.finish_reason == FinishReason.LENGTH and a.block_ids == []
+    out = s.schedule()  # c joins while b decodes
+    assert [x.request_id for x in out.decodes] == ["b"] and out.prefills[0].seq is c and c.block_ids
     s.update_from_output(out, [7, 7])
     assert b.finish_reason == FinishReason.LENGTH and c.finish_reason == FinishReason.LENGTH
     assert not s.has_work() and s.num_running == 0
@@ -113,13 +111,13 @@ def test_abort_frees_slot_at_once_and_waiting_entries():
     out = s.schedule()
     assert s.num_running == 2 and s.num_waiting == 1
     s.abort("a")  # while its step is "in flight"
-    assert s.num_running == 1 and a.finish_reason == FinishReason.ABORT and b.slot == 0
+    assert s.num_running == 1 and a.finish_reason == FinishReason.ABORT and a.block_ids == []
     s.update_from_output(out, [7, 7])  # the in-flight result for a is dropped
     assert a.output_token_ids == [] and b.output_token_ids == [7]
     s.abort("c")  # waiting request
     assert s.num_waiting == 0 and c.finish_reason == FinishReason.ABORT
     out = s.schedule()
-    assert [m.dst for m in out.moves] == [0] and out.decodes == [b] and not out.prefills
+    assert out.decodes == [b] and not out.prefills
     s.abort("unknown")  # ignored
     s.abort("a")  # twice: ignored
     s.update_from_output(out, [7])
@@ -152,28 +150,75 @@ def test_finish_reasons():
 
 
 def test_usage_counters():
-    s = Scheduler(max_batch_size=4, max_queue=8, max_batch_tokens=64, max_model_len=100)
+    # 4 sequences x 100 tokens in blocks of 10: 40 usable blocks
+    s = Scheduler(max_batch_size=4, max_queue=8, max_batch_tokens=64, max_model_len=100, block_size=10)
     s.add_request(seq("a", prompt_len=10))
     s.add_request(seq("b", prompt_len=30))
     step(s)
     assert s.slot_usage == 0.5
-    assert s.kv_cache_usage == pytest.approx(40 / 400)
-    step(s)
-    assert s.kv_cache_usage == pytest.approx(42 / 400)
+    assert s.kv_cache_usage == pytest.approx(4 / 40)  # 1 + 3 blocks
+    step(s)  # both write one more token: a new block each
+    assert s.kv_cache_usage == pytest.approx(6 / 40)
 
 
-def test_slot_compaction_chain_of_moves():
-    s = Scheduler(max_batch_size=4, max_queue=8, max_batch_tokens=64, max_model_len=100)
-    xs = [seq(str(i), max_tokens=50) for i in range(4)]
-    for x in xs:
-        s.add_request(x)
-    step(s)
-    s.abort("0")  # 3 -> 0
-    s.abort("1")  # 2 -> 1
-    s.abort("3")  # now at 0; 1 ("2") -> 0
+def test_admission_by_free_blocks_not_slots():
+    # 6 usable blocks of 4 tokens: two 10-token prompts take 3 blocks each; a third waits for blocks
+    s = Scheduler(max_batch_size=8, max_queue=8, max_batch_tokens=64, max_model_len=20, num_blocks=7, block_size=4)
+    for rid in "abc":
+        s.add_request(seq(rid, prompt_len=10, max_tokens=2))
     out = s.schedule()
-    assert [(m.src, m.dst, m.seq.request_id) for m in out.moves] == [(3, 0, "3"), (2, 1, "2"), (1, 0, "2")]
-    assert xs[2].slot == 0 and s.num_running == 1
+    assert [c.seq.request_id for c in out.prefills] == ["a", "b"] and s.num_waiting == 1
+    s.update_from_output(out, [7, 7])
+    out = step(s)  # a and b finish (max_tokens=2): their blocks come back
+    assert s.num_running == 0
+    out = s.schedule()
+    assert [c.seq.request_id for c in out.prefills] == ["c"]
+
+
+def test_preempts_newest_when_blocks_run_out_and_recomputes():
+    # 5 usable blocks of 4 tokens = 20 tokens; two sequences of 8 prompt tokens growing to 16 each
+    s = Scheduler(max_batch_size=4, max_queue=8, max_batch_tokens=64, max_model_len=20, num_blocks=6, block_size=4,
+                  enable_prefix_caching=False)
+    a, b = seq("a", prompt_len=8, max_tokens=8, ignore_eos=True), seq("b", prompt_len=8, max_tokens=8, ignore_eos=True)
+    s.add_request(a)
+    s.add_request(b)
+    preempted = []
+    tokens = iter(range(100, 200))
+    while s.has_work():
+        out = s.schedule()
+        preempted += [x.request_id for x in out.preempted]
+        for ch in out.prefills:
+            assert ch.start + ch.num_tokens <= ch.seq.prefill_len
+            if ch.seq is b and b.output_token_ids:  # the recompute covers prompt + output but the last token
+                assert not ch.samples and ch.seq.prefill_len == b.num_tokens - 1
+        s.update_from_output(out, [next(tokens) for _ in out.sampled_sequences])
+        assert len(s.blocks._free) + sum(len(x.block_ids) for x in s.running()) == 5
+    assert preempted and set(preempted) == {"b"} and s.num_preemptions == len(preempted)
+    assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 8  # nothing dropped
+    assert a.finish_reason == b.finish_reason == FinishReason.LENGTH
+    assert s.blocks.num_free_blocks == 5
+
+
+def test_prefix_cache_reuses_blocks_of_a_finished_sequence():
+    s = Scheduler(max_batch_size=4, max_queue=8, max_batch_tokens=64, max_model_len=64, block_size=4)
+    a = Sequence("a", list(range(10, 30)), max_tokens=1, ignore_eos=True)  # 20 tokens: 5 full blocks
+    s.add_request(a)
+    step(s)
+    assert a.is_finished and a.num_cached_tokens == 0 and s.blocks.num_cached_blocks == 5
+    b = Sequence("b", list(range(10, 26)) + [1, 2, 3], max_tokens=1)  # shares 16 tokens = 4 blocks
+    s.add_request(b)
+    out = s.schedule()
+    assert out.prefills[0].start == 16 and out.prefills[0].num_tokens == 3 and b.num_cached_tokens == 16
+    assert (s.blocks.queries, s.blocks.hits) == (20 + 19, 16)
+    c = Sequence("c", list(range(10, 30)), max_tokens=1)  # the same prompt: all but the last block's tokens
+    s.add_request(c)
+    out2 = s.schedule()
+    assert [ch.start for ch in out2.prefills if ch.seq is c] == [16]  # 19 tokens max, in whole blocks
+
+
+def test_scheduler_without_enough_blocks_for_one_sequence_is_refused():
+    with pytest.raises(ValueError, match="less than one sequence"):
+        Scheduler(max_batch_size=2, max_model_len=100, num_blocks=5, block_size=16)
 
 
 def test_scheduler_imports_without_torch():

@@ -382,6 +382,35 @@ def test_metrics_are_present_and_move(server, client):
         assert metric(after, hist + "_count", **labels) > metric(before, hist + "_count", **labels), hist
 
 
+def test_prefix_cache_reports_cached_tokens_and_counts_hits(server, client):
+    """The same long prompt twice: the second reuses the first's KV (usage.prompt_tokens_details.cached_tokens,
+    streamed usage too); another cache_salt shares nothing; the prefix cache counters move."""
+    labels = {"model": "tiny", "revision": "r1"}
+    before = server.metrics()
+    prompt = "the agent opened the settings app and then " * 12
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    second = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens and cached % 16 == 0
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage is not None][-1]
+    assert usage.prompt_tokens_details.cached_tokens == cached
+    salted = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0,
+                                       extra_body={"cache_salt": "tenant-b"})
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
+    assert salted.choices[0].text == second.choices[0].text
+    after = server.metrics()
+    assert metric(after, "autoglm_prefix_cache_hits_total", **labels) >= \
+        metric(before, "autoglm_prefix_cache_hits_total", **labels) + 2 * cached
+    assert metric(after, "autoglm_prefix_cache_queries_total", **labels) > \
+        metric(after, "autoglm_prefix_cache_hits_total", **labels)
+    assert metric(after, "autoglm_kv_cache_blocks_capacity", **labels) > 0
+    metric(after, "autoglm_kv_cache_blocks_used", **labels)
+    metric(after, "autoglm_preemptions_total", **labels)
+
+
 def test_every_response_names_the_revision_that_answered(server, client):
     """`x-autoglm-revision` (the metrics' `revision` label) on answers, streams, errors and probes, so a
     client of a canary rollout sees which revision answered."""

@@ -189,7 +189,8 @@ async def test_streams_and_full_responses_match(tmp_path):
     async with serve(tmp_path, engine) as s:
         full = (await s.client.post("/v1/completions", json=COMPLETION)).json()
         assert full["choices"][0]["text"] == "xxxxx"
-        assert full["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+        assert full["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
         r = await s.client.post("/v1/completions", json={**COMPLETION, "stream": True,
                                                          "stream_options": {"include_usage": True}})
         chunks = [json.loads(e[6:]) for e in events(r.text)[:-1]]

@@ -256,7 +256,13 @@ def test_encoder_cache_metrics(server):
     before = scrape()
     client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0.0)
     first = scrape()
-    client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0.0)
+    # the same image after other text: its KV is not in the prefix cache, its embeddings are in the encoder's
+    other = [{"role": "system", "content": "another agent"}, *msgs]
+    client.chat.completions.create(model="tiny", messages=other, max_tokens=2, temperature=0.0)
     second = scrape()
+    # the first request again: the whole image comes from the prefix cache, the encoder is not asked at all
+    again = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0.0)
+    third = scrape()
     assert [b - a for a, b in zip(before, first, strict=True)] == [0, 1]  # new image: a miss, the encoder runs
     assert [b - a for a, b in zip(first, second, strict=True)] == [1, 0]  # same bytes: a hit, no encoder run
+    assert third == second and again.usage.prompt_tokens_details.cached_tokens > 0

@@ -122,7 +122,8 @@ async def test_batched_images_and_text_with_chunked_prefill_match_generate(loade
         ([(90, 160), (150, 150)], "compare both screens", True, 7),
         ([(300, 90)], "where is the search bar", True, 12),
         ([], "another plain question", True, 5),
-        ([(200, 120)], "tap the button", False, 10),  # same image as the first: encoder cache
+        # same image as the first, after other history (so not from the prefix cache): encoder cache
+        ([(200, 120)], "tap the button", True, 10),
         ([(64, 64)], "small", False, 11),
     ]
     reqs, refs = [], []

@@ -20,7 +20,7 @@ from autoglm_runtime.engine_api import (
 from autoglm_runtime.metrics import RequestTimer
 from autoglm_runtime.sampling import SamplingParams
 from autoglm_runtime.server import errors
-from autoglm_runtime.server.protocol import UsageInfo
+from autoglm_runtime.server.protocol import PromptTokensDetails, UsageInfo
 from autoglm_runtime.server.state import ServerState, Slot
 
 T = TypeVar("T")
@@ -56,6 +56,7 @@ class Generation:
         priority: int,
         slot: Slot,
         mm: Any = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.state = state
         self.request_id = request_id
@@ -64,6 +65,8 @@ class Generation:
         self.priority = priority
         self.slot = slot
         self.mm = mm  # the prompt's images (vision.MultiModalInputs) for a vision-language engine
+        self.cache_salt = cache_salt
+        self.cached_tokens = 0  # prompt tokens the engine took from its prefix cache
         self.arrival = time.monotonic()
         self.timer = RequestTimer(state.metrics, self.arrival)
         self.completion_tokens = 0
@@ -81,6 +84,7 @@ class Generation:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=self.completion_tokens,
             total_tokens=len(self.prompt_ids) + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
         )
 
     async def _within_deadline(self, work: Awaitable[T]) -> T:
@@ -96,7 +100,9 @@ class Generation:
     async def start(self) -> None:
         try:
             self._stream = await self._within_deadline(
-                self.state.engine.add_request(self.request_id, self.prompt_ids, self.params, self.priority, mm=self.mm)
+                self.state.engine.add_request(
+                    self.request_id, self.prompt_ids, self.params, self.priority, mm=self.mm, cache_salt=self.cache_salt
+                )
             )
         except EngineError as exc:
             await self.close(_status_of(exc))
@@ -121,6 +127,7 @@ class Generation:
                     yield Delta("", [], "abort")
                     return
                 ids = list(out.new_token_ids)
+                self.cached_tokens = out.num_cached_tokens
                 lps = out.logprobs
                 self.logprobs.extend(lps or [])
                 self.timer.tokens(time.monotonic(), len(ids))

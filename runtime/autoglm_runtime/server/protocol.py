@@ -90,6 +90,12 @@ class _SamplingRequest(_Request):
     )
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
+    cache_salt: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Extension (vLLM): prompt prefixes are reused only between requests with the same salt.",
+    )
     return_token_ids: bool = Field(default=False, description="Add `token_ids` (and `prompt_token_ids`) to choices.")
     response_format: dict[str, Any] | None = None
 
@@ -212,10 +218,15 @@ class ChatCompletionRequest(_SamplingRequest):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 FinishReason = Literal["stop", "length", "abort"] | None

@@ -129,7 +129,9 @@ class OpenAIServing:
                 self.state.metrics.request_finished("invalid")
                 raise errors.from_engine(exc) from None
             params = self._sampling_params(req, max_tokens)
-            gen = Generation(self.state, random_id(id_prefix), prompt_ids, params, priority, slot, mm)
+            gen = Generation(
+                self.state, random_id(id_prefix), prompt_ids, params, priority, slot, mm, cache_salt=req.cache_salt
+            )
         except BaseException:
             slot.release()
             raise
