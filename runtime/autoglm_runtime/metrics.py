@@ -209,11 +209,6 @@ class _EngineGauges(Collector):
             ("autoglm_requests_running", "Requests in the running batch.", "num_running"),
             ("autoglm_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
             ("autoglm_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1).", "kv_cache_usage"),
-        ):
-            family = GaugeMetricFamily(name, doc, labels=LABELS)
-            family.add_metric(lv, float(getattr(stats, attr, 0) if stats is not None else 0))
-            yield family
-        for name, doc, attr in (
             ("autoglm_kv_cache_blocks_used", "KV cache blocks held by sequences.", "kv_blocks_used"),
             ("autoglm_kv_cache_blocks_capacity", "KV cache blocks of the pool.", "kv_blocks_total"),
         ):
