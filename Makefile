@@ -12,7 +12,7 @@ help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 venv:  ## Create .venv with the runtime, test, bench, lint and docs extras (torch included)
-	@bash scripts/venv.sh runtime,test,bench,lint,docs
+	@bash scripts/venv.sh runtime,router,test,bench,lint,docs
 
 bins:  ## Build the local control plane's binaries from Go modules (cached)
 	@bash devcluster/gobuild/build.sh >/dev/null
@@ -20,9 +20,9 @@ bins:  ## Build the local control plane's binaries from Go modules (cached)
 sysdeps:  ## Install the Debian packages the local cluster needs (iproute2, nftables) if missing
 	@bash scripts/system-deps.sh
 
-lint: venv  ## ruff + mypy on operator/, runtime/ and devcluster/ (config in pyproject.toml), hadolint on the Dockerfiles
-	$(VENV)/bin/ruff check operator runtime devcluster
-	$(VENV)/bin/ruff format --check operator runtime devcluster
+lint: venv  ## ruff + mypy on operator/, runtime/, router/ and devcluster/ (config in pyproject.toml), hadolint on the Dockerfiles
+	$(VENV)/bin/ruff check operator runtime router devcluster
+	$(VENV)/bin/ruff format --check operator runtime router devcluster
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs the project with the given extras (default: runtime,test,bench,lint,docs).
+# Creates .venv (once) and installs the project with the given extras (default: runtime,router,test,bench,lint,docs).
 # Re-running is cheap: a stamp keyed by pyproject.toml skips pip, and pip's cache serves torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=${1:-runtime,test,bench,lint,docs}
+extras=${1:-runtime,router,test,bench,lint,docs}
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-12)-${extras//,/_}"
 if [[ -f $stamp ]]; then exit 0; fi
 # torch's CUDA build and its libraries take ~6 GB once unpacked: say so before pip runs out of space.
