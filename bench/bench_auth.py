@@ -86,8 +86,10 @@ async def bench_token(name: str, v: BearerVerifier, token: str, n: int) -> dict:
 
 
 def local_case(kind: str) -> tuple[BearerVerifier, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "rsa" else ec.generate_private_key(
-        ec.SECP256R1()
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if kind == "rsa"
+        else ec.generate_private_key(ec.SECP256R1())
     )
     algo, alg = (RSAAlgorithm, "RS256") if kind == "rsa" else (ECAlgorithm, "ES256")
     jwks = {"keys": [{**algo.to_jwk(key.public_key(), as_dict=True), "kid": "k1", "use": "sig"}]}
@@ -105,11 +107,25 @@ def local_case(kind: str) -> tuple[BearerVerifier, str]:
 
 
 def hydra_token(h: Hydra) -> str:
-    c = admin_call(h.admin, "POST", "/admin/clients", {
-        "grant_types": ["client_credentials"], "token_endpoint_auth_method": "client_secret_post",
-        "audience": ["autoglm"], "scope": "infer", "access_token_strategy": "jwt"})
-    form = {"grant_type": "client_credentials", "client_id": c["client_id"], "client_secret": c["client_secret"],
-            "audience": "autoglm", "scope": "infer"}
+    c = admin_call(
+        h.admin,
+        "POST",
+        "/admin/clients",
+        {
+            "grant_types": ["client_credentials"],
+            "token_endpoint_auth_method": "client_secret_post",
+            "audience": ["autoglm"],
+            "scope": "infer",
+            "access_token_strategy": "jwt",
+        },
+    )
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": c["client_id"],
+        "client_secret": c["client_secret"],
+        "audience": "autoglm",
+        "scope": "infer",
+    }
     req = urllib.request.Request(h.issuer + "oauth2/token", data=urllib.parse.urlencode(form).encode())
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.load(resp)["access_token"]
@@ -126,7 +142,9 @@ async def main_async(args) -> list[dict]:
                 t = time.perf_counter()
                 await v.authenticate("Bearer " + token)
                 cold_ms = (time.perf_counter() - t) * 1000
-                jwk = next(k for k in v.keys._keys if k.get("kid") == jwt.get_unverified_header(token)["kid"])
+                with urllib.request.urlopen(h.issuer + ".well-known/jwks.json", timeout=10) as resp:
+                    jwks = json.load(resp)["keys"]
+                jwk = next(k for k in jwks if k.get("kid") == jwt.get_unverified_header(token)["kid"])
                 bits = len(jwt.utils.base64url_decode(jwk["n"])) * 8
                 r = await bench_token(f"Hydra RS256 ({bits}-bit key)", v, token, args.n)
                 r["first_check_cold_ms"] = cold_ms
@@ -147,12 +165,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = asyncio.run(main_async(args))
-    print(f"# token check per request, cached keys, n={args.n}, {platform.python_version()}, "
-          f"PyJWT {jwt.__version__}, {platform.machine()}")
+    print(
+        f"# token check per request, cached keys, n={args.n}, {platform.python_version()}, "
+        f"PyJWT {jwt.__version__}, {platform.machine()}"
+    )
     print(f"{'token':32} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'bare decode p50':>16} {'ours/bare':>9}")
     for r in rows:
-        print(f"{r['token']:32} {r['p50_us']:8.0f} {r['p99_us']:8.0f} {r['mean_us']:8.0f} "
-              f"{r['bare_decode_p50_us']:16.0f} {r['ratio_vs_bare_p50']:9.2f}")
+        print(
+            f"{r['token']:32} {r['p50_us']:8.0f} {r['p99_us']:8.0f} {r['mean_us']:8.0f} "
+            f"{r['bare_decode_p50_us']:16.0f} {r['ratio_vs_bare_p50']:9.2f}"
+        )
         if "first_check_cold_ms" in r:
             print(f"  first check of a new verifier (discovery + JWKS from Hydra): {r['first_check_cold_ms']:.1f} ms")
     if args.json:

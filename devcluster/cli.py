@@ -130,7 +130,7 @@ def _status(d: Path) -> int:
     if (d / "cluster.json").exists():
         info = json.loads((d / "cluster.json").read_text())
         print(f"Add-ons: {', '.join(info.get('addons') or []) or '-'}; Prometheus: {info.get('prometheus')}")
-        for key, value in (info.get("exports") or {}).items():
+        for key, value in (info.get("exports") or {}).items() if running else ():
             print(f"{key}={value}")
     for p in sorted((d / "pids").glob("*")) if (d / "pids").exists() else []:
         print(f"  {p.name:24} {'up' if _alive(p) else 'down'}")

@@ -39,9 +39,19 @@ time.sleep(3600)
 
 
 def new_client(admin: str) -> tuple[str, str]:
-    c = admin_call(admin, "POST", "/admin/clients", {
-        "client_name": "devcluster-test", "grant_types": ["client_credentials"], "scope": "infer",
-        "token_endpoint_auth_method": "client_secret_post", "audience": ["autoglm"], "access_token_strategy": "jwt"})
+    c = admin_call(
+        admin,
+        "POST",
+        "/admin/clients",
+        {
+            "client_name": "devcluster-test",
+            "grant_types": ["client_credentials"],
+            "scope": "infer",
+            "token_endpoint_auth_method": "client_secret_post",
+            "audience": ["autoglm"],
+            "access_token_strategy": "jwt",
+        },
+    )
     return c["client_id"], c["client_secret"]
 
 
@@ -55,8 +65,10 @@ def test_hydra_issues_tokens_its_keys_verify_from_the_host(kube, hydra):
     issuer, admin = hydra["issuer"], hydra["admin"]
     node_ip = kube.network.ranges.node_ip
     assert (issuer, admin) == (f"http://{node_ip}:4444/", f"http://{node_ip}:4445")
-    assert json.loads((kube.dir / "cluster.json").read_text())["exports"] == {"HYDRA_ISSUER": issuer,
-                                                                             "HYDRA_ADMIN": admin}
+    assert json.loads((kube.dir / "cluster.json").read_text())["exports"] == {
+        "HYDRA_ISSUER": issuer,
+        "HYDRA_ADMIN": admin,
+    }
     discovery = http_json(issuer + ".well-known/openid-configuration")
     assert discovery["issuer"] == issuer and discovery["jwks_uri"] == issuer + ".well-known/jwks.json"
     assert "client_credentials" in discovery["grant_types_supported"]
@@ -64,8 +76,13 @@ def test_hydra_issues_tokens_its_keys_verify_from_the_host(kube, hydra):
     assert {k["kty"] for k in jwks["keys"]} == {"RSA"} and all("d" not in k for k in jwks["keys"])  # public only
 
     cid, secret = new_client(admin)
-    form = {"grant_type": "client_credentials", "client_id": cid, "client_secret": secret, "audience": "autoglm",
-            "scope": "infer"}
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": cid,
+        "client_secret": secret,
+        "audience": "autoglm",
+        "scope": "infer",
+    }
     req = urllib.request.Request(discovery["token_endpoint"], data=urllib.parse.urlencode(form).encode())
     with urllib.request.urlopen(req, timeout=10) as resp:
         answer = json.load(resp)
@@ -78,10 +95,14 @@ def test_a_pod_reaches_the_same_issuer_and_gets_a_token(kube, hydra, namespace):
     cid, secret = new_client(hydra["admin"])
     client = pod("oauth-client", ["python3", "-c", CLIENT, hydra["issuer"], cid, secret])
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(client))
-    line = wait_for(lambda: next((x for x in kube.pod_log(namespace, "oauth-client", "main").splitlines()
-                                  if x.startswith("RESULT ")), None), timeout=90,
-                    message=f"the pod's token (log: {kube.pod_log(namespace, 'oauth-client', 'main')[-2000:]})")
-    found = json.loads(line[len("RESULT "):])
+    line = wait_for(
+        lambda: next(
+            (x for x in kube.pod_log(namespace, "oauth-client", "main").splitlines() if x.startswith("RESULT ")), None
+        ),
+        timeout=90,
+        message=f"the pod's token (log: {kube.pod_log(namespace, 'oauth-client', 'main')[-2000:]})",
+    )
+    found = json.loads(line[len("RESULT ") :])
     assert found["discovery"]["issuer"] == hydra["issuer"]
     claims = verify(found["token"], found["jwks"], hydra["issuer"])  # verified with the keys the pod fetched
     assert claims["sub"] == cid

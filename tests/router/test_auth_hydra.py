@@ -29,26 +29,48 @@ def b64(data: bytes) -> str:
 
 
 def new_client(h: Hydra, audience: str = "autoglm", scope: str = "infer", lifespan: str | None = None) -> tuple:
-    c = admin_call(h.admin, "POST", "/admin/clients", {
-        "client_name": "test", "grant_types": ["client_credentials"], "token_endpoint_auth_method":
-        "client_secret_post", "audience": [audience], "scope": scope, "access_token_strategy": "jwt"})
+    c = admin_call(
+        h.admin,
+        "POST",
+        "/admin/clients",
+        {
+            "client_name": "test",
+            "grant_types": ["client_credentials"],
+            "token_endpoint_auth_method": "client_secret_post",
+            "audience": [audience],
+            "scope": scope,
+            "access_token_strategy": "jwt",
+        },
+    )
     if lifespan:
-        admin_call(h.admin, "PUT", f"/admin/clients/{c['client_id']}/lifespans",
-                   {"client_credentials_grant_access_token_lifespan": lifespan})
+        admin_call(
+            h.admin,
+            "PUT",
+            f"/admin/clients/{c['client_id']}/lifespans",
+            {"client_credentials_grant_access_token_lifespan": lifespan},
+        )
     return c["client_id"], c["client_secret"]
 
 
 def get_token(h: Hydra, client: tuple, audience: str = "autoglm", scope: str = "infer") -> str:
-    form = {"grant_type": "client_credentials", "client_id": client[0], "client_secret": client[1],
-            "audience": audience, "scope": scope}
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": client[0],
+        "client_secret": client[1],
+        "audience": audience,
+        "scope": scope,
+    }
     req = urllib.request.Request(h.issuer + "oauth2/token", data=urllib.parse.urlencode(form).encode())
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.load(resp)["access_token"]
 
 
 def verifier(h: Hydra, **cfg) -> BearerVerifier:
-    return BearerVerifier(OAuth2Config(**{"issuer_url": h.issuer, "audiences": ("autoglm",),
-                                          "required_scopes": ("infer",), "leeway_s": 1, **cfg}))
+    return BearerVerifier(
+        OAuth2Config(
+            **{"issuer_url": h.issuer, "audiences": ("autoglm",), "required_scopes": ("infer",), "leeway_s": 1, **cfg}
+        )
+    )
 
 
 async def refused(v: BearerVerifier, token: str) -> AuthError:
@@ -118,8 +140,12 @@ async def test_hydra_tokens_that_must_not_pass(hydra, bins, tmp_path):
     # the `iss` claim differs.
     other = Hydra.start(bins, tmp_path / "other")
     try:
-        admin_call(other.admin, "PUT", f"/admin/keys/{ACCESS_TOKEN_KEYS}",
-                   admin_call(hydra.admin, "GET", f"/admin/keys/{ACCESS_TOKEN_KEYS}"))
+        admin_call(
+            other.admin,
+            "PUT",
+            f"/admin/keys/{ACCESS_TOKEN_KEYS}",
+            admin_call(hydra.admin, "GET", f"/admin/keys/{ACCESS_TOKEN_KEYS}"),
+        )
         cases["wrong issuer"] = get_token(other, new_client(other))
         assert jwt.get_unverified_header(cases["wrong issuer"])["kid"] == jwk["kid"]
     finally:

@@ -67,8 +67,17 @@ class Issuer:
         key = self.keys[kid]
         alg = alg or ("RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256")
         now = int(time.time())
-        body = {"iss": ISSUER, "aud": ["autoglm"], "sub": "alice", "client_id": "app-1", "scp": ["infer"],
-                "exp": now + 300, "nbf": now - 1, "iat": now - 1, **claims}
+        body = {
+            "iss": ISSUER,
+            "aud": ["autoglm"],
+            "sub": "alice",
+            "client_id": "app-1",
+            "scp": ["infer"],
+            "exp": now + 300,
+            "nbf": now - 1,
+            "iat": now - 1,
+            **claims,
+        }
         body = {k: v for k, v in body.items() if v is not None}
         return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
 
@@ -115,8 +124,12 @@ async def test_es256_is_accepted_and_a_key_of_the_other_type_is_not(issuer, cloc
     v = verifier(issuer, clock)
     assert (await v.verify(issuer.token("e1"))).user == "alice"
     # An RS256 header naming the EC key's kid (signed by the RSA key): no RS256 key by that kid.
-    forged = jwt.encode({"iss": ISSUER, "aud": "autoglm", "sub": "x", "exp": time.time() + 60}, issuer.rsa,
-                        algorithm="RS256", headers={"kid": "e1"})
+    forged = jwt.encode(
+        {"iss": ISSUER, "aud": "autoglm", "sub": "x", "exp": time.time() + 60},
+        issuer.rsa,
+        algorithm="RS256",
+        headers={"kid": "e1"},
+    )
     assert "no RS256 signing key 'e1'" in (await refused(v, forged)).description
 
 
@@ -235,22 +248,31 @@ def test_the_challenge_headers_and_body():
     assert r.headers == {
         "WWW-Authenticate": 'Bearer realm="autoglm", error="invalid_token", error_description="token \\"expired\\""'
     }
-    assert r.body == {"error": {"message": 'token "expired"', "type": "authentication_error", "param": None,
-                                "code": "invalid_token"}}
+    assert r.body == {
+        "error": {"message": 'token "expired"', "type": "authentication_error", "param": None, "code": "invalid_token"}
+    }
     r = challenge(AuthError(403, "insufficient_scope", "token lacks scope(s) b", scope=("a", "b")))
     assert r.status == 403 and r.headers["WWW-Authenticate"].endswith('scope="a b"')
     assert r.body["error"]["type"] == "permission_error"
     with pytest.raises(AuthError) as exc:
         bearer_token(None)
     r = challenge(exc.value)
-    assert (r.status, r.headers, r.body["error"]["code"]) == (401, {"WWW-Authenticate": 'Bearer realm="autoglm"'},
-                                                             "missing_token")
+    assert (r.status, r.headers, r.body["error"]["code"]) == (
+        401,
+        {"WWW-Authenticate": 'Bearer realm="autoglm"'},
+        "missing_token",
+    )
 
 
 @pytest.mark.parametrize(
     ("header", "error"),
-    [(None, None), ("", None), ("Basic dXNlcjpwdw==", None), ("Bearer", "invalid_token"),
-     ("Bearer a b", "invalid_token")],
+    [
+        (None, None),
+        ("", None),
+        ("Basic dXNlcjpwdw==", None),
+        ("Bearer", "invalid_token"),
+        ("Bearer a b", "invalid_token"),
+    ],
 )
 def test_authorization_headers_that_carry_no_usable_token(header, error):
     with pytest.raises(AuthError) as exc:
@@ -264,8 +286,9 @@ def test_bearer_scheme_is_case_insensitive_and_scopes_merge():
 
 
 def test_config_from_the_custom_resource_and_its_errors():
-    c = OAuth2Config.from_spec({"issuerURL": "http://10.1.255.2:4444/", "audiences": ["autoglm"],
-                                "requiredScopes": ["infer"]})
+    c = OAuth2Config.from_spec(
+        {"issuerURL": "http://10.1.255.2:4444/", "audiences": ["autoglm"], "requiredScopes": ["infer"]}
+    )
     assert (c.user_claim, c.required_scopes) == ("sub", ("infer",))
     assert c.discovery_url == "http://10.1.255.2:4444/.well-known/openid-configuration"
     with pytest.raises(ValueError, match="audiences"):
