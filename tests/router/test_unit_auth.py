@@ -169,7 +169,9 @@ async def test_unsigned_hs256_with_the_public_key_and_tampered_tokens_are_refuse
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
     tampered = b64(json.dumps({**claims, "sub": "mallory"}).encode())
     assert (await refused(v, f"{head}.{tampered}.{sig}")).description == "token signature does not verify"
-    assert (await refused(v, "not-a-jwt")).description == "token is not a well-formed JWT"
+    for junk in ("not-a-jwt", "a.b", "W10.e30.", b64(b"[" * 5000) + ".e30.", "!!.e30.x", b64(b"\xff") + ".e30.x"):
+        assert (await refused(v, junk)).description == "token is not a well-formed JWT", junk
+    assert (await refused(v, f"{head}.{b64(b'x' * 20000)}.{sig}")).description == "token longer than 16384 characters"
 
 
 async def test_a_missing_scope_is_403_insufficient_scope(issuer, clock):
