@@ -299,3 +299,49 @@ def test_config_from_the_custom_resource_and_its_errors():
         OAuth2Config("issuer.test", ("a",))
     with pytest.raises(ValueError, match="requiredScopes"):
         OAuth2Config("https://i.test", ("a",), required_scopes=("a b",))
+
+
+async def test_the_http_fetcher_refuses_errors_junk_and_huge_documents():
+    """The default fetcher against a real HTTP server on loopback (aiohttp.web)."""
+    from aiohttp import web
+
+    from autoglm_router.auth.keys import MAX_DOCUMENT_BYTES, HttpFetcher, IssuerError
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        kind = request.path.strip("/")
+        if kind == "error":
+            return web.Response(status=500)
+        if kind == "junk":
+            return web.Response(body=b"<html>")
+        if kind == "list":
+            return web.json_response([1])
+        if kind == "huge":  # chunked: no Content-Length to go by
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            for _ in range(MAX_DOCUMENT_BYTES // 65536 + 2):
+                await resp.write(b" " * 65536)
+            return resp
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/{kind}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    fetch = HttpFetcher(5)
+    try:
+        base = f"http://127.0.0.1:{port}/"
+        assert await fetch(base + "fine") == {"ok": True}
+        with pytest.raises(IssuerError, match="HTTP 500"):
+            await fetch(base + "error")
+        with pytest.raises(json.JSONDecodeError):
+            await fetch(base + "junk")
+        with pytest.raises(IssuerError, match="not an object"):
+            await fetch(base + "list")
+        with pytest.raises(IssuerError, match="more than 1048576 bytes"):
+            await fetch(base + "huge")
+    finally:
+        await fetch.close()
+        await runner.cleanup()

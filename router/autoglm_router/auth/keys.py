@@ -10,6 +10,7 @@ reached the cached keys stay in use (tokens they signed still verify), an unknow
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,10 +25,12 @@ from autoglm_router.auth.errors import invalid_token
 FetchJSON = Callable[[str], Awaitable[dict[str, Any]]]
 KTY = {"RS256": "RSA", "ES256": "EC"}  # the key type each allowed algorithm needs
 MAX_DOCUMENT_BYTES = 1 << 20
+# What a failed fetch can raise: network, timeout, a body that is not JSON, our own checks.
+FETCH_ERRORS = (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, UnicodeDecodeError, RecursionError)
 
 
 class IssuerError(Exception):
-    """The issuer answered something we cannot use (HTTP error, not JSON, wrong issuer, no keys)."""
+    """The issuer answered something we cannot use (HTTP error, not a JSON object, wrong issuer, no keys)."""
 
 
 class HttpFetcher:
@@ -43,9 +46,13 @@ class HttpFetcher:
         async with self._session.get(url, headers={"Accept": "application/json"}) as resp:
             if resp.status != 200:
                 raise IssuerError(f"GET {url} answered HTTP {resp.status}")
-            if (resp.content_length or 0) > MAX_DOCUMENT_BYTES:
-                raise IssuerError(f"GET {url} answered {resp.content_length} bytes (more than 1 MiB)")
-            data = await resp.json(content_type=None)
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > MAX_DOCUMENT_BYTES:
+                    raise IssuerError(f"GET {url} answered more than {MAX_DOCUMENT_BYTES} bytes")
+                chunks.append(chunk)
+        data = json.loads(b"".join(chunks))
         if not isinstance(data, dict):
             raise IssuerError(f"GET {url} answered JSON that is not an object")
         return data
@@ -125,7 +132,7 @@ class IssuerKeys:
             self._attempted_at = now
             try:
                 issuer, jwks_uri, keys = await self._fetch()
-            except (aiohttp.ClientError, TimeoutError, ValueError, IssuerError) as exc:
+            except (*FETCH_ERRORS, IssuerError) as exc:
                 if self._error is None:
                     self._error_since = now
                 self._error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
