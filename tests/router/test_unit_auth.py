@@ -248,7 +248,7 @@ def test_the_challenge_headers_and_body():
     r = challenge(AuthError(401, "invalid_token", 'token "expired"'))
     assert r.status == 401
     assert r.headers == {
-        "WWW-Authenticate": 'Bearer realm="autoglm", error="invalid_token", error_description="token \\"expired\\""'
+        "WWW-Authenticate": 'Bearer realm="autoglm", error="invalid_token", error_description="token \'expired\'"'
     }
     assert r.body == {
         "error": {"message": 'token "expired"', "type": "authentication_error", "param": None, "code": "invalid_token"}
@@ -345,3 +345,16 @@ async def test_the_http_fetcher_refuses_errors_junk_and_huge_documents():
     finally:
         await fetch.close()
         await runner.cleanup()
+
+
+async def test_a_kid_the_client_chose_cannot_break_the_header(issuer, clock):
+    v = verifier(issuer, clock)
+    token = jwt.encode(
+        {"sub": "x"}, issuer.rsa, algorithm="RS256", headers={"kid": 'evil"\r\nSet-Cookie: a=b' + "k" * 500}
+    )
+    answer = challenge(await refused(v, token))
+    value = answer.headers["WWW-Authenticate"]
+    assert all(" " <= c <= "~" for c in value) and "\r" not in value and len(value) < 300
+    assert "no RS256 signing key 'evil''r'nSet-Cookie: a=bkkk" in value  # quotes and backslashes shown as '
+    raw = challenge(AuthError(401, "invalid_token", "a\r\nb\u00e9")).headers["WWW-Authenticate"]
+    assert raw.endswith('error_description="a??b?"')

@@ -42,8 +42,11 @@ class AuthResponse:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-def _quoted(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _quoted(value: str, limit: int = 200) -> str:
+    """A header parameter value as RFC 6750 allows it (printable ASCII without ``"`` and ``\\``): the
+    description can hold a token's ``kid``, which the client chose; a CR/LF must never reach a header."""
+    safe = "".join(c if " " <= c <= "~" and c not in '"\\' else "'" if c in '"\\' else "?" for c in value)
+    return '"' + (safe if len(safe) <= limit else safe[: limit - 3] + "...") + '"'
 
 
 def challenge(err: AuthError, realm: str = REALM) -> AuthResponse:

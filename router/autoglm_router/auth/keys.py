@@ -106,7 +106,8 @@ class IssuerKeys:
             jwk = self._find(kid, alg)
         if jwk is None:
             why = f"; the issuer's keys could not be fetched: {self._error}" if self._error else ""
-            raise invalid_token(f"no {alg} signing key {kid!r} at the issuer{why}")
+            shown = kid if kid is None or len(kid) <= 64 else kid[:64] + "..."
+            raise invalid_token(f"no {alg} signing key {shown!r} at the issuer{why}")
         cache_key = (str(jwk.get("kid", "")), alg)
         if cache_key not in self._prepared:
             try:
