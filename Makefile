@@ -42,7 +42,7 @@ test: sysdeps venv bins  ## The test command: both tiers (unit + runtime + real 
 test-fast: venv  ## Tests that need no cluster
 	$(PYTEST) -m "not cluster"
 
-cluster-up: sysdeps venv bins  ## Start the local cluster in the background (ADDONS="keda": add-ons too); prints `export KUBECONFIG=...` last
+cluster-up: sysdeps venv bins  ## Start the local cluster in the background (ADDONS="keda hydra": add-ons too); prints `export KUBECONFIG=...` last (after HYDRA_ISSUER=... lines)
 	@python3 -m devcluster up --addons $(ADDONS)
 
 cluster-down:  ## Stop the local cluster

@@ -76,17 +76,24 @@ def _up(d: Path, names: list[str]) -> int:
         print(status.read_text(), file=sys.stderr)
         return 1
     info = json.loads((d / "cluster.json").read_text())
-    print(f"Local cluster ready in {time.monotonic() - t0:.1f}s (logs in {d}); stop it with `make cluster-down`.")
-    print(
+    print("\n".join(summary(d, info, time.monotonic() - t0)))
+    return 0
+
+
+def summary(d: Path, info: dict, seconds: float) -> list[str]:
+    """What ``up`` prints: the cluster, its add-ons, their ``KEY=value`` lines (``HYDRA_ISSUER=...``:
+    acceptance checks read them), and ``export KUBECONFIG=...`` last."""
+    lines = [
+        f"Local cluster ready in {seconds:.1f}s (logs in {d}); stop it with `make cluster-down`.",
         f"Process node {PROC_NODE}: pods {info['pod_range']}, services {info['service_range']}; "
-        f"container logs in {d / 'procnode' / 'logs'}"
-    )
-    print(f"Prometheus: {info['prometheus']}")
+        f"container logs in {d / 'procnode' / 'logs'}",
+        f"Prometheus: {info['prometheus']}",
+    ]
     extra = [n for n in info["addons"] if n not in addons.DEFAULT]
     if extra:
-        print(f"Add-ons: {', '.join(extra)}")
-    print(f"export KUBECONFIG={d / 'kubeconfig'}")
-    return 0
+        lines.append(f"Add-ons: {', '.join(extra)}")
+    lines += [f"{key}={value}" for key, value in (info.get("exports") or {}).items()]
+    return [*lines, f"export KUBECONFIG={d / 'kubeconfig'}"]
 
 
 def _down(d: Path, quiet: bool = False) -> int:
@@ -123,6 +130,8 @@ def _status(d: Path) -> int:
     if (d / "cluster.json").exists():
         info = json.loads((d / "cluster.json").read_text())
         print(f"Add-ons: {', '.join(info.get('addons') or []) or '-'}; Prometheus: {info.get('prometheus')}")
+        for key, value in (info.get("exports") or {}).items() if running else ():
+            print(f"{key}={value}")
     for p in sorted((d / "pids").glob("*")) if (d / "pids").exists() else []:
         print(f"  {p.name:24} {'up' if _alive(p) else 'down'}")
     if running:

@@ -49,6 +49,7 @@ class Cluster:
     start_seconds: float = 0.0
     keda_grpc_port: int = 0
     addons: list[str] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)  # what add-ons tell users (HYDRA_ISSUER=...)
     processes: Processes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class Cluster:
             prometheus_url=info.get("prometheus", ""),
             keda_grpc_port=info.get("keda_grpc_port", 0),
             addons=info.get("addons", []),
+            exports=info.get("exports", {}),
         )
 
     # ----- commands against it -------------------------------------------------------------
@@ -200,7 +202,7 @@ class Cluster:
         marker.write_text("")
         if name not in self.addons:
             self.addons.append(name)
-            self.write_info()
+        self.write_info()
         return time.monotonic() - t0
 
     def start_keda(self, timeout: float = 90) -> float:
@@ -215,6 +217,7 @@ class Cluster:
             "prometheus": self.prometheus_url,
             "keda_grpc_port": self.keda_grpc_port,
             "addons": self.addons,
+            "exports": self.exports,
             "service_range": r.service_range if r else None,
             "pod_range": r.pod_range if r else None,
         }

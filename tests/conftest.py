@@ -78,3 +78,11 @@ def node_models(kube) -> Path:
 def keda(kube) -> float:
     """KEDA installed in the session's cluster (only for the tests that need it); its start seconds."""
     return kube.start_addon("keda")
+
+
+@pytest.fixture(scope="session")
+def hydra(kube) -> dict[str, str]:
+    """The ``hydra`` add-on in the session's cluster (ORY Hydra: an OAuth2 issuer at the node's address);
+    its ``HYDRA_ISSUER`` / ``HYDRA_ADMIN`` URLs."""
+    kube.start_addon("hydra")
+    return {"issuer": kube.exports["HYDRA_ISSUER"], "admin": kube.exports["HYDRA_ADMIN"]}

@@ -4,17 +4,18 @@
 the cluster; ``Cluster.start(addons=[...])`` does the same from Python and ``Cluster.start_addon(name)``
 adds one to a running cluster (tests' ``keda`` fixture). ``DEFAULT`` ones always start: cluster DNS
 (``coredns``) and ``prometheus``. An add-on is a module with ``start(cluster)`` (idempotent: spawn its
-processes, create its objects) and ``wait(cluster, timeout)`` (until it serves); a new one (``hydra``,
-``gateway``) is a module here and a line in ``ADDONS``.
+processes, create its objects; what users need to know goes in ``cluster.exports``, printed as
+``KEY=value`` lines by ``up`` and ``status``) and ``wait(cluster, timeout)`` (until it serves); a new one
+(``gateway``) is a module here and a line in ``ADDONS``.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from devcluster.addons import coredns, keda, prometheus
+from devcluster.addons import coredns, hydra, keda, prometheus
 
-ADDONS: dict[str, ModuleType] = {"coredns": coredns, "prometheus": prometheus, "keda": keda}
+ADDONS: dict[str, ModuleType] = {"coredns": coredns, "prometheus": prometheus, "keda": keda, "hydra": hydra}
 DEFAULT = ("coredns", "prometheus")
 
 

@@ -16,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${AUTOGLM_BIN_CACHE:-$repo/.cache/k8s-bin}
-all=(k8s etcd kwok helm prometheus keda gateway-api coredns)
+all=(k8s etcd kwok helm prometheus keda gateway-api coredns hydra)
 seed=""
 if [[ ${1:-} == --seed-from ]]; then seed=$(cd "$2" && pwd); shift 2; fi
 wanted=("$@")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from devcluster import addons, cli
-from devcluster.addons import coredns, keda
+from devcluster.addons import coredns, hydra, keda
 
 
 def test_defaults_always_start_and_named_ones_follow_once():
@@ -14,8 +16,8 @@ def test_defaults_always_start_and_named_ones_follow_once():
 
 
 def test_an_unknown_add_on_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown add-on\\(s\\) hydra; known: coredns, prometheus, keda"):
-        addons.resolve(["hydra"])
+    with pytest.raises(ValueError, match="unknown add-on\\(s\\) gateway; known: coredns, prometheus, keda, hydra"):
+        addons.resolve(["gateway"])
 
 
 def test_cli_rejects_an_unknown_add_on(capsys):
@@ -45,3 +47,24 @@ def test_keda_metrics_apiserver_is_registered_on_the_node_address():
     objs = {o["kind"]: o for o in keda.objects("10.101.255.2")}
     assert objs["Endpoints"]["subsets"][0]["addresses"] == [{"ip": "10.101.255.2"}]
     assert objs["APIService"]["metadata"]["name"] == "v1beta1.external.metrics.k8s.io"
+
+
+def test_hydra_runs_in_memory_with_jwt_access_tokens_and_no_phoning_home():
+    e = hydra.env("10.101.255.2", 4444, 4445, secret="s" * 32)
+    assert (e["DSN"], e["STRATEGIES_ACCESS_TOKEN"], e["SQA_OPT_OUT"]) == ("memory", "jwt", "true")
+    assert e["URLS_SELF_ISSUER"] == "http://10.101.255.2:4444/"  # the `iss` of its tokens: trailing slash
+    assert e["SERVE_PUBLIC_HOST"] == e["SERVE_ADMIN_HOST"] == "10.101.255.2"
+    assert hydra.urls("10.101.255.2") == ("http://10.101.255.2:4444/", "http://10.101.255.2:4445")
+    cmd = hydra.argv(Path("/bin"), "agl1")
+    assert cmd[:4] == ["ip", "netns", "exec", "agl1"] and cmd[4:] == ["/bin/hydra", "serve", "all", "--dev",
+                                                                       "--sqa-opt-out"]
+
+
+def test_up_prints_the_add_ons_lines_before_the_kubeconfig_export(tmp_path):
+    info = {"pod_range": "p", "service_range": "s", "prometheus": "http://127.0.0.1:1", "addons":
+            ["coredns", "prometheus", "keda", "hydra"], "exports": {"HYDRA_ISSUER": "http://10.1.255.2:4444/",
+                                                                   "HYDRA_ADMIN": "http://10.1.255.2:4445"}}
+    lines = cli.summary(tmp_path, info, 12.0)
+    assert lines[-3:] == ["HYDRA_ISSUER=http://10.1.255.2:4444/", "HYDRA_ADMIN=http://10.1.255.2:4445",
+                          f"export KUBECONFIG={tmp_path / 'kubeconfig'}"]
+    assert "Add-ons: keda, hydra" in lines
