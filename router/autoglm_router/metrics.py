@@ -11,6 +11,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 ADDED_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+RETRY_REASONS = ("connect", "reset", "unavailable")
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -27,6 +30,8 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in RETRY_REASONS:
+            self.retries.labels(reason)
         self.picks = Counter("autoglm_router_picks", "Pods picked, by policy.", ["policy"], registry=r)
         self.sessions_moved = Counter(
             "autoglm_router_sessions_moved_by_load",

@@ -4,6 +4,7 @@ rings, turned into a ``Choice`` for each request by the pure policies (``policie
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from autoglm_router.sessions import canary_user, session_key
 
 Policy = Literal["LeastLoad", "SessionAffinity"]
 POLICIES: tuple[Policy, ...] = ("LeastLoad", "SessionAffinity")
+DOWN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Picker:
         self.queued: dict[str, int] = {}  # by address, from the queue scraper
         self._rings: dict[tuple[str, ...], HashRing] = {}
         self._turn = itertools.count()
+        self._down_until: dict[str, float] = {}  # address → monotonic time; set by failed()
 
     def _ring(self, addresses: tuple[str, ...]) -> HashRing:
         ring = self._rings.get(addresses)
@@ -72,6 +75,9 @@ class Picker:
             candidates = [e for e in revision.endpoints if e.address not in exclude]
             if not candidates:
                 continue
+            now = time.monotonic()
+            up = [e for e in candidates if self._down_until.get(e.address, 0.0) <= now]
+            candidates = up or candidates  # pods that just failed only when nothing else is left
             by_address = {e.address: e for e in candidates}
             if self.policy == "SessionAffinity":
                 ring = self._ring(tuple(sorted(by_address)))
@@ -82,6 +88,14 @@ class Picker:
             address = pick_least_loaded(list(by_address), self.inflight, self.queued, next(self._turn))
             return Choice(by_address[address], revision.name, self.policy)
         raise NoEndpoints("no Ready pod to send the request to")
+
+    def failed(self, endpoint: Endpoint, cooldown: float = DOWN_SECONDS) -> None:
+        """The pod refused a connection or dropped one before answering: set it aside for ``cooldown``
+        seconds (the EndpointSlice drops a dead pod soon; until then, do not keep paying a retry for it)."""
+        self._down_until[endpoint.address] = time.monotonic() + cooldown
+        if len(self._down_until) > 1024:
+            now = time.monotonic()
+            self._down_until = {a: t for a, t in self._down_until.items() if t > now}
 
     def started(self, endpoint: Endpoint) -> None:
         self.inflight[endpoint.address] += 1

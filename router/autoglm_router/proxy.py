@@ -166,6 +166,7 @@ class Proxy:
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 waited += time.perf_counter() - sent
                 self.picker.finished(choice.endpoint)
+                self.picker.failed(choice.endpoint)
                 reason = "connect" if isinstance(exc, aiohttp.ClientConnectorError | TimeoutError) else "reset"
                 failure = f"{choice.endpoint.pod}: {type(exc).__name__}: {exc}"
                 log.warning(

@@ -178,3 +178,18 @@ def test_session_key_sources():
     assert canary_user({}, _chat("s", "u"), "sess") == "sess"
     with pytest.raises(ValueError):
         validate_session_key("cookie:x")
+
+
+def test_a_failed_pod_is_set_aside_unless_it_is_the_last():
+    from autoglm_router.endpoints import Endpoint, Revision, Topology
+    from autoglm_router.picker import Picker
+
+    a, b = Endpoint("10.0.0.1:8000", "a"), Endpoint("10.0.0.2:8000", "b")
+    topo = Topology(Revision("r1", (a, b)))
+    picker = Picker()
+    picker.failed(a)
+    assert {picker.choose(topo, {}, {}).endpoint for _ in range(6)} == {b}
+    picker.failed(b)  # both down: still try one rather than refuse
+    assert picker.choose(topo, {}, {}).endpoint in (a, b)
+    picker.failed(a, cooldown=0)
+    assert picker.choose(topo, {}, {}).endpoint == a
