@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -51,14 +52,19 @@ def parser() -> argparse.ArgumentParser:
         "--deployment", help="The AutoGLMDeployment to route for (watched with the pod's service account)."
     )
     kube.add_argument("--namespace", help="Its namespace (default: the pod's own).")
+    kube.add_argument("--kubeconfig", help="Reach the API server with this kubeconfig (default: in-cluster).")
     p.add_argument("--log-level", default="INFO")
     return p
 
 
 def make_source(args: argparse.Namespace) -> EndpointSource:
     if args.deployment:
-        from autoglm_router.kube import KubeSource
+        from autoglm_router.kube import KubeConnection, KubeSource
 
+        if args.kubeconfig:
+            if not args.namespace:
+                raise SystemExit("autoglm-router: --kubeconfig needs --namespace")
+            return KubeSource(KubeConnection.from_kubeconfig(Path(args.kubeconfig)), args.deployment, args.namespace)
         return KubeSource.in_cluster(args.deployment, args.namespace)
     if not args.backend:
         raise SystemExit("autoglm-router: give --deployment, or at least one --backend")
