@@ -62,3 +62,12 @@ def test_parse_backends():
             parse_backends(bad, None, 0)
     with pytest.raises(ValueError):
         parse_backends(["r1=a:1"], "r9", 5)
+
+
+def test_session_key_grammar_is_the_crds():
+    """One grammar in two packages (the router does not import the operator): they must agree."""
+    from autoglm_operator.models.router import SESSION_KEY
+
+    from autoglm_router.sessions import SESSION_KEY_PATTERN
+
+    assert SESSION_KEY == SESSION_KEY_PATTERN
