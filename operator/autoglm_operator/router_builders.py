@@ -30,6 +30,7 @@ def router_selector(name: str) -> dict[str, str]:
 
 
 def router_labels(name: str) -> dict[str, str]:
+    """The router pods' labels."""
     return {
         b.LABEL_NAME: "autoglm-router",
         b.LABEL_INSTANCE: name,
@@ -37,6 +38,12 @@ def router_labels(name: str) -> dict[str, str]:
         b.LABEL_MANAGED_BY: b.MANAGER,
         LABEL_ROUTER: name,
     }
+
+
+def router_object_labels(name: str) -> dict[str, str]:
+    """The router's objects' labels: the pods' plus ``autoglm.io/deployment`` (the operator's watches
+    select children by it), which the pods must not carry."""
+    return {**router_labels(name), b.LABEL_DEPLOYMENT: name}
 
 
 def _router_args(r: ResolvedSpec) -> list[str]:
@@ -111,7 +118,7 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": b._metadata(cr, router_name(name), labels),
+        "metadata": b._metadata(cr, router_name(name), router_object_labels(name)),
         "spec": {
             "replicas": r.spec.router.replicas,
             "selector": {"matchLabels": router_selector(name)},
@@ -141,7 +148,7 @@ def build_router_service_account(cr: dict[str, Any], r: ResolvedSpec) -> dict[st
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": b._metadata(cr, router_name(r.name), router_labels(r.name)),
+        "metadata": b._metadata(cr, router_name(r.name), router_object_labels(r.name)),
         "automountServiceAccountToken": False,  # only the router's pods mount it (their spec says so)
     }
 
@@ -153,7 +160,7 @@ def build_router_role(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": b._metadata(cr, router_name(r.name), router_labels(r.name)),
+        "metadata": b._metadata(cr, router_name(r.name), router_object_labels(r.name)),
         "rules": [
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": list(read)},
             {"apiGroups": ["autoglm.io"], "resources": ["autoglmdeployments"], "verbs": list(read)},
@@ -166,7 +173,7 @@ def build_router_role_binding(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, 
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": b._metadata(cr, name, router_labels(r.name)),
+        "metadata": b._metadata(cr, name, router_object_labels(r.name)),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": r.namespace}],
     }
@@ -176,7 +183,7 @@ def build_router_pdb(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": b._metadata(cr, router_name(r.name), router_labels(r.name)),
+        "metadata": b._metadata(cr, router_name(r.name), router_object_labels(r.name)),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": router_selector(r.name)}},
     }
 
@@ -184,7 +191,7 @@ def build_router_pdb(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
 def build_router_network_policy(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
     """Who may reach the router: the labelled clients and monitoring (what reached the model pods before)."""
     np = b.build_network_policy(cr, r)
-    np["metadata"] = b._metadata(cr, router_name(r.name), router_labels(r.name))
+    np["metadata"] = b._metadata(cr, router_name(r.name), router_object_labels(r.name))
     np["spec"]["podSelector"] = {"matchLabels": router_selector(r.name)}
     return np
 
