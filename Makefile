@@ -24,7 +24,7 @@ lint: venv  ## ruff + mypy on operator/, runtime/, router/ and devcluster/ (conf
 	$(VENV)/bin/ruff check operator runtime router devcluster
 	$(VENV)/bin/ruff format --check operator runtime router devcluster
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime
+	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime Dockerfile.router
 
 crd: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the typed models (operator/autoglm_operator/models/)
 	$(PY) -m autoglm_operator.crdgen
