@@ -50,5 +50,17 @@ class RouterMetrics:
             "autoglm_router_endpoints", "Ready pods the router sends to, by revision.", ["revision"], registry=r
         )
 
+    def collectors(self) -> list[Counter | Gauge | Histogram]:
+        """Every metric, in order (the reference docs are generated from them)."""
+        return [
+            self.requests,
+            self.retries,
+            self.picks,
+            self.sessions_moved,
+            self.added_latency,
+            self.inflight,
+            self.endpoints,
+        ]
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
