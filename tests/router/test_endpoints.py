@@ -71,3 +71,16 @@ def test_session_key_grammar_is_the_crds():
     from autoglm_router.sessions import SESSION_KEY_PATTERN
 
     assert SESSION_KEY == SESSION_KEY_PATTERN
+
+
+def test_queue_depth_from_the_runtimes_metrics():
+    from autoglm_router.queues import waiting_from_metrics
+
+    text = (
+        "# HELP autoglm_requests_waiting Requests waiting to be scheduled.\n"
+        "# TYPE autoglm_requests_waiting gauge\n"
+        'autoglm_requests_waiting{model="tiny",revision="r1"} 3.0\n'
+        'autoglm_requests_running{model="tiny",revision="r1"} 8.0\n'
+    )
+    assert waiting_from_metrics(text) == 3
+    assert waiting_from_metrics("") == 0

@@ -217,3 +217,44 @@ async def test_ready_and_drain_flag(make_router):
             assert r.status == 503
         async with s.get(router.make_url("/healthz")) as r:
             assert r.status == 200
+
+
+async def test_sessions_leave_a_pod_loaded_past_the_bound(make_router):
+    """Streams held open on one pod push its load past ceil(1.25 x mean): sessions whose home it is go to
+    the next pod clockwise (and the move is counted); once the streams end they come home."""
+    from autoglm_router.policies import HashRing, pick_bounded
+    from autoglm_router.sessions import prompt_key
+
+    pods = [Pod(f"p{i}") for i in range(3)]
+    rev = await _pods(*pods)
+    router, _ = await make_router(Topology(rev), Picker("SessionAffinity"))
+    ring = HashRing([e.address for e in rev.endpoints])
+    by_address = {e.address: p for e, p in zip(rev.endpoints, pods, strict=True)}
+
+    def home(task: int) -> Pod:
+        key = "prompt:" + prompt_key(_chat(text=f"task {task}"))
+        return by_address[pick_bounded(ring, key, {}, 1.25).pod]
+
+    busy = home(0)
+    mine = [t for t in range(200) if home(t) is busy][:8]
+    busy.release.clear()  # its streams stay open; the other pods answer at once
+    async with aiohttp.ClientSession() as s:
+        held = await s.post(router.make_url(CHAT), json=_chat(text=f"task {mine[0]}"))
+        await held.content.readuntil(b"\n\n")
+        assert held.headers["x-autoglm-pod"] == busy.name  # load 0: home
+        # busy holds 1 of 1 in flight; the bound for one more is ceil(1.25 x 2 / 3) = 1: its sessions move.
+        for t in mine[1:4]:
+            async with s.post(router.make_url(CHAT), json=_chat(text=f"task {t}")) as r:
+                assert r.headers["x-autoglm-pod"] != busy.name
+                await r.read()
+        busy.release.set()
+        await held.read()
+        held.release()
+        for t in mine[1:4]:
+            async with s.post(router.make_url(CHAT), json=_chat(text=f"task {t}")) as r:
+                assert r.headers["x-autoglm-pod"] == busy.name  # load gone: back home
+                await r.read()
+        async with s.get(router.make_url("/metrics")) as r:
+            text = await r.text()
+    moved = [line for line in text.splitlines() if line.startswith("autoglm_router_sessions_moved_by_load_total ")]
+    assert moved and float(moved[0].split()[-1]) >= 3
