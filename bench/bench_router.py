@@ -72,55 +72,69 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def one_round(url: str, n: int, concurrency: int, max_tokens: int) -> tuple[list[float], int]:
+async def one_round(
+    s: aiohttp.ClientSession, url: str, n: int, concurrency: int, max_tokens: int
+) -> tuple[list[float], int]:
+    """``n`` streaming requests from ``concurrency`` workers on one client session (kept-alive
+    connections, as real clients keep them); TTFTs of the successful ones and the failure count."""
     ttfts: list[float] = []
     failures = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
 
-        async def worker() -> None:
-            nonlocal failures
-            while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                body = {"model": "tiny", "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
-                        "messages": [{"role": "user", "content": f"request {i} says hello"}]}
-                start = time.perf_counter()
-                first = None
-                try:
-                    async with s.post(url + "/v1/chat/completions", json=body) as r:
-                        if r.status != 200:
-                            failures += 1
-                            await r.read()
-                            continue
-                        async for line in r.content:
-                            if first is None and line.startswith(b"data: {") and b'"content":"' in line:
-                                first = time.perf_counter()
-                except aiohttp.ClientError:
-                    failures += 1
-                    continue
-                if first is None:
-                    failures += 1
-                else:
-                    ttfts.append(first - start)
+    async def worker() -> None:
+        nonlocal failures
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            body = {"model": "tiny", "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": f"request {i} says hello"}]}
+            start = time.perf_counter()
+            first = None
+            try:
+                async with s.post(url + "/v1/chat/completions", json=body) as r:
+                    if r.status != 200:
+                        failures += 1
+                        await r.read()
+                        continue
+                    async for line in r.content:
+                        if first is None and line.startswith(b"data: {") and b'"content":"' in line:
+                            first = time.perf_counter()
+            except aiohttp.ClientError:
+                failures += 1
+                continue
+            if first is None:
+                failures += 1
+            else:
+                ttfts.append(first - start)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ttfts, failures
 
 
-def histogram_mean(metrics_text: str, name: str) -> tuple[float, float]:
+def histogram(metrics_text: str, name: str) -> tuple[float, float, dict[float, float]]:
+    """(sum, count, {le: cumulative count}) of a Prometheus histogram in a text exposition."""
     total = count = 0.0
+    buckets: dict[float, float] = {}
     for line in metrics_text.splitlines():
         if line.startswith(name + "_sum"):
             total = float(line.split()[-1])
         elif line.startswith(name + "_count"):
             count = float(line.split()[-1])
-    return total, count
+        elif line.startswith(name + "_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.split()[-1])
+    return total, count, buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q`` of the observations made between two scrapes."""
+    diff = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    n = diff[float("inf")]
+    return next(le for le, c in diff.items() if c >= q * n) if n else float("nan")
 
 
 def main() -> None:
@@ -151,26 +165,38 @@ def main() -> None:
     try:
         wait_ready(direct, runtime)
         wait_ready(routed, router)
-        asyncio.run(one_round(direct, 50, 10, args.max_tokens))  # warm-up
-        asyncio.run(one_round(routed, 50, 10, args.max_tokens))
         for c in args.concurrency:
-            ttft = {"direct": [], "router": []}
+            ttft: dict[str, list[float]] = {"direct": [], "router": []}
             cpu = reqs = 0.0
-            for rnd in range(args.rounds):
-                for mode in (("direct", "router") if rnd % 2 == 0 else ("router", "direct")):
-                    before = cpu_seconds(router.pid)
-                    got, failed = asyncio.run(one_round(direct if mode == "direct" else routed, args.requests, c,
-                                                        args.max_tokens))
-                    if mode == "router":
-                        cpu += cpu_seconds(router.pid) - before
-                        reqs += args.requests
-                    if failed:
-                        print(f"  {mode} c={c} round {rnd}: {failed} failed requests")
-                    ttft[mode] += got
             import urllib.request
 
-            text = urllib.request.urlopen(routed + "/metrics").read().decode()
-            added_sum, added_count = histogram_mean(text, "autoglm_router_added_latency_seconds")
+            def scrape() -> tuple[float, float, dict[float, float]]:
+                text = urllib.request.urlopen(routed + "/metrics").read().decode()
+                return histogram(text, "autoglm_router_added_latency_seconds")
+
+            sum0, count0, buckets0 = scrape()
+
+            async def run_level(c: int = c, ttft: dict[str, list[float]] = ttft) -> None:
+                nonlocal cpu, reqs
+                timeout = aiohttp.ClientTimeout(total=300)
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as sd, \
+                        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as sr:
+                    sessions = {"direct": (sd, direct), "router": (sr, routed)}
+                    for s, url in sessions.values():  # warm-up: opens the connections
+                        await one_round(s, url, 2 * c, c, args.max_tokens)
+                    for rnd in range(args.rounds):
+                        for mode in (("direct", "router") if rnd % 2 == 0 else ("router", "direct")):
+                            before = cpu_seconds(router.pid)
+                            got, failed = await one_round(*sessions[mode], args.requests, c, args.max_tokens)
+                            if mode == "router":
+                                cpu += cpu_seconds(router.pid) - before
+                                reqs += args.requests
+                            if failed:
+                                print(f"  {mode} c={c} round {rnd}: {failed} failed requests")
+                            ttft[mode] += got
+
+            asyncio.run(run_level())
+            sum1, count1, buckets1 = scrape()  # (includes the warm-up rounds' observations)
             row = {
                 "concurrency": c,
                 "requests_each": len(ttft["direct"]),
@@ -179,7 +205,9 @@ def main() -> None:
                 "direct_p99_ms": 1000 * pct(ttft["direct"], 0.99),
                 "router_p99_ms": 1000 * pct(ttft["router"], 0.99),
                 "router_cpu_s_per_1000": 1000 * cpu / reqs,
-                "router_added_mean_ms_all_runs": 1000 * added_sum / max(added_count, 1),
+                "router_added_mean_ms": 1000 * (sum1 - sum0) / max(count1 - count0, 1),
+                "router_added_p50_ms_at_most": 1000 * bucket_quantile(buckets0, buckets1, 0.5),
+                "router_added_p99_ms_at_most": 1000 * bucket_quantile(buckets0, buckets1, 0.99),
             }
             row["added_p50_ms"] = row["router_p50_ms"] - row["direct_p50_ms"]
             row["added_p99_ms"] = row["router_p99_ms"] - row["direct_p99_ms"]
@@ -192,13 +220,14 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     print("\n| concurrency | requests (each) | TTFT p50 direct / router (added) ms | TTFT p99 direct / router "
-          "(added) ms | router CPU s / 1,000 req | router-measured added, mean ms |")
+          "(added) ms | router CPU s / 1,000 req | router's own added time: mean; p50, p99 (bucket bound) ms |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['concurrency']} | {r['requests_each']} | {r['direct_p50_ms']:.1f} / {r['router_p50_ms']:.1f} "
               f"({r['added_p50_ms']:+.1f}) | {r['direct_p99_ms']:.1f} / {r['router_p99_ms']:.1f} "
               f"({r['added_p99_ms']:+.1f}) | {r['router_cpu_s_per_1000']:.2f} | "
-              f"{r['router_added_mean_ms_all_runs']:.2f} |")
+              f"{r['router_added_mean_ms']:.2f}; ≤ {r['router_added_p50_ms_at_most']:g}, "
+              f"≤ {r['router_added_p99_ms_at_most']:g} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
