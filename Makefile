@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down cluster-status demo \
-        bench-runtime bench-runtime-vl bench-agent bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
+        bench-runtime bench-runtime-vl bench-agent bench-router bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
         crd docs docs-reference
 
 help:
@@ -24,7 +24,7 @@ lint: venv  ## ruff + mypy on operator/, runtime/, router/ and devcluster/ (conf
 	$(VENV)/bin/ruff check operator runtime router devcluster
 	$(VENV)/bin/ruff format --check operator runtime router devcluster
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime
+	$(VENV)/bin/hadolint --no-color Dockerfile.operator Dockerfile.runtime Dockerfile.router
 
 crd: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the typed models (operator/autoglm_operator/models/)
 	$(PY) -m autoglm_operator.crdgen
@@ -62,6 +62,9 @@ bench-runtime-vl: venv  ## Phone-agent workload (screenshots) on small-vl: ours 
 
 bench-agent: venv  ## Phone-agent loop on small-vl: TTFT by step, prefix reuse; cache on/off vs transformers serve (CPU)
 	$(PY) bench/bench_agent.py $(BENCH_AGENT_ARGS)
+
+bench-router: venv  ## Router overhead: TTFT direct vs through autoglm-router at 50 and 200 streams, interleaved (CPU)
+	$(PY) bench/bench_router.py $(BENCH_ROUTER_ARGS)
 
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py

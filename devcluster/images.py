@@ -10,6 +10,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_IMAGE = "ghcr.io/autoglm/runtime"  # this checkout's `autoglm-runtime`
+ROUTER_IMAGE = "ghcr.io/autoglm/router"  # this checkout's `autoglm-router` (the operator's default router image)
 OPERATOR_IMAGE = "autoglm.local/operator"  # this checkout's `autoglm-operator` (the chart's image on proc-0)
 HOST_IMAGE = "autoglm.local/host"  # the host's own programs (tests' helper pods)
 SYSTEM_FOLDERS = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"]
@@ -27,6 +28,12 @@ def default_images(repo: Path = REPO) -> list[dict[str, Any]]:
     env = {"PATH": f"{venv / 'bin'}:{SYSTEM_PATH}"}
     return [
         {"match": RUNTIME_IMAGE, "binds": binds, "env": env, "entrypoint": ["autoglm-runtime"]},
+        {
+            "match": ROUTER_IMAGE,
+            "binds": binds,
+            "entrypoint": ["autoglm-router"],
+            "env": {**env, "HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        },
         # As Dockerfile.operator: HOME on the writable /tmp, unbuffered logs, no bytecode written.
         {
             "match": OPERATOR_IMAGE,

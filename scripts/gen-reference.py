@@ -150,8 +150,9 @@ def _metric_rows(collectors: list[Any]) -> list[str]:
 
 
 def metrics_page() -> str:
-    sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime")]
+    sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime"), str(REPO / "router")]
     from autoglm_operator import metrics as operator_metrics
+    from autoglm_router.metrics import RouterMetrics
     from autoglm_runtime.metrics import RuntimeMetrics
 
     runtime = RuntimeMetrics(model="MODEL", revision="REVISION")
@@ -168,7 +169,7 @@ def metrics_page() -> str:
     ]
     header = ["| metric | type | labels | description |", "|---|---|---|---|"]
     lines = [
-        NOTE.format(source="autoglm_runtime/metrics.py, autoglm_operator/metrics.py"),
+        NOTE.format(source="autoglm_runtime/metrics.py, autoglm_router/metrics.py, autoglm_operator/metrics.py"),
         "# Metrics\n",
         "## Runtime (every model pod, `GET /metrics` on port 8000)\n",
         "Every series carries the served `model` and the `revision` (hash) of the pod. Prometheus scrapes the "
@@ -181,6 +182,11 @@ def metrics_page() -> str:
         "\n`status` of `autoglm_requests_total`: "
         + ", ".join(f"`{s}`" for s in __import__("autoglm_runtime.metrics").metrics.REQUEST_STATUSES)
         + ".\n",
+        "## Router (every router pod, `GET /metrics` on port 8000)\n",
+        "The router in front of the model pods ([The router](../router.md)).\n",
+        *header,
+        *_metric_rows(RouterMetrics().collectors()),
+        "",
         "## Operator (port `AUTOGLM_OPERATOR_METRICS_PORT`, default 8081)\n",
         "Plus the standard `process_*` collectors. The chart's Service `<release>-autoglm-metrics` and "
         "optional ServiceMonitor expose them.\n",
@@ -206,13 +212,16 @@ def _help(p: argparse.ArgumentParser) -> str:
 
 def cli_page() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal's width: fix it
-    sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime")]
+    sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime"), str(REPO / "router")]
     from autoglm_operator.cli import parser as autoglm_parser
+    from autoglm_router.__main__ import parser as router_parser
     from autoglm_runtime.cli import build_parser
     from autoglm_runtime.config import RuntimeSettings
 
     lines = [
-        NOTE.format(source="the argparse parsers of autoglm_operator/cli.py and autoglm_runtime/cli.py"),
+        NOTE.format(
+            source="the argparse parsers of autoglm_operator/cli.py, autoglm_runtime/cli.py and autoglm_router/__main__.py"
+        ),
         "# Command line\n",
         "## `autoglm` (also the kubectl plugin `kubectl autoglm`)\n",
         "Installed with the operator's package. See [Canary rollouts](../how-to/canary.md) for what each "
@@ -254,6 +263,14 @@ def cli_page() -> str:
             desc = (info.description if info is not None and info.description else None) or action.help or ""
             lines.append(f"| `{flag}` | {env} | {default} | {_cell(desc)} |")
         lines.append("")
+    lines += [
+        "## `autoglm-router`\n",
+        "The router in front of the model pods ([The router](../router.md)); the operator runs it with "
+        "`--deployment` when `spec.router.enabled`.\n",
+        "```",
+        _help(router_parser()),
+        "```\n",
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -54,6 +54,9 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "Secret": ("", "v1", "secrets"),
     "Event": ("", "v1", "events"),
     "Lease": ("coordination.k8s.io", "v1", "leases"),
+    "ServiceAccount": ("", "v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io", "v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
 }
 
 

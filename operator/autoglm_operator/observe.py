@@ -116,6 +116,11 @@ class Observed:
     draining: int = 0  # pods of revisions whose Deployments are gone (still terminating)
     route: dict[str, Any] | None = None  # the HTTPRoute (GatewayAPI routing)
     route_services: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
+    router_deployment: dict[str, Any] | None = None  # {name}-router (spec.router), ours
+
+    @property
+    def router_ready(self) -> int:
+        return int(((self.router_deployment or {}).get("status") or {}).get("readyReplicas") or 0)
 
 
 def _controlled_by(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -174,6 +179,9 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         *(kube.get("Service", ns, n) for n in b.route_service_names(name)),
     )
     revisions: dict[str, Revision] = {}
+    router_deployment = next(
+        (d for d in deps if d["metadata"]["name"] == f"{name}-router" and _controlled_by(d, uid)), None
+    )
     for d in deps:
         if not _controlled_by(d, uid) or d["metadata"].get("deletionTimestamp"):
             continue
@@ -229,6 +237,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         draining=sum(n for h, n in per_revision.items() if h not in revisions),
         route=route,
         route_services=dict(zip(b.route_service_names(name), route_services, strict=True)),
+        router_deployment=router_deployment,
     )
 
 

@@ -26,6 +26,7 @@ from .models import InvalidSpec, resolve_spec
 from .observe import autoscaler_status, deployment_problems, observe, pod_problems
 from .policy import decide
 from .rollout_state import RolloutState
+from .router_sync import router_status, sync_router
 from .settings import OperatorSettings
 from .status import compute_status, invalid_status
 from .sync import (
@@ -33,6 +34,7 @@ from .sync import (
     Outcome,
     clear_annotations,
     delete_revisions,
+    router_serves,
     sync_autoscaler,
     sync_deployments,
     sync_network_policy,
@@ -98,6 +100,7 @@ async def reconcile(
     autoscaler_problems = await sync_autoscaler(kube, settings, cr, r, decision, obs, out, logger)
     await sync_pdb(kube, cr, r, decision, obs, out, logger)
     await sync_network_policy(kube, cr, r, obs, out, logger)
+    await sync_router(kube, settings, cr, r, obs, out, logger)
     await delete_revisions(kube, cr, decision, obs, out, events, logger)
 
     if out.writes:  # the status shows what is there now (the decision stands: it is not taken twice)
@@ -114,6 +117,9 @@ async def reconcile(
     autoscaler = autoscaler_status(r, obs)
     if autoscaler is not None:
         new_status["autoscaler"] = autoscaler
+    router = router_status(r, obs, router_serves(r, obs))
+    if router is not None:
+        new_status["router"] = router
     out.requeue_after = decision.requeue_after  # the rollout's clock: pause end, next check, deadline
     # Secrets and PVCs are not watched (watching every Secret is costly and sensitive): the
     # Reconciler's one shared poll looks at those it waits for and reconciles when one changes.

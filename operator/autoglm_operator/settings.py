@@ -43,6 +43,11 @@ class OperatorSettings(BaseSettings):
     default_runtime_version: str = Field(
         default="0.1.0", description="Runtime image tag used when spec.runtime.version is unset."
     )
+    default_router_image: str = Field(
+        default="ghcr.io/autoglm/router:0.1.0",
+        min_length=1,
+        description="Router image (repository:tag, Dockerfile.router) used when spec.router.image is unset.",
+    )
     prometheus_address: str | None = Field(
         default=None,
         description="Prometheus that KEDA queries for queue depth when spec.autoscaling.prometheus.address is unset.",

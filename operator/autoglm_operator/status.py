@@ -107,7 +107,7 @@ def compute_status(
 
     if decision.canary is None:
         weight = 0
-    elif r.spec.rollout.traffic_routing == "GatewayAPI":
+    elif r.spec.rollout.traffic_routing in ("GatewayAPI", "Router"):
         weight = decision.route_weight
     else:
         weight = effective_weight(stable, cand)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import builders as b
+from . import router_builders as rb
 from .kube import ApiError, KubeAPI
 from .models import ResolvedSpec
 from .observe import Observed, Problem, _controlled_by, uses_keda
@@ -67,7 +68,9 @@ def _child_differs(
 ) -> bool:
     if actual is None:
         return True
-    keys = {"metadata": {k: desired["metadata"][k] for k in ("labels", "ownerReferences")}, "spec": desired["spec"]}
+    # spec, or what a kind has instead (a Role's rules, a RoleBinding's roleRef and subjects, ...)
+    body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata")}
+    keys = {"metadata": {k: desired["metadata"][k] for k in ("labels", "ownerReferences")}, **body}
     if needs_update(keys, actual):
         return True
     return exact is not None and exact(desired) != exact(actual)
@@ -163,10 +166,18 @@ async def sync_service(
     """The shared Service: the stable revision, plus the canary once it has Ready pods (Replicas routing)."""
     name = cr["metadata"]["name"]
     serving = list(decision.serving) if r.spec.rollout.traffic_routing == "Replicas" else [decision.stable]
-    svc = b.build_service(cr, r, serving)
+    if router_serves(r, obs):
+        svc, what = rb.build_router_service(cr, r), rb.router_name(name)
+    else:  # no router, or none of its pods Ready yet: the model pods keep being served directly
+        svc, what = b.build_service(cr, r, serving), ", ".join(b.revision_name(name, h) for h in serving)
     if _child_differs(svc, obs.service, exact=lambda o: (o.get("spec") or {}).get("selector")):
         if await _apply_if_ours(kube, cr, "Service", svc, obs.service, out):
-            logger.info("Applied service %s selecting %s.", name, ", ".join(b.revision_name(name, h) for h in serving))
+            logger.info("Applied service %s selecting %s.", name, what)
+
+
+def router_serves(r: ResolvedSpec, obs: Observed) -> bool:
+    """The resource's Service points at the router once it is on and one of its pods is Ready."""
+    return r.spec.router.enabled and obs.router_ready > 0
 
 
 async def sync_route(
@@ -177,10 +188,15 @@ async def sync_route(
     Rules the operator does not name (a user's) are kept as they are.
     """
     namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
-    gateway = r.spec.rollout.traffic_routing == "GatewayAPI"
+    routing = r.spec.rollout.traffic_routing
+    gateway = routing == "GatewayAPI"
+    split = gateway or (r.spec.router.enabled and routing == "Router")  # one Service per role
     roles = {"stable": decision.stable, "canary": decision.canary or decision.stable}
     for (role, rev_hash), svc_name in zip(roles.items(), b.route_service_names(name), strict=True):
-        desired = b.build_route_service(cr, r, role, rev_hash) if gateway else None
+        desired = b.build_route_service(cr, r, role, rev_hash) if split else None
+        if r.spec.router.enabled and routing == "Replicas" and role == "stable":
+            # The router reads every serving revision as one pool: the split follows the pod counts.
+            desired = rb.build_revision_service(cr, r, "stable", list(decision.serving))
         observed = obs.route_services.get(svc_name)
         what = f"{role} service"
         await _sync_optional_child(kube, cr, "Service", what, desired, observed, out, logger, name=svc_name)
@@ -263,7 +279,8 @@ async def sync_pdb(
 async def sync_network_policy(
     kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec, obs: Observed, out: Outcome, logger: Any
 ) -> None:
-    netpol = b.build_network_policy(cr, r) if r.spec.network_policy.enabled else None
+    build = rb.build_model_network_policy if r.spec.router.enabled else b.build_network_policy
+    netpol = build(cr, r) if r.spec.network_policy.enabled else None
     await _sync_optional_child(kube, cr, "NetworkPolicy", "network policy", netpol, obs.network_policy, out, logger)
 
 

@@ -144,7 +144,7 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def test_base_images_are_pinned_by_exact_tag():
-    for name in ("Dockerfile.operator", "Dockerfile.runtime"):
+    for name in ("Dockerfile.operator", "Dockerfile.runtime", "Dockerfile.router"):
         for word, rest in _instructions(REPO / name):
             if word == "FROM":
                 image = rest.split()[0]

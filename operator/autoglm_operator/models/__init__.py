@@ -15,6 +15,7 @@ from .autoscaling import AutoscalingSpec, PrometheusRef
 from .base import API_VERSION, DURATION, GROUP, KIND, MAX_NAME_LENGTH, MODEL_URI, PLURAL, VERSION, SpecModel
 from .pod import EnvVar, ResourcesSpec, RuntimeSpec, Toleration
 from .rollout import DEFAULT_STEPS, AnalysisSpec, GatewayRef, RolloutSpec, RolloutStep, parse_duration
+from .router import RouterSpec
 from .source import ModelSource, ModelSpec, parse_model_uri
 from .spec import AutoGLMDeploymentSpec, InvalidSpec, ResolvedSpec, resolve_spec
 from .status import AutoGLMDeploymentStatus
@@ -45,6 +46,7 @@ __all__ = [
     "ResourcesSpec",
     "RolloutSpec",
     "RolloutStep",
+    "RouterSpec",
     "RuntimeSpec",
     "SecretKeyRef",
     "SecretRef",

@@ -195,7 +195,7 @@ class RolloutSpec(SpecModel):
             "pods come on top of the stable's."
         ),
     )
-    traffic_routing: Literal["Replicas", "GatewayAPI"] = Field(
+    traffic_routing: Literal["Replicas", "GatewayAPI", "Router"] = Field(
         default="Replicas",
         description=(
             "How traffic is split. Replicas: both revisions' Ready pods behind the one Service, so the split "
@@ -204,7 +204,9 @@ class RolloutSpec(SpecModel):
             "stable replicas the steps are 33 %, 50 %, ...; more replicas give a finer split). GatewayAPI: "
             "{name}-stable and {name}-canary Services and an HTTPRoute {name} on `gateway` with weighted "
             "backendRefs and a header match for canaryHeader; the operator edits only the rules it names "
-            "(autoglm-*) and keeps any other rule."
+            "(autoglm-*) and keeps any other rule. Router (needs router.enabled): the router splits by user: "
+            "exact weights whatever the pod counts, a user's requests stay on one revision through a step and "
+            "only move stable to canary as the weight grows; canaryHeader still forces the canary."
         ),
     )
     gateway: GatewayRef | None = Field(
@@ -217,7 +219,8 @@ class RolloutSpec(SpecModel):
         max_length=256,
         pattern="^[A-Za-z0-9][-A-Za-z0-9]*$",
         description=(
-            'Requests carrying this header with value "always" always go to the canary (GatewayAPI routing only).'
+            'Requests carrying this header with value "always" always go to the canary (GatewayAPI and Router '
+            "routing only)."
         ),
     )
     analysis: AnalysisSpec | None = Field(

@@ -13,6 +13,7 @@ from .autoscaling import AutoscalingSpec
 from .base import LabelValue, SpecModel
 from .pod import ResourcesSpec, RuntimeSpec, Toleration
 from .rollout import RolloutSpec
+from .router import RouterSpec
 from .source import ModelSource, ModelSpec, parse_model_uri
 
 REPLICAS_WITH_AUTOSCALING = Cel(
@@ -39,10 +40,40 @@ SURGE_WITH_AUTOSCALING = Cel(
 )
 
 
+ROUTER_FOR_ROUTER_ROUTING = Cel(
+    rule=(
+        "!(has(self.rollout) && has(self.rollout.trafficRouting) && self.rollout.trafficRouting == 'Router') || "
+        "(has(self.router) && has(self.router.enabled) && self.router.enabled)"
+    ),
+    message="rollout.trafficRouting Router needs router.enabled true",
+    field_path=".router.enabled",
+    reason="FieldValueRequired",
+)
+ROUTER_NOT_WITH_GATEWAY = Cel(
+    rule=(
+        "!(has(self.router) && has(self.router.enabled) && self.router.enabled && has(self.rollout) && "
+        "has(self.rollout.trafficRouting) && self.rollout.trafficRouting == 'GatewayAPI')"
+    ),
+    message=(
+        "router.enabled with rollout.trafficRouting GatewayAPI would route around the router; use "
+        "trafficRouting Router (or Replicas)"
+    ),
+    field_path=".rollout.trafficRouting",
+    reason="FieldValueForbidden",
+)
+ROUTER_NOT_WITH_TLS = Cel(
+    rule="!(has(self.router) && has(self.router.enabled) && self.router.enabled && has(self.tls))",
+    message="router.enabled does not support tls yet (the router serves and calls plain HTTP); remove one",
+    field_path=".router.enabled",
+    reason="FieldValueForbidden",
+)
+ROUTER_RULES = (ROUTER_FOR_ROUTER_ROUTING, ROUTER_NOT_WITH_GATEWAY, ROUTER_NOT_WITH_TLS)
+
+
 class AutoGLMDeploymentSpec(SpecModel):
     """Desired state: the model, how to run it, where, how many, and how to roll out changes."""
 
-    crd_extra: ClassVar[dict[str, Any]] = cel(REPLICAS_WITH_AUTOSCALING, SURGE_WITH_AUTOSCALING)
+    crd_extra: ClassVar[dict[str, Any]] = cel(REPLICAS_WITH_AUTOSCALING, SURGE_WITH_AUTOSCALING, *ROUTER_RULES)
     model: ModelSpec = Field(
         description=(
             "The model to serve. Changing anything here starts a new revision (new pods), which replaces the "
@@ -118,11 +149,26 @@ class AutoGLMDeploymentSpec(SpecModel):
         json_schema_extra={"default": {}},
     )
     auth: AuthSpec = Field(default_factory=AuthSpec, description="Client authentication of the OpenAI-compatible API.")
+    router: RouterSpec = Field(
+        default_factory=RouterSpec,
+        description=(
+            "The OpenAI-aware router in front of the model pods (session affinity, least load, canary by "
+            "user, retries before the first byte). Off by default."
+        ),
+        json_schema_extra={"default": {}},
+    )
 
     @model_validator(mode="after")
     def _surge_needs_fixed_replicas(self) -> AutoGLMDeploymentSpec:
         if self.rollout.max_surge is not None and self.autoscaling.enabled:
             raise ValueError(SURGE_WITH_AUTOSCALING.message)
+        routing, router = self.rollout.traffic_routing, self.router.enabled
+        if routing == "Router" and not router:
+            raise ValueError(ROUTER_FOR_ROUTER_ROUTING.message)
+        if router and routing == "GatewayAPI":
+            raise ValueError(ROUTER_NOT_WITH_GATEWAY.message)
+        if router and self.tls is not None:
+            raise ValueError(ROUTER_NOT_WITH_TLS.message)
         return self
 
     @property

@@ -39,6 +39,19 @@ class AutoscalerStatus(_Status):
     )
 
 
+class RouterStatus(_Status):
+    """The router in front of the model pods (spec.router.enabled)."""
+
+    name: str | None = Field(default=None, description="The router's Deployment.")
+    policy: str | None = Field(default=None, description="LeastLoad or SessionAffinity.")
+    replicas: int | None = Field(default=None, description="Router pods.")
+    ready_replicas: int | None = Field(default=None, description="Ready router pods.")
+    serving: bool | None = Field(
+        default=None,
+        description="Whether the resource's Service points at the router (once a router pod is Ready).",
+    )
+
+
 class AnalysisStatus(_Status):
     """The last analysis check."""
 
@@ -103,6 +116,7 @@ class AutoGLMDeploymentStatus(_Status):
     autoscaler: AutoscalerStatus | None = Field(
         default=None, description="What the autoscaler (the HPA, or the one KEDA made) reports, when autoscaling."
     )
+    router: RouterStatus | None = Field(default=None, description="The router, when spec.router.enabled.")
     desired_replicas: int | None = Field(
         default=None, description="Pods wanted now (spec.replicas, or the autoscaler's choice)."
     )

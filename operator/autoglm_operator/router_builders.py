@@ -1,0 +1,204 @@
+"""Pure builders of the router's children (``spec.router.enabled``): its Deployment, the resource's Service
+pointed at it, the revision Services it reads endpoints from, its ServiceAccount with a read-only Role,
+its PodDisruptionBudget and NetworkPolicy.
+
+Names: ``{cr}-router`` for the router's own objects; the resource's Service keeps ``{cr}`` and port 8000;
+the revision Services are ``{cr}-stable`` / ``{cr}-canary`` (the GatewayAPI ones: ``route_service_names``).
+Router pods carry ``autoglm.io/router: {cr}`` and NOT ``autoglm.io/deployment`` (that label selects model
+pods: the revision Services, the PDB, the NetworkPolicy and the operator's pod listing use it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import builders as b
+from .models import ResolvedSpec
+
+LABEL_ROUTER = "autoglm.io/router"
+ROUTER_IMAGE_COMMAND = "autoglm-router"
+DRAIN_DELAY_SECONDS = 5  # the Service's endpoints lag the pod's readiness: keep serving this long
+DRAIN_TIMEOUT_SECONDS = 120  # streams in flight get this long to finish
+
+
+def router_name(name: str) -> str:
+    return f"{name}-router"
+
+
+def router_selector(name: str) -> dict[str, str]:
+    return {LABEL_ROUTER: name}
+
+
+def router_labels(name: str) -> dict[str, str]:
+    """The router pods' labels."""
+    return {
+        b.LABEL_NAME: "autoglm-router",
+        b.LABEL_INSTANCE: name,
+        b.LABEL_COMPONENT: "router",
+        b.LABEL_MANAGED_BY: b.MANAGER,
+        LABEL_ROUTER: name,
+    }
+
+
+def router_object_labels(name: str) -> dict[str, str]:
+    """The router's objects' labels: the pods' plus ``autoglm.io/deployment`` (the operator's watches
+    select children by it), which the pods must not carry."""
+    return {**router_labels(name), b.LABEL_DEPLOYMENT: name}
+
+
+def _router_args(r: ResolvedSpec) -> list[str]:
+    rt = r.spec.router
+    return [
+        "--host=0.0.0.0",
+        f"--port={b.PORT}",
+        f"--deployment={r.name}",
+        f"--namespace={r.namespace}",
+        f"--policy={rt.policy}",
+        f"--session-key={rt.session_key}",
+        f"--load-factor={rt.load_factor:g}",
+        f"--canary-header={r.spec.rollout.canary_header}",
+        f"--drain-delay={DRAIN_DELAY_SECONDS}",
+        f"--drain-timeout={DRAIN_TIMEOUT_SECONDS}",
+    ]
+
+
+def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> dict[str, Any]:
+    """The router's Deployment: ``spec.router.replicas`` pods spread over nodes, restricted Pod Security."""
+    name = r.name
+    labels = router_labels(name)
+    container = {
+        "name": "router",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [ROUTER_IMAGE_COMMAND],
+        "args": _router_args(r),
+        "ports": [{"name": "http", "containerPort": b.PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 2,
+            "timeoutSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "securityContext": b._container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod = {
+        "serviceAccountName": router_name(name),
+        "automountServiceAccountToken": True,  # it watches EndpointSlices and the resource
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": DRAIN_DELAY_SECONDS + DRAIN_TIMEOUT_SECONDS + 5,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": router_selector(name)},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }
+                ]
+            }
+        },
+        "containers": [container],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": b._metadata(cr, router_name(name), router_object_labels(name)),
+        "spec": {
+            "replicas": r.spec.router.replicas,
+            "selector": {"matchLabels": router_selector(name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+        },
+    }
+
+
+def build_router_service(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    """The resource's own Service ``{cr}`` (name and port unchanged), now selecting the router's pods."""
+    svc = b.build_service(cr, r, [])
+    svc["spec"]["selector"] = router_selector(r.name)
+    return svc
+
+
+def build_revision_service(cr: dict[str, Any], r: ResolvedSpec, role: str, rev_hashes: list[str]) -> dict[str, Any]:
+    """``{cr}-{role}``: the pods the router reads as one revision. Router routing: one revision each;
+    Replicas routing: ``{cr}-stable`` selects every serving revision (the split follows the pod counts)."""
+    svc = b.build_service(cr, r, rev_hashes)
+    svc["metadata"]["name"] = f"{r.name}-{role}"
+    svc["metadata"]["labels"] = {**svc["metadata"]["labels"], "autoglm.io/role": role}
+    return svc
+
+
+def build_router_service_account(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": b._metadata(cr, router_name(r.name), router_object_labels(r.name)),
+        "automountServiceAccountToken": False,  # only the router's pods mount it (their spec says so)
+    }
+
+
+def build_router_role(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    """Read-only, this namespace: EndpointSlices (the revision Services' pods) and AutoGLMDeployments
+    (the status's revisions and canary weight)."""
+    read = ("get", "list", "watch")
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": b._metadata(cr, router_name(r.name), router_object_labels(r.name)),
+        "rules": [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": list(read)},
+            {"apiGroups": ["autoglm.io"], "resources": ["autoglmdeployments"], "verbs": list(read)},
+        ],
+    }
+
+
+def build_router_role_binding(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    name = router_name(r.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": b._metadata(cr, name, router_object_labels(r.name)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": r.namespace}],
+    }
+
+
+def build_router_pdb(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": b._metadata(cr, router_name(r.name), router_object_labels(r.name)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": router_selector(r.name)}},
+    }
+
+
+def build_router_network_policy(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    """Who may reach the router: the labelled clients and monitoring (what reached the model pods before)."""
+    np = b.build_network_policy(cr, r)
+    np["metadata"] = b._metadata(cr, router_name(r.name), router_object_labels(r.name))
+    np["spec"]["podSelector"] = {"matchLabels": router_selector(r.name)}
+    return np
+
+
+def build_model_network_policy(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
+    """With the router on, only the router's pods (and monitoring) reach the model pods."""
+    np = b.build_network_policy(cr, r)
+    sources = np["spec"]["ingress"][0]["from"]
+    sources[0] = {"podSelector": {"matchLabels": router_selector(r.name)}}
+    return np

@@ -1,0 +1,73 @@
+"""The router's children (``spec.router``), created while it is on and removed when it goes off.
+
+Order: ServiceAccount, Role, RoleBinding (the pods need them to watch), Deployment, PodDisruptionBudget,
+NetworkPolicy. The resource's Service, the revision Services and the model pods' NetworkPolicy are the
+ordinary syncs' (sync.py): the Service turns to the router only once a router pod is Ready, and back
+to the model pods as soon as the router is off (before its pods go: ``sync_service`` runs first).
+ServiceAccount/Role/RoleBinding are not cached: they are read (GET) only while the router is on or
+``status.router`` says it was, so a resource without a router costs no read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from . import router_builders as rb
+from .kube import KubeAPI
+from .models import ResolvedSpec
+from .observe import Observed
+from .settings import OperatorSettings
+from .sync import Outcome, _sync_optional_child
+
+KINDS = ("ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget", "NetworkPolicy")
+
+
+def desired_router(cr: dict[str, Any], r: ResolvedSpec, settings: OperatorSettings) -> dict[str, dict | None]:
+    """Kind → the router's object of that kind, or None when it must not exist."""
+    if not r.spec.router.enabled:
+        return dict.fromkeys(KINDS)
+    image = r.spec.router.image or settings.default_router_image
+    return {
+        "ServiceAccount": rb.build_router_service_account(cr, r),
+        "Role": rb.build_router_role(cr, r),
+        "RoleBinding": rb.build_router_role_binding(cr, r),
+        "Deployment": rb.build_router_deployment(cr, r, image),
+        "PodDisruptionBudget": rb.build_router_pdb(cr, r) if r.spec.router.replicas > 1 else None,
+        "NetworkPolicy": rb.build_router_network_policy(cr, r) if r.spec.network_policy.enabled else None,
+    }
+
+
+async def sync_router(
+    kube: KubeAPI,
+    settings: OperatorSettings,
+    cr: dict[str, Any],
+    r: ResolvedSpec,
+    obs: Observed,
+    out: Outcome,
+    logger: Any,
+) -> None:
+    had = bool((cr.get("status") or {}).get("router")) or obs.router_deployment is not None
+    if not r.spec.router.enabled and not had:
+        return
+    ns, name = cr["metadata"]["namespace"], rb.router_name(cr["metadata"]["name"])
+    observed = dict(zip(KINDS, await asyncio.gather(*(kube.get(kind, ns, name) for kind in KINDS)), strict=True))
+    observed["Deployment"] = obs.router_deployment or observed["Deployment"]
+    desired = desired_router(cr, r, settings)
+    for kind in KINDS if r.spec.router.enabled else reversed(KINDS):
+        what = f"router {kind.lower()}"
+        await _sync_optional_child(kube, cr, kind, what, desired[kind], observed[kind], out, logger, name=name)
+
+
+def router_status(r: ResolvedSpec, obs: Observed, serving: bool) -> dict[str, Any] | None:
+    """``status.router`` (None while the router is off)."""
+    if not r.spec.router.enabled:
+        return None
+    st = (obs.router_deployment or {}).get("status") or {}
+    return {
+        "name": rb.router_name(r.name),
+        "policy": r.spec.router.policy,
+        "replicas": int(st.get("replicas") or 0),
+        "readyReplicas": int(st.get("readyReplicas") or 0),
+        "serving": serving,
+    }

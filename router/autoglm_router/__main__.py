@@ -1,0 +1,111 @@
+"""``autoglm-router``: serve the router until SIGTERM, then drain.
+
+SIGTERM / SIGINT: ``/ready`` turns 503 at once (the Service stops sending here) while requests are still
+served for ``--drain-delay`` seconds (the Service's endpoints lag); then the listening socket closes and
+the requests and streams in flight finish, bounded by ``--drain-timeout``; then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from autoglm_router.app import STATE, create_app
+from autoglm_router.endpoints import EndpointSource, StaticSource, parse_backends
+from autoglm_router.picker import POLICIES, Picker
+from autoglm_router.sessions import validate_session_key
+
+log = logging.getLogger("autoglm_router")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autoglm-router", description="autoglm's OpenAI-aware router.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: loopback).")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--policy", choices=POLICIES, default="LeastLoad", help="How a pod is picked.")
+    p.add_argument(
+        "--session-key",
+        type=validate_session_key,
+        default="prompt",
+        help="Where SessionAffinity's key comes from: prompt (default), user, or header:<name>.",
+    )
+    p.add_argument("--load-factor", type=float, default=1.25, help="SessionAffinity's load bound, >= 1.")
+    p.add_argument("--canary-header", default="x-autoglm-canary", help='Header whose value "always" forces the canary.')
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="Larger request bodies get a 413.")
+    p.add_argument(
+        "--queue-scrape-interval", type=float, default=1.0, help="Seconds between queue-depth scrapes; 0: off."
+    )
+    p.add_argument("--drain-delay", type=float, default=0.0, help="Seconds to keep listening after SIGTERM.")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="Most seconds in-flight streams get to finish.")
+    src = p.add_argument_group("endpoints (static)")
+    src.add_argument("--backend", action="append", default=[], metavar="REVISION=[POD@]HOST:PORT")
+    src.add_argument("--canary-revision", help="The --backend revision that is the canary.")
+    src.add_argument("--canary-weight", type=int, default=0, help="Percent of users on the canary, 0..100.")
+    kube = p.add_argument_group("endpoints (Kubernetes)")
+    kube.add_argument(
+        "--deployment", help="The AutoGLMDeployment to route for (watched with the pod's service account)."
+    )
+    kube.add_argument("--namespace", help="Its namespace (default: the pod's own).")
+    kube.add_argument("--kubeconfig", help="Reach the API server with this kubeconfig (default: in-cluster).")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def make_source(args: argparse.Namespace) -> EndpointSource:
+    if args.deployment:
+        from autoglm_router.kube import KubeConnection, KubeSource
+
+        if args.kubeconfig:
+            if not args.namespace:
+                raise SystemExit("autoglm-router: --kubeconfig needs --namespace")
+            return KubeSource(KubeConnection.from_kubeconfig(Path(args.kubeconfig)), args.deployment, args.namespace)
+        return KubeSource.in_cluster(args.deployment, args.namespace)
+    if not args.backend:
+        raise SystemExit("autoglm-router: give --deployment, or at least one --backend")
+    try:
+        return StaticSource(parse_backends(args.backend, args.canary_revision, args.canary_weight))
+    except ValueError as exc:
+        raise SystemExit(f"autoglm-router: {exc}") from None
+
+
+async def serve(args: argparse.Namespace) -> None:
+    if args.load_factor < 1:
+        raise SystemExit("autoglm-router: --load-factor must be >= 1")
+    picker = Picker(args.policy, args.session_key, args.load_factor, args.canary_header)
+    app = create_app(
+        make_source(args), picker, max_body_bytes=args.max_body_bytes, queue_scrape_interval=args.queue_scrape_interval
+    )
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    log.info("Started router, address=%s:%d policy=%s", args.host, args.port, args.policy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    app[STATE].draining = True
+    log.info("Received stop signal, draining, delay_s=%.1f timeout_s=%.1f", args.drain_delay, args.drain_timeout)
+    await asyncio.sleep(args.drain_delay)
+    await runner.cleanup()  # stops listening, waits for the handlers in flight (bounded), closes the rest
+    log.info("Stopped router")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The router's builders against golden YAML (UPDATE_GOLDEN=1 to accept an intended change), and the
+facts the router relies on: its pods are not model pods, the Service keeps its name and port."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoglm_operator import builders as b
+from autoglm_operator import router_builders as rb
+from tests.operator.test_builders import CANARY, cr_for, resolved
+
+GOLDEN = Path(__file__).parent / "golden"
+IMAGE = "ghcr.io/autoglm/router:0.1.0"
+
+SPECS = {
+    "router-affinity-netpol": {
+        "model": {"name": "tiny", "uri": "file:///models/tiny"},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        "replicas": 3,
+        "networkPolicy": {"enabled": True},
+        "router": {"enabled": True, "replicas": 2, "policy": "SessionAffinity", "sessionKey": "header:x-session-id",
+                   "loadFactor": 1.5},
+    },
+    "router-canary": {
+        "model": {"name": "tiny", "uri": "file:///models/tiny"},
+        "resources": {"gpus": 1},
+        "replicas": 1,
+        "router": {"enabled": True},
+        "rollout": {"trafficRouting": "Router", "canaryHeader": "x-canary"},
+    },
+}
+
+
+def children(name: str, spec: dict) -> list[dict]:
+    cr, r = cr_for(name, spec), resolved(name, spec)
+    rev = b.revision_hash(r)
+    docs = [
+        rb.build_router_deployment(cr, r, IMAGE),
+        rb.build_router_service(cr, r),
+        rb.build_router_service_account(cr, r),
+        rb.build_router_role(cr, r),
+        rb.build_router_role_binding(cr, r),
+        rb.build_router_pdb(cr, r),
+    ]
+    if r.spec.rollout.traffic_routing == "Router":  # mid-canary
+        docs += [rb.build_revision_service(cr, r, "stable", [rev]), rb.build_revision_service(cr, r, "canary", [CANARY])]
+    else:
+        docs.append(rb.build_revision_service(cr, r, "stable", [rev, CANARY]))
+    if r.spec.network_policy.enabled:
+        docs += [rb.build_model_network_policy(cr, r), rb.build_router_network_policy(cr, r)]
+    return docs
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_golden(case: str) -> None:
+    text = yaml.safe_dump_all(children(case, SPECS[case]), sort_keys=True, default_flow_style=False)
+    path = GOLDEN / f"{case}.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"missing {path}; run UPDATE_GOLDEN=1 .venv/bin/pytest {__file__}"
+    assert text == path.read_text(), f"{case} differs from {path} (UPDATE_GOLDEN=1 to accept)"
+
+
+def test_router_pods_are_not_model_pods() -> None:
+    spec = SPECS["router-affinity-netpol"]
+    cr, r = cr_for("chat", spec), resolved("chat", spec)
+    pod_labels = rb.build_router_deployment(cr, r, IMAGE)["spec"]["template"]["metadata"]["labels"]
+    model_selector = b.selector_labels("chat")
+    assert not all(pod_labels.get(k) == v for k, v in model_selector.items())
+    svc = rb.build_router_service(cr, r)
+    assert svc["metadata"]["name"] == "chat" and svc["spec"]["ports"][0]["port"] == 8000
+    assert all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    # Only the router (and monitoring) reach the model pods.
+    sources = rb.build_model_network_policy(cr, r)["spec"]["ingress"][0]["from"]
+    assert sources[0] == {"podSelector": {"matchLabels": {rb.LABEL_ROUTER: "chat"}}}
+    assert "namespaceSelector" in sources[1]
+
+
+def test_router_args_follow_the_spec() -> None:
+    spec = SPECS["router-affinity-netpol"]
+    args = rb.build_router_deployment(cr_for("chat", spec), resolved("chat", spec), IMAGE)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--policy=SessionAffinity" in args and "--session-key=header:x-session-id" in args
+    assert "--load-factor=1.5" in args and "--deployment=chat" in args and "--namespace=demo" in args

@@ -1,0 +1,58 @@
+"""reconcile() with spec.router against an in-memory API: the router's children come and go, the
+Service turns to the router only once a router pod is Ready, and a second pass writes nothing."""
+
+from __future__ import annotations
+
+from autoglm_operator import router_builders as rb
+from tests.operator.test_reconcile import NS, SPEC, assert_idle, cr, deployments, edit, make, run
+from tests.operator.fakes import FakeKube
+
+ROUTER_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget")
+
+
+async def test_router_on_then_off() -> None:
+    kube = FakeKube()
+    make(kube, {**SPEC, "router": {"enabled": True, "policy": "SessionAffinity"}})
+    await run(kube)
+    [model] = [d for d in deployments(kube) if d != "chat-router"]
+    for kind in ROUTER_KINDS:
+        assert "chat-router" in kube.names(kind, NS), kind
+    assert "chat-stable" in kube.names("Service", NS)  # the router's endpoints
+    # No router pod Ready yet: the Service still selects the model pods.
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"] == {"autoglm.io/deployment": "chat",
+                                                                   "autoglm.io/revision": model.removeprefix("chat-")}
+    kube.settle(NS, model)
+    kube.settle(NS, "chat-router")
+    await run(kube)
+    svc = kube.obj("Service", NS, "chat")
+    assert svc["spec"]["selector"] == {rb.LABEL_ROUTER: "chat"} and svc["spec"]["ports"][0]["port"] == 8000
+    assert cr(kube)["status"]["router"] == {"name": "chat-router", "policy": "SessionAffinity", "replicas": 2,
+                                            "readyReplicas": 2, "serving": True}
+    await assert_idle(kube)
+
+    edit(kube, lambda s: s.update(router={"enabled": False}))
+    await run(kube)
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"]["autoglm.io/deployment"] == "chat"
+    for kind in ROUTER_KINDS:
+        assert "chat-router" not in kube.names(kind, NS), kind
+    assert "chat-stable" not in kube.names("Service", NS)
+    assert "router" not in cr(kube)["status"]
+    await assert_idle(kube)
+
+
+async def test_router_routing_gets_one_service_per_revision_and_a_network_policy() -> None:
+    kube = FakeKube()
+    spec = {**SPEC, "networkPolicy": {"enabled": True}, "router": {"enabled": True, "replicas": 1},
+            "rollout": {"trafficRouting": "Router", "steps": [{"weight": 10}]}}
+    make(kube, spec)
+    await run(kube)
+    assert {"chat-stable", "chat-canary"} <= set(kube.names("Service", NS))
+    assert "chat-router" not in kube.names("PodDisruptionBudget", NS)  # one replica: no budget
+    assert sorted(kube.names("NetworkPolicy", NS)) == ["chat", "chat-router"]
+    model_np = kube.obj("NetworkPolicy", NS, "chat")
+    assert model_np["spec"]["ingress"][0]["from"][0] == {"podSelector": {"matchLabels": {rb.LABEL_ROUTER: "chat"}}}
+    [model] = [d for d in deployments(kube) if d != "chat-router"]
+    kube.settle(NS, model)
+    kube.settle(NS, "chat-router")
+    await run(kube)
+    await assert_idle(kube)
