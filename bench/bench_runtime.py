@@ -16,7 +16,9 @@ Systems:
                     target are generated but not counted (that waste is the cost of static batching).
   3. hf-serve    -- ``transformers serve --continuous-batching --device cpu`` over HTTP.
   4. autoglm     -- ``autoglm-runtime serve`` over HTTP.
-Systems 3 and 4 are driven by the same asyncio load generator: ``--clients`` (64) concurrent
+  5. baseline    -- with ``--baseline-runtime DIR``: ``autoglm-runtime serve`` from another checkout's
+                    ``runtime/`` (an earlier engine), same flags, same venv, last in the same run.
+Systems 3, 4 and 5 are driven by the same asyncio load generator: ``--clients`` (64) concurrent
 streaming clients pulling requests from one queue, measuring TTFT (first non-empty text chunk) and
 end-to-end latency per request. The offline systems 1 and 2 have no per-request latency (every
 request is there at t=0); their latency columns are empty.
@@ -297,13 +299,25 @@ def run_hf_serve(model_dir: Path, reqs: list[Req], clients: int, args, logdir: P
     return summarize("3 transformers serve --continuous-batching", wall, records, reqs)
 
 
-def run_autoglm(model_dir: Path, reqs: list[Req], clients: int, args, logdir: Path) -> Result:
+# Runs `autoglm-runtime serve` from another checkout's runtime/ (the baseline engine, system 5) with this
+# venv's python, and refuses to run if the package came from anywhere else.
+_SERVE_FROM = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); import autoglm_runtime, pathlib; "
+    "assert pathlib.Path(autoglm_runtime.__file__).parent.parent == pathlib.Path(sys.path[0]), autoglm_runtime.__file__; "
+    "from autoglm_runtime.cli import main; sys.exit(main())"
+)
+
+
+def run_autoglm(model_dir: Path, reqs: list[Req], clients: int, args, logdir: Path, runtime_dir: Path | None = None,
+                name: str = "4 autoglm-runtime serve") -> Result:
     port = free_port()
-    argv = [str(VENV_BIN / "autoglm-runtime"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+    prog = [sys.executable, "-c", _SERVE_FROM, str(runtime_dir)] if runtime_dir else [str(VENV_BIN / "autoglm-runtime")]
+    extra_flags = [] if runtime_dir else args.serve_arg
+    argv = [*prog, "serve", "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--max-batch-tokens",
             str(args.max_batch_tokens), "--dtype", "float32", "--device", "cpu", "--served-model-name", "small",
-            "--max-queue", str(len(reqs) + 8), "--log-level", "warning"]
-    srv = ServerProcess(argv, port, logdir / "autoglm.log")
+            "--max-queue", str(len(reqs) + 8), "--log-level", "warning", *extra_flags]
+    srv = ServerProcess(argv, port, logdir / ("autoglm-baseline.log" if runtime_dir else "autoglm.log"))
     try:
         srv.wait_ready("/ready")
         base = f"http://127.0.0.1:{port}"
@@ -315,7 +329,7 @@ def run_autoglm(model_dir: Path, reqs: list[Req], clients: int, args, logdir: Pa
         wall, records = asyncio.run(drive(base, reqs, clients, extra, "small", want_token_ids=True))
     finally:
         srv.stop()
-    return summarize("4 autoglm-runtime serve", wall, records, reqs)
+    return summarize(name, wall, records, reqs)
 
 
 # ------------------------------------------------------------------ report
@@ -348,6 +362,11 @@ def main() -> int:
     p.add_argument("--max-batch-tokens", type=int, default=1024, help="token budget per step, both servers")
     p.add_argument("--cb-num-blocks", type=int, default=256)
     p.add_argument("--skip", default="", help="comma list of systems to skip: 1,2,3,4")
+    p.add_argument("--baseline-runtime", type=Path, metavar="DIR",
+                   help="also run system 5: `autoglm-runtime serve` from DIR (another checkout's runtime/, e.g. "
+                        "`git worktree add /tmp/old 3d2a9e4` -> /tmp/old/runtime), same flags, this venv")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for our server (system 4 only), repeatable: --serve-arg=--max-num-batched-tokens=512")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the offline baselines (0: default)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -396,19 +415,26 @@ def main() -> int:
         print("running 4 autoglm-runtime serve ...", flush=True)
         ours = run_autoglm(model_dir, reqs, clients, args, logdir)
         results.append(ours)
+    if args.baseline_runtime:
+        print(f"running 5 autoglm-runtime serve from {args.baseline_runtime} ...", flush=True)
+        results.append(run_autoglm(model_dir, reqs, clients, args, logdir, args.baseline_runtime.resolve(),
+                                   f"5 baseline ({args.baseline_runtime})"))
 
     print()
     print_table(results)
     by = {r.system[0]: r for r in results}
     ratios = {}
     if "4" in by:
-        for other in ("1", "2", "3"):
+        for other in ("1", "2", "3", "5"):
             if other in by and by[other].tokens_per_s > 0:
                 ratios[f"4/{other}"] = by["4"].tokens_per_s / by[other].tokens_per_s
     print()
     print("throughput ratios: " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
     if ours and ours.ttft_p50:
         print(f"autoglm TTFT p99/p50 = {ours.ttft_p99 / ours.ttft_p50:.2f}")
+    for other in ("3", "5"):
+        if "4" in by and other in by and by["4"].ttft_p50 and by[other].ttft_p50:
+            print(f"TTFT p50 4/{other} = {by['4'].ttft_p50 / by[other].ttft_p50:.2f}x")
 
     equal = None
     if ours and seq:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,23 +18,29 @@ sys.path.insert(0, str(REPO / "runtime"))
 sys.path.insert(0, str(REPO / "bench"))
 
 SERVER = r'''
-import atexit, json, sys, time, threading
-from autoglm_runtime import engine as E
+import atexit, json, sys, time
+from autoglm_runtime.engine_admission import Admission
+from autoglm_runtime.engine_loop import StepLoop
+from autoglm_runtime.engine_output import Outbox
 log = {}; steps = []; DUMP = sys.argv.pop(1)
-orig_admit, orig_dispatch, orig_finish = E.Engine._admit, E.Engine._dispatch, E.Engine._finish_step
+orig_admit, orig_dispatch, orig_finish = Admission.new_request, Outbox.dispatch, StepLoop.finish_step
 def _admit(self, rid, *a, **k):
-    req = orig_admit(self, rid, *a, **k); log[rid] = {"admit": time.time(), "mono_off": time.time() - time.monotonic()}; return req
+    req = orig_admit(self, rid, *a, **k)
+    log[rid] = {"admit": time.time(), "mono_off": time.time() - time.monotonic()}
+    return req
 def _dispatch(items):
     now = time.time()
     for req, item in items:
         d = log.get(req.seq.request_id)
         if d is not None and "dispatch" not in d and getattr(item, "new_token_ids", None):
-            d["dispatch"] = now; d["sched"] = item.first_scheduled_time + d["mono_off"]; d["tok"] = item.first_token_time + d["mono_off"]
+            d["dispatch"] = now
+            d["sched"] = item.first_scheduled_time + d["mono_off"]
+            d["tok"] = item.first_token_time + d["mono_off"]
     orig_dispatch(items)
-def _finish(self, inst, out, tokens, seconds):
-    t = time.time(); orig_finish(self, inst, out, tokens, seconds)
+def _finish(self, inst, out, tokens, seconds, logprobs=None):
+    t = time.time(); orig_finish(self, inst, out, tokens, seconds, logprobs)
     steps.append((t, seconds, len(out.decodes), out.num_prefill_tokens, time.time() - t))
-E.Engine._admit = _admit; E.Engine._dispatch = staticmethod(_dispatch); E.Engine._finish_step = _finish
+Admission.new_request = _admit; Outbox.dispatch = staticmethod(_dispatch); StepLoop.finish_step = _finish
 def dump():
     json.dump({"reqs": log, "steps": steps}, open(DUMP, "w"))
 atexit.register(dump)

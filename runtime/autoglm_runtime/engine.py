@@ -62,49 +62,40 @@ Metrics hook (no prometheus import here): `on_step(StepStats)` is called on the 
 every step (keep it fast and thread-safe; prometheus_client metrics are). Per-request timings come
 with every RequestOutput.
 
-Threading: one dedicated thread runs the step loop (torch releases the GIL inside kernels) and owns
-the schedulers. The event loop never takes a lock that thread holds: admissions, aborts and reloads
-are appended to an inbox (a deque) and applied by the engine thread between steps; answers (admitted
-or QueueFullError, abort done, outputs) come back with `call_soon_threadsafe`; `stats()` reads a
-snapshot the engine thread publishes after every change. Per step: apply the inbox, schedule, build
-inputs, one forward + sampling, one host sync (`.tolist()`), then update/detokenize (with
-`tokenizers.decoders.DecodeStream`) and hand all outputs of the step to the event loop at once.
+Layout: this module is the facade and the models' lifecycle (start, drain, stop, reload, stats);
+`engine_admission.py` takes requests in (checks, tokenizing, cancellation), `engine_loop.py` is the
+step loop on its own thread (torch releases the GIL inside kernels; the event loop never takes a lock
+it holds), `engine_output.py` turns sampled tokens into each request's stream (detokenizing with
+`tokenizers.decoders.DecodeStream`, stop strings, logprobs), `scheduler.py` + `kv_cache.py` decide
+what runs and where its KV lives, `model_runner.py` runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
+from .engine_admission import Admission
 from .engine_api import (
     EngineDeadError,
     EngineDrainingError,
     EngineStats,
     InvalidRequestError,
-    QueuedStream,
     QueueFullError,
     RequestOutput,
-    check_lengths,
 )
-from .engine_api import (
-    FinishReason as OutputFinishReason,
-)
-from .guided import GuidedDecoder, ResponseFormatError, llg_tokenizer
+from .engine_loop import ModelInstance, StepLoop, StepStats
+from .engine_output import Outbox, RequestStream
 from .loader import InsufficientMemoryError, LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
-from .logprobs import TokenLogprob
 from .memory import KV_MEMORY_FRACTION, checkpoint_bytes, kv_cache_blocks
 from .model_runner import KVCacheTooLargeError, ModelRunner, available_memory, kv_bytes_per_token_for, text_config
-from .sampling import IncrementalDetokenizer, SamplingParams, SamplingState
-from .scheduler import FinishReason, Scheduler, Sequence
+from .sampling import SamplingParams
+from .scheduler import Scheduler
 from .vision import MultiModalInputs, VisionLanguage
 
 __all__ = [
@@ -130,93 +121,9 @@ DEFAULT_MAX_MODEL_LEN = 8192
 RELOAD_MEMORY_FRACTION = 0.9
 
 
-@dataclass
-class StepStats:
-    batch_size: int  # sequences in the step (decodes + prefill chunks)
-    num_decode_tokens: int
-    num_prefill_tokens: int
-    step_seconds: float
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-
-
-class _Instance:
-    """One loaded model with its KV cache and its scheduler."""
-
-    def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler: Scheduler, revision: str) -> None:
-        self.loaded = loaded
-        self.runner = runner
-        self.scheduler = scheduler
-        self.revision = revision
-        backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise ModelLoadError("the runtime needs a fast tokenizer (tokenizer.json)")
-        self.backend_tokenizer = backend
-        self.eos_token_ids = frozenset(loaded.eos_token_ids)
-        self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
-
-
-class _Request:
-    __slots__ = (
-        "seq",
-        "queue",
-        "detok",
-        "sampling",
-        "instance",
-        "first_token_time",
-        "final_sent",
-        "emitted_tokens",
-        "pending_logprobs",
-    )
-
-    def __init__(self, seq: Sequence, instance: _Instance, params: SamplingParams) -> None:
-        self.seq = seq
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.detok = IncrementalDetokenizer(instance.backend_tokenizer, params.stop)
-        self.sampling = SamplingState(params, instance.loaded.device)
-        self.instance = instance
-        self.first_token_time: float | None = None
-        self.final_sent = False
-        self.emitted_tokens = 0
-        self.pending_logprobs: list[TokenLogprob] = []
-
-
-def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
-
-
-class _RequestStream(QueuedStream):
-    """The outputs of one admitted request (``EngineClient.add_request``'s answer)."""
-
-    def __init__(self, engine: Engine, req: _Request) -> None:
-        super().__init__(req.seq.request_id, req.queue)
-        self._engine = engine
-        self._req = req
-        self._closed = False
-
-    async def aclose(self) -> None:
-        """Aborts the request if it has not finished and returns once its slot is free."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if not self._req.final_sent:
-                await self._engine._abort_and_wait(self._req)
-        finally:
-            if self._engine._requests.get(self.request_id) is self._req:
-                del self._engine._requests[self.request_id]
-
-
 class Engine:
-    """See the module docstring. The event loop never takes a lock the step loop holds: requests,
-    aborts and reloads are handed to the engine thread through ``_inbox`` and applied between steps;
-    statistics are a snapshot the engine thread publishes after every change."""
+    """See the module docstring. Composes the admission (event loop), the step loop (its thread) and the
+    outbox between them; owns the settings models are made with and the lifecycle."""
 
     def __init__(
         self,
@@ -241,28 +148,14 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch_tokens = max(max_batch_tokens, max_batch_size)
         self._max_model_len_arg = max_model_len
-        self._on_step = on_step
         self._seed = seed
         if num_threads and loaded.device.type == "cpu":
             torch.set_num_threads(num_threads)
         first = self._make_instance(loaded, revision)
-        self._serving: _Instance = first  # where new requests go (owned by the event loop)
-        self._instances: list[_Instance] = [first]  # every live model (owned by the engine thread)
-        self._requests: dict[str, _Request] = {}  # owned by the event loop
-        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._wakeup = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._accepting = True
-        self._dead: BaseException | None = None
+        self._outbox = Outbox()
+        self._steps = StepLoop(first, {}, self._outbox, on_step)
+        self._admission = Admission(self._steps, first)
         self._reload_lock: asyncio.Lock | None = None
-        self.num_steps = 0
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
-        self._retired = (0, 0, 0)  # prefix cache queries, hits, preemptions of released models
-        self._snapshot: tuple[Any, ...] = (0, 0, 0.0, 0.0, 1, (0, 0, 0, 0, 0))
-        self._publish_stats()
 
     def _max_len_for(self, loaded: LoadedModel) -> int:
         return min(loaded.max_model_len, self._max_model_len_arg or DEFAULT_MAX_MODEL_LEN)
@@ -283,7 +176,7 @@ class Engine:
         except ValueError as exc:
             raise KVCacheTooLargeError(str(exc)) from None
 
-    def _make_instance(self, loaded: LoadedModel, revision: str) -> _Instance:
+    def _make_instance(self, loaded: LoadedModel, revision: str) -> ModelInstance:
         max_len = self._max_len_for(loaded)
         num_blocks = self._num_blocks(loaded.config, max_len, loaded.dtype.itemsize, loaded.device)
         runner = ModelRunner(loaded, num_blocks, self.block_size, seed=self._seed)
@@ -296,83 +189,86 @@ class Engine:
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
         )
-        return _Instance(loaded, runner, scheduler, revision)
+        return ModelInstance(loaded, runner, scheduler, revision)
 
     # ------------------------------------------------------------------ properties
     @property
-    def _current(self) -> _Instance:
-        return self._serving
+    def _serving(self) -> ModelInstance:
+        """The model new requests go to."""
+        return self._admission.serving
 
     @property
     def tokenizer(self):
-        return self._current.loaded.tokenizer
+        return self._serving.loaded.tokenizer
 
     @property
     def model_dir(self) -> Path:
-        return self._current.loaded.model_dir
+        return self._serving.loaded.model_dir
 
     @property
     def model_name(self) -> str:
-        return self._current.loaded.model_dir.name
+        return self._serving.loaded.model_dir.name
 
     @property
     def revision(self) -> str:
-        return self._current.revision
+        return self._serving.revision
 
     @property
     def max_model_len(self) -> int:
-        return self._current.scheduler.max_model_len
+        return self._serving.scheduler.max_model_len
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return sorted(self._current.eos_token_ids)
+        return sorted(self._serving.eos_token_ids)
 
     @property
     def vision(self) -> VisionLanguage | None:
         """The current model's vision half (None for text-only models); see vision.py."""
-        return self._current.runner.vl
+        return self._serving.runner.vl
 
     @property
     def device(self) -> torch.device:
-        return self._current.loaded.device
+        return self._serving.loaded.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._current.loaded.dtype
+        return self._serving.loaded.dtype
+
+    @property
+    def num_steps(self) -> int:
+        return self._steps.num_steps
+
+    @property
+    def prompt_tokens_total(self) -> int:
+        return self._steps.prompt_tokens_total
+
+    @property
+    def generation_tokens_total(self) -> int:
+        return self._steps.generation_tokens_total
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._steps.thread is not None:
             return
-        self._loop = asyncio.get_running_loop()
+        self._outbox.loop = asyncio.get_running_loop()
         self._reload_lock = asyncio.Lock()
-        self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
-        self._thread.start()
+        self._steps.start()
 
     def check_health(self) -> bool:
-        return self._dead is None and self._thread is not None and self._thread.is_alive()
-
-    def _thread_running(self) -> bool:
-        return self._dead is None and self._thread is not None and self._thread.is_alive()
+        return self._steps.running()
 
     async def drain(self, timeout: float) -> bool:
         """Stop admitting new requests and wait up to `timeout` s for in-flight ones. True if drained."""
-        self._accepting = False
-        deadline = time.monotonic() + timeout
-        while self._requests and self.check_health():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return not self._requests
+        return await self._admission.drain(timeout)
 
     async def stop(self) -> None:
-        self._accepting = False
-        self._stopping = True
-        self._wakeup.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        self._handle_inbox(EngineDrainingError("engine stopped"))  # what the thread left: applied here
-        for rid in list(self._requests):
+        self._admission.accepting = False
+        self._steps.stopping = True
+        self._steps.wakeup.set()
+        if self._steps.thread is not None:
+            await asyncio.to_thread(self._steps.thread.join)
+        self._steps.handle_inbox(EngineDrainingError("engine stopped"))  # what the thread left: applied here
+        for rid in list(self._admission.requests):
             self.abort(rid)
 
     def _check_fits(self, model_dir: Path, dtype: str, device: str) -> None:
@@ -411,7 +307,7 @@ class Engine:
         """Loads a model next to the serving one; new requests go to it, admitted ones finish on the old
         one. Raises ModelLoadError (InsufficientMemoryError when both would not fit): the old one serves."""
         assert self._reload_lock is not None, "call start() first"
-        cur = self._current.loaded
+        cur = self._serving.loaded
         dtype = dtype or str(cur.dtype).removeprefix("torch.")
         device = device or cur.device.type
         model_dir = Path(model_dir)
@@ -419,69 +315,11 @@ class Engine:
             await asyncio.to_thread(self._check_fits, model_dir, dtype, device)
             loaded = await asyncio.to_thread(load_model, model_dir, dtype, device)
             inst = await asyncio.to_thread(self._make_instance, loaded, revision)
-            self._send(("reload", inst))
-            self._serving = inst
+            self._steps.send(("reload", inst))
+            self._admission.serving = inst
             log.info("Loaded model for reload model_dir=%s revision=%s", model_dir, revision)
 
     # ------------------------------------------------------------------ requests (event loop)
-    def _send(self, command: tuple[Any, ...]) -> None:
-        self._inbox.append(command)
-        self._wakeup.set()
-
-    def _new_request(
-        self,
-        request_id: str,
-        prompt: list[int] | str,
-        params: SamplingParams,
-        priority: int,
-        mm: MultiModalInputs | None = None,
-        cache_salt: str | None = None,
-    ) -> _Request:
-        if self._dead is not None:
-            raise EngineDeadError(f"engine loop died: {self._dead!r}")
-        if not self._accepting:
-            raise EngineDrainingError("engine is draining and admits no new requests")
-        if self._thread is None:
-            raise RuntimeError("call Engine.start() first")
-        if request_id in self._requests:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}")
-        inst = self._current
-        ids = list(inst.loaded.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
-        max_tokens = check_lengths(len(ids), params.max_tokens, inst.scheduler.max_model_len)
-        if min(ids) < 0 or max(ids) >= inst.vocab_size:
-            raise InvalidRequestError(
-                f"prompt has token ids outside the vocabulary [0, {inst.vocab_size})", param="prompt"
-            )
-        if mm is not None and (inst.runner.vl is None or mm.positions.shape[1] != len(ids)):
-            raise InvalidRequestError(
-                "images were given for a model that does not take them (or for other prompt ids)",
-                param="messages",
-                code="images_not_supported",
-            )
-        seq = Sequence(
-            mm=mm,
-            request_id=request_id,
-            prompt_token_ids=ids,
-            max_tokens=max_tokens,
-            eos_token_ids=inst.eos_token_ids,
-            stop_token_ids=frozenset(params.stop_token_ids),
-            ignore_eos=params.ignore_eos,
-            priority=priority,
-            mm_spans=mm.spans if mm is not None else [],
-            cache_salt=cache_salt,
-        )
-        req = _Request(seq, inst, params)
-        seq.data = req
-        return req
-
-    @staticmethod
-    def _make_guide(inst: _Instance, grammar: str) -> GuidedDecoder:
-        try:
-            lltok = llg_tokenizer(inst.loaded.tokenizer, inst.runner.vocab_size, inst.loaded.eos_token_ids)
-            return GuidedDecoder(lltok, grammar)
-        except ResponseFormatError as exc:
-            raise InvalidRequestError(f"response_format cannot be enforced: {exc}", param="response_format") from None
-
     async def add_request(
         self,
         request_id: str,
@@ -490,37 +328,12 @@ class Engine:
         priority: int = 0,
         mm: MultiModalInputs | None = None,
         cache_salt: str | None = None,
-    ) -> _RequestStream:
+    ) -> RequestStream:
         """Admits a request (returns once it is in the engine's queue, before any token). Raises
         InvalidRequestError, QueueFullError, EngineDrainingError, EngineDeadError. ``mm``: the images of
         the prompt (``VisionLanguage.process``) for a vision-language model. ``cache_salt``: its prefix
         is shared only with requests of the same salt."""
-        req = self._new_request(request_id, prompt, params, priority, mm, cache_salt)
-        if params.grammar is not None:
-            # response_format: the grammar's matcher is made now (off the event loop: the first one of a
-            # model builds its llguidance tokenizer), so the engine thread cannot fail on it later.
-            req.sampling.guide = await asyncio.to_thread(self._make_guide, req.instance, params.grammar)
-            if not self._accepting:  # drain()/stop() began meanwhile
-                raise EngineDrainingError("engine is draining and admits no new requests")
-        assert self._loop is not None
-        admitted = self._loop.create_future()
-        self._requests[request_id] = req
-        self._send(("add", req, admitted))
-        try:
-            while not admitted.done():
-                await asyncio.wait({admitted}, timeout=0.5)
-                if not admitted.done() and not self._thread_running():  # died (or stopped) before it got there
-                    admitted.set_exception(EngineDeadError(f"engine loop died: {self._dead!r}"))
-            admitted.result()
-        except BaseException:
-            # Cancelled while queued, or after the engine admitted it (the answer was set but this task
-            # was cancelled before it resumed): either way the sequence must not run on unread.
-            if not admitted.done() or admitted.cancelled() or admitted.exception() is None:
-                self._send(("abort", req, None))
-            if self._requests.get(request_id) is req:
-                del self._requests[request_id]
-            raise
-        return _RequestStream(self, req)
+        return await self._admission.add(request_id, prompt, params, priority, mm, cache_salt)
 
     async def generate(
         self,
@@ -541,37 +354,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Finishes a request with finish_reason "abort" (its stream gets the final output); unknown ids
         are ignored. Applied by the engine thread before its next step."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return
-        if self._thread_running():
-            self._send(("abort", req, None))
-        else:
-            self._abort_now(req)
-
-    async def _abort_and_wait(self, req: _Request) -> None:
-        """Aborts and returns once the engine has freed the request's slot."""
-        if not self._thread_running():
-            self._abort_now(req)
-            return
-        assert self._loop is not None
-        done = self._loop.create_future()
-        self._send(("abort", req, done))
-        while not done.done():
-            await asyncio.wait({done}, timeout=0.5)
-            if not done.done() and not self._thread_running():  # the thread ended before it got there
-                self._abort_now(req)
-                return
-
-    def _abort_now(self, req: _Request) -> None:
-        if req.seq.is_finished:
-            return
-        req.instance.scheduler.finish(req.seq, FinishReason.ABORT)
-        self._publish_stats()
-        self._deliver([(req, self._output(req, [], "", finished=True, now=time.monotonic()))])
+        self._admission.abort(request_id)
 
     def stats(self) -> EngineStats:
-        running, waiting, kv, slots, n_models, blocks = self._snapshot
+        running, waiting, kv, slots, n_models, blocks = self._steps.snapshot
         return EngineStats(
             kv_blocks_used=blocks[0],
             kv_blocks_total=blocks[1],
@@ -588,208 +374,6 @@ class Engine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             healthy=self.check_health(),
-            accepting=self._accepting,
+            accepting=self._admission.accepting,
             num_models=n_models,
         )
-
-    def _publish_stats(self) -> None:
-        inst = list(self._instances)
-        self._snapshot = (
-            sum(i.scheduler.num_running for i in inst),
-            sum(i.scheduler.num_waiting for i in inst),
-            sum(i.scheduler.kv_cache_usage for i in inst) / len(inst),
-            sum(i.scheduler.slot_usage for i in inst) / len(inst),
-            len(inst),
-            (
-                sum(i.scheduler.blocks.num_used_blocks for i in inst),
-                sum(i.scheduler.blocks.num_usable_blocks for i in inst),
-                self._retired[0] + sum(i.scheduler.blocks.queries for i in inst),
-                self._retired[1] + sum(i.scheduler.blocks.hits for i in inst),
-                self._retired[2] + sum(i.scheduler.num_preemptions for i in inst),
-            ),
-        )
-
-    # ------------------------------------------------------------------ output plumbing
-    def _output(self, req: _Request, new_ids: list[int], text: str, finished: bool, now: float) -> RequestOutput:
-        seq = req.seq
-        if finished and seq.mm is not None:
-            seq.mm.release()
-        lps = None
-        if req.sampling.params.logprobs is not None:
-            lps, req.pending_logprobs = req.pending_logprobs[: len(new_ids)], req.pending_logprobs[len(new_ids) :]
-        return RequestOutput(
-            logprobs=lps,
-            request_id=seq.request_id,
-            new_token_ids=new_ids,
-            new_text=text,
-            finished=finished,
-            finish_reason=cast(OutputFinishReason, seq.finish_reason) if finished else None,
-            prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.output_token_ids),
-            arrival_time=seq.arrival_time,
-            first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=req.first_token_time,
-            finish_time=now if finished else None,
-            num_cached_tokens=seq.num_cached_tokens or 0,
-        )
-
-    def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            fn(*args)
-        else:
-            loop.call_soon_threadsafe(fn, *args)
-
-    def _deliver(self, items: list[tuple[_Request, object]]) -> None:
-        self._call_on_loop(self._dispatch, items)
-
-    @staticmethod
-    def _dispatch(items: list[tuple[_Request, object]]) -> None:
-        for req, item in items:
-            if req.final_sent:
-                continue
-            if isinstance(item, BaseException) or item.finished:  # type: ignore[attr-defined]
-                req.final_sent = True
-            req.queue.put_nowait(item)
-
-    # ------------------------------------------------------------------ step loop (engine thread)
-    def _handle_inbox(self, refuse: BaseException | None = None) -> None:
-        """Applies the commands the event loop sent (in order), publishes the stats, then answers: whoever
-        was told "admitted" or "aborted" reads stats that include it. With ``refuse``, admissions fail with it."""
-        replies: list[tuple[asyncio.Future, BaseException | None]] = []
-        while self._inbox:
-            cmd = self._inbox.popleft()
-            if cmd[0] == "add":
-                _, req, admitted = cmd
-                error: BaseException | None = refuse
-                if error is None:
-                    try:
-                        req.instance.scheduler.add_request(req.seq)
-                    except QueueFullError as exc:
-                        error = exc
-                    except Exception as exc:  # noqa: BLE001 - fails this request only, never the loop
-                        log.exception("Failed to admit request request_id=%s", req.seq.request_id)
-                        error = exc
-                replies.append((admitted, error))
-            elif cmd[0] == "abort":
-                _, req, done = cmd
-                self._abort_now(req)
-                if done is not None:
-                    replies.append((done, None))
-            elif cmd[0] == "reload":
-                self._instances.append(cmd[1])
-        self._publish_stats()
-        for fut, error in replies:
-            self._call_on_loop(_resolve, fut, error)
-
-    def _release_idle_models(self) -> None:
-        if len(self._instances) > 1:  # an old model with no work left after a reload is released
-            cur = self._instances[-1]
-            for i in self._instances[:-1]:
-                if not i.scheduler.has_work():  # its counters live on in the totals
-                    b = i.scheduler.blocks
-                    q, h, p = self._retired
-                    self._retired = (q + b.queries, h + b.hits, p + i.scheduler.num_preemptions)
-            self._instances = [i for i in self._instances[:-1] if i.scheduler.has_work()] + [cur]
-            self._publish_stats()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                self._wakeup.clear()
-                self._handle_inbox()
-                self._release_idle_models()
-                if self._stopping:
-                    return
-                if not any(i.scheduler.has_work() for i in self._instances):
-                    self._wakeup.wait()
-                    continue
-                work = []
-                for inst in self._instances:
-                    out = inst.scheduler.schedule()
-                    if out.is_empty:
-                        continue
-                    states = [s.data.sampling for s in out.sampled_sequences]
-                    self._publish_stats()
-                    work.append((inst, out, inst.runner.prepare(out, states)))
-                for inst, out, step in work:
-                    t0 = time.perf_counter()
-                    tokens = inst.runner.execute(step).tolist()
-                    self._finish_step(inst, out, tokens, time.perf_counter() - t0, step.logprobs)
-        except BaseException as exc:  # noqa: BLE001 - the loop must report any death
-            log.exception("Engine step loop died")
-            self._dead = exc
-            err = EngineDeadError(f"engine loop died: {exc!r}")
-            self._deliver([(r, err) for r in list(self._requests.values())])
-            self._handle_inbox(err)
-
-    def _finish_step(
-        self,
-        inst: _Instance,
-        out,
-        tokens: list[int],
-        seconds: float,
-        logprobs: dict[int, TokenLogprob] | None = None,
-    ) -> None:
-        sched = inst.scheduler
-        if logprobs:
-            for row, seq in enumerate(out.sampled_sequences):
-                if row in logprobs and not seq.is_finished:
-                    seq.data.pending_logprobs.append(logprobs[row])
-        updated = sched.update_from_output(out, tokens)
-        now = time.monotonic()
-        items: list[tuple[_Request, object]] = []
-        stop_hits = []
-        texts = []
-        for seq in updated:
-            req: _Request = seq.data
-            if req.first_token_time is None:
-                req.first_token_time = now
-            # Stop strings count only after min_tokens tokens (vLLM's rule).
-            check_stop = len(seq.output_token_ids) > req.sampling.params.min_tokens
-            guide_done = False
-            guide = req.sampling.guide
-            if guide is not None and not seq.is_finished:
-                guide.consume(seq.output_token_ids[-1])
-                guide_done = guide.done  # the response_format grammar is complete: stop here
-            texts.append(
-                req.detok.step(seq.output_token_ids, final=seq.is_finished or guide_done, check_stop=check_stop)
-            )
-            if (req.detok.stopped or guide_done) and not seq.is_finished:
-                stop_hits.append(seq)
-        for seq in stop_hits:
-            sched.finish(seq, FinishReason.STOP)
-        for seq, text in zip(updated, texts, strict=True):
-            req = seq.data
-            if seq.finish_reason == FinishReason.ABORT:
-                continue  # abort() already delivered the final output
-            new_ids = seq.output_token_ids[req.emitted_tokens :]
-            req.emitted_tokens = len(seq.output_token_ids)
-            items.append((req, self._output(req, new_ids, text, seq.is_finished, now)))
-        self.num_steps += 1
-        self.prompt_tokens_total += out.num_prefill_tokens
-        self.generation_tokens_total += len(updated)
-        self._publish_stats()
-        if items:
-            self._deliver(items)
-        if self._on_step is not None:
-            try:
-                self._on_step(
-                    StepStats(
-                        batch_size=len(out.decodes) + len(out.prefills),
-                        num_decode_tokens=len(out.decodes),
-                        num_prefill_tokens=out.num_prefill_tokens,
-                        step_seconds=seconds,
-                        num_running=sched.num_running,
-                        num_waiting=sched.num_waiting,
-                        kv_cache_usage=sched.kv_cache_usage,
-                    )
-                )
-            except Exception:  # noqa: BLE001 - a metrics hook must never kill the loop
-                log.exception("on_step hook failed")

@@ -331,7 +331,7 @@ async def test_health_false_when_loop_dies(tiny_model_dir):
     eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
     await eng.start()
     assert eng.check_health()
-    runner = eng._current.runner
+    runner = eng._serving.runner
 
     def boom(step):
         raise RuntimeError("injected failure")
@@ -524,7 +524,7 @@ async def test_event_loop_never_waits_on_a_step(loaded):
     import threading
 
     eng = Engine(loaded, max_batch_size=2, max_queue=8, max_batch_tokens=32, max_model_len=128)
-    inst = eng._current
+    inst = eng._serving
     entered, release = threading.Event(), threading.Event()
     real_prepare = inst.runner.prepare
 

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from autoglm_runtime import engine as engine_module  # noqa: E402
+from autoglm_runtime import engine_output  # noqa: E402
 from autoglm_runtime.engine import Engine, EngineDeadError  # noqa: E402
 from autoglm_runtime.loader import load_model  # noqa: E402
 from autoglm_runtime.sampling import SamplingParams  # noqa: E402
@@ -34,14 +34,14 @@ async def engine(loaded):
 
 async def test_request_cancelled_after_its_admission_is_set_is_aborted(engine, monkeypatch):
     task: asyncio.Task | None = None
-    resolve = engine_module._resolve
+    resolve = engine_output.resolve
 
     def resolve_then_cancel(fut, exc):  # the answer is set, then the waiting task is cancelled before it resumes
         resolve(fut, exc)
         assert task is not None
         task.cancel()
 
-    monkeypatch.setattr(engine_module, "_resolve", resolve_then_cancel)
+    monkeypatch.setattr(engine_output, "resolve", resolve_then_cancel)
     task = asyncio.create_task(engine.add_request("late-cancel", [5, 6, 7], LONG))
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -71,20 +71,20 @@ async def test_error_while_admitting_fails_that_request_only(engine, monkeypatch
 
 
 async def test_add_sent_after_the_engine_died_does_not_wait_forever(engine, monkeypatch):
-    new_request = engine._new_request
+    new_request = engine._admission.new_request
 
     def boom() -> None:
         raise RuntimeError("step loop bug")
 
     def admit_then_kill(*args, **kwargs):
         req = new_request(*args, **kwargs)  # checks passed: the engine was alive
-        monkeypatch.setattr(engine, "_release_idle_models", boom)
-        engine._wakeup.set()
-        assert engine._thread is not None
-        engine._thread.join(10)  # ... and died before this request reached its inbox
+        monkeypatch.setattr(engine._steps, "release_idle_models", boom)
+        engine._steps.wakeup.set()
+        assert engine._steps.thread is not None
+        engine._steps.thread.join(10)  # ... and died before this request reached its inbox
         return req
 
-    monkeypatch.setattr(engine, "_new_request", admit_then_kill)
+    monkeypatch.setattr(engine._admission, "new_request", admit_then_kill)
     with pytest.raises(EngineDeadError):
         await asyncio.wait_for(engine.add_request("orphan", [5, 6, 7], LONG), 10)
     assert not engine.check_health()

@@ -63,6 +63,26 @@ def test_token_budget_chunks_long_prompts_without_stalling_decodes():
     assert long.output_token_ids == [7]
 
 
+def test_new_prompt_is_prefilled_next_step_beside_a_busy_decode_batch():
+    """TTFT under load: a request that arrives while many sequences decode gets its first chunk in the
+    very next step (the budget left after one token per decode), and its first token as soon as its
+    prompt is done, never after the decodes drain; the decodes are never skipped for it."""
+    s = Scheduler(max_batch_size=8, max_queue=8, max_batch_tokens=16, max_model_len=256)
+    busy = [seq(f"d{i}", prompt_len=2, max_tokens=50) for i in range(6)]
+    for x in busy:
+        s.add_request(x)
+    step(s)  # all six prefilled (12 tokens) and decoding
+    new = seq("new", prompt_len=20, max_tokens=4)
+    s.add_request(new)
+    out = step(s)
+    assert out.decodes == busy
+    assert [(c.seq.request_id, c.start, c.num_tokens, c.samples) for c in out.prefills] == [("new", 0, 10, False)]
+    assert out.num_batched_tokens == 16
+    out = step(s)
+    assert out.decodes == busy and [(c.start, c.num_tokens, c.samples) for c in out.prefills] == [(10, 10, True)]
+    assert new.output_token_ids == [7]  # its first token two steps after it arrived, six decodes beside it
+
+
 def test_no_chunking_mode_admits_whole_prompts():
     s = Scheduler(max_batch_size=4, max_queue=8, max_batch_tokens=16, max_model_len=256, chunked_prefill=False)
     s.add_request(seq("a", prompt_len=10))
