@@ -17,8 +17,11 @@ from pathlib import Path
 from aiohttp import web
 
 from autoglm_router.app import STATE, create_app
+from autoglm_router.auth import BearerVerifier, OAuth2Config
+from autoglm_router.auth.hook import bearer_hook
 from autoglm_router.endpoints import EndpointSource, StaticSource, parse_backends
 from autoglm_router.picker import POLICIES, Picker
+from autoglm_router.proxy import allow_all
 from autoglm_router.sessions import validate_session_key
 
 log = logging.getLogger("autoglm_router")
@@ -53,6 +56,15 @@ def parser() -> argparse.ArgumentParser:
     )
     kube.add_argument("--namespace", help="Its namespace (default: the pod's own).")
     kube.add_argument("--kubeconfig", help="Reach the API server with this kubeconfig (default: in-cluster).")
+    auth = p.add_argument_group("OAuth2 bearer tokens (off unless --oauth2-issuer is given; docs/auth.md)")
+    auth.add_argument("--oauth2-issuer", metavar="URL", help="The issuer: tokens' iss, and where its JWKS is found.")
+    auth.add_argument(
+        "--oauth2-audience", action="append", default=[], metavar="AUD", help="An accepted aud (repeatable; >= 1)."
+    )
+    auth.add_argument(
+        "--oauth2-scope", action="append", default=[], metavar="SCOPE", help="A scope every token must hold."
+    )
+    auth.add_argument("--oauth2-user-claim", default="sub", help="The claim naming the caller (default: sub).")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -74,12 +86,32 @@ def make_source(args: argparse.Namespace) -> EndpointSource:
         raise SystemExit(f"autoglm-router: {exc}") from None
 
 
+def make_verifier(args: argparse.Namespace) -> BearerVerifier | None:
+    if not args.oauth2_issuer:
+        return None
+    try:
+        config = OAuth2Config(
+            issuer_url=args.oauth2_issuer,
+            audiences=tuple(args.oauth2_audience),
+            required_scopes=tuple(args.oauth2_scope),
+            user_claim=args.oauth2_user_claim,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"autoglm-router: {exc}") from None
+    return BearerVerifier(config)
+
+
 async def serve(args: argparse.Namespace) -> None:
     if args.load_factor < 1:
         raise SystemExit("autoglm-router: --load-factor must be >= 1")
     picker = Picker(args.policy, args.session_key, args.load_factor, args.canary_header)
+    verifier = make_verifier(args)
     app = create_app(
-        make_source(args), picker, max_body_bytes=args.max_body_bytes, queue_scrape_interval=args.queue_scrape_interval
+        make_source(args),
+        picker,
+        max_body_bytes=args.max_body_bytes,
+        queue_scrape_interval=args.queue_scrape_interval,
+        authenticate=bearer_hook(verifier) if verifier else allow_all,
     )
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
     await runner.setup()
@@ -95,6 +127,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("Received stop signal, draining, delay_s=%.1f timeout_s=%.1f", args.drain_delay, args.drain_timeout)
     await asyncio.sleep(args.drain_delay)
     await runner.cleanup()  # stops listening, waits for the handlers in flight (bounded), closes the rest
+    if verifier:
+        await verifier.close()
     log.info("Stopped router")
 
 

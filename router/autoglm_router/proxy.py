@@ -1,6 +1,7 @@
 """The ``/v1/*`` reverse proxy: check the body, pick a pod, retry what is safe to retry, stream the answer.
 
-One request's path: ``authenticate`` (the hook ``auth.py`` plugs into) → read the body (over
+One request's path: ``authenticate`` (``auth.hook`` for OAuth2: its verified user replaces the body's
+``user`` for picking and is sent to the pod as ``x-autoglm-user``; the token itself is not) → read the body (over
 ``max_body_bytes``: 413) → parse it when it is a POST (not JSON: the runtime's 400, without reaching a
 pod) → ``Picker.choose`` → send to the pod. A connect failure, a connection reset before the response
 headers, or a 503 (a draining pod, a dead engine) is retried on another pod, at most ``MAX_RETRIES``
@@ -26,6 +27,7 @@ from autoglm_router import errors
 from autoglm_router.endpoints import EndpointSource
 from autoglm_router.metrics import RouterMetrics
 from autoglm_router.picker import Choice, NoEndpoints, Picker
+from autoglm_router.sessions import USER_HEADER
 
 log = logging.getLogger("autoglm_router.proxy")
 
@@ -49,7 +51,9 @@ HOP_BY_HOP = frozenset(
 )
 RESPONSE_DROPPED = HOP_BY_HOP | {"date", "server"}
 
-# An error answer, or None to let the request through (``auth.py`` provides the OAuth2/JWT one).
+# An error answer, or None to let the request through (``auth.hook.bearer_hook`` is the OAuth2 one); a
+# hook that verified who calls leaves the user under ``VERIFIED_USER`` on the request.
+VERIFIED_USER = "autoglm.verified_user"
 Authenticate = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
@@ -120,6 +124,11 @@ class Proxy:
                 return self._answer(errors.malformed_json(str(exc)))
             parsed = value if isinstance(value, dict) else {}  # the pod answers a non-object with its 400
         headers = self._forward_headers(request)
+        user = request.get(VERIFIED_USER)
+        if user is not None:  # who the token says, not what the client wrote, picks the revision
+            parsed = {**parsed, "user": user}
+            headers[USER_HEADER] = user
+            headers.popall("authorization", None)
         self.metrics.inflight.inc()
         try:
             return await self._send(request, body, parsed, headers, started)
