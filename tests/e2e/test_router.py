@@ -1,10 +1,12 @@
 """The router on the process node: `kubectl apply` with spec.router → the operator's router pods (this
 checkout's `autoglm-router`, watching EndpointSlices with their own service account) in front of three
 real runtime pods; requests through the resource's Service: sessions stick to one pod, and deleting a
-router pod under streaming load fails no request."""
+router pod under streaming load fails no request. trafficRouting Router: a canary at 10 % gets the users
+the router's hash puts there (each user on one revision), and its promotion under load fails no request."""
 
 from __future__ import annotations
 
+import collections
 import time
 
 import httpx
@@ -76,3 +78,79 @@ def test_router_sessions_stick_and_a_router_pod_leaves_without_failures(kube, na
         wait_for(lambda: load.ok >= n + 16, timeout=120, message="load after the router pod left")
     report(f"router pod deleted under load: {load.ok} requests ok, {len(load.failed)} failed")
     assert not load.failed, load.failed[:5]
+
+
+def test_router_canary_by_user_is_the_weight_and_moves_users_only_forward(kube, namespace, operator, node_models):
+    """trafficRouting Router, 1 stable + 1 canary pod at 10 %: 1,000 requests from 200 users through the
+    Service; the canary's share is 10 % ± 3 % and every user saw one revision; a promotion under load
+    through the router fails no request. (Monotonicity as the weight grows: tests/router/.)"""
+    body = tiny(replicas=1, resources={"gpus": 0, "cpu": "100m", "memory": "1Gi"},
+                router={"enabled": True, "replicas": 1},
+                rollout={"trafficRouting": "Router",
+                         "steps": [{"weight": 10, "pause": "1h"}, {"weight": 50, "pause": "1h"}]})
+    apply(kube, namespace, body)
+
+    def serving():
+        st = status(kube, namespace, "tiny")
+        return st.get("phase") == "Healthy" and st.get("readyReplicas") == 1 and (st.get("router") or {}).get("serving")
+
+    # The stable's pod Ready too, not just the router's: the router pod is Ready seconds before the runtime
+    # has loaded its model, and a spec change while the stable has no Ready pod skips the steps by design
+    # (no traffic to protect): the canary is promoted at once and never holds at 10 %.
+    wait_for(serving, timeout=240, interval=1, message="the stable pod and the router pod Ready, router serving")
+    stable = status(kube, namespace, "tiny")["stableRevision"]
+    kube.kubectl("patch", "-n", namespace, "agd/tiny", "--type=merge", "-p",
+                 '{"spec": {"runtime": {"maxBatchSize": 6}}}')  # a new revision: the canary
+
+    def at(weight: int):
+        st = status(kube, namespace, "tiny")
+        revs = {r["name"]: r for r in st.get("revisions") or []}
+        canary = st.get("canaryRevision")
+        return st.get("canaryWeight") == weight and canary and (revs.get(canary) or {}).get("readyReplicas")
+
+    wait_for(lambda: at(10), timeout=240, interval=1, message="canary Ready at 10 %")
+    # Users user-0 … user-199: the router's hash (autoglm_router.policies.is_canary) puts 24 of them (12 %)
+    # below 10 %; with 5 requests each, the canary's share of the 1,000 requests is theirs.
+    canary = status(kube, namespace, "tiny")["canaryRevision"]
+    url = f"http://{service_ip(kube, namespace, 'tiny')}:8000/v1/chat/completions"
+
+    answers: collections.Counter[str] = collections.Counter()  # revision → requests it answered
+
+    def send(users: range, rounds: int) -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = {}
+        answers.clear()
+        with httpx.Client(timeout=60) as client:
+            for _ in range(rounds):
+                for u in users:
+                    r = client.post(url, json={"model": "tiny", "user": f"user-{u}", "max_tokens": 1,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+                    assert r.status_code == 200, r.text
+                    seen.setdefault(f"user-{u}", set()).add(r.headers["x-autoglm-revision"])
+                    answers[r.headers["x-autoglm-revision"]] += 1
+        return seen
+
+    # The router must have read the weight (its status watch) before we count.
+    wait_for(lambda: any(v == {canary.rsplit("-", 1)[1]} for v in send(range(0, 60), 1).values()), timeout=30,
+             message="router sends someone to the canary")
+    seen = send(range(200), 5)
+    canary_hash, stable_hash = canary.rsplit("-", 1)[1], stable.rsplit("-", 1)[1]
+    assert all(len(v) == 1 for v in seen.values()), {u: v for u, v in seen.items() if len(v) > 1}
+    on_canary = {u for u, v in seen.items() if v == {canary_hash}}
+    share = answers[canary_hash] / sum(answers.values())
+    report(f"\ncanary at 10 %: {answers[canary_hash]} of {sum(answers.values())} requests ({share:.1%}) from "
+           f"{len(on_canary)} of 200 users on the canary")
+    assert sum(answers.values()) == 1000 and 0.07 <= share <= 0.13, (answers, share)
+    assert {h for v in seen.values() for h in v} == {canary_hash, stable_hash}
+
+    kube.kubectl("annotate", "-n", namespace, "agd/tiny", "autoglm.io/promote=true", "--overwrite")
+    with Load(url.removesuffix("/chat/completions"), "tiny", n=4, max_tokens=8) as load:
+        wait_for(lambda: status(kube, namespace, "tiny").get("stableRevision") == canary
+                 and not status(kube, namespace, "tiny").get("canaryRevision"), timeout=240, interval=1,
+                 message="canary promoted")
+        n = load.ok
+        wait_for(lambda: load.ok >= n + 8, timeout=120, message="load after the promotion")
+    report(f"promotion under load through the router: {load.ok} requests ok, {len(load.failed)} failed")
+    assert not load.failed, load.failed[:5]
+    wait_for(lambda: {p["metadata"]["labels"]["autoglm.io/revision"] for p in pods(kube, namespace, "tiny")}
+             == {canary_hash}, timeout=120, message="the old revision's pods gone")
+    assert all(v == {canary_hash} for v in send(range(0, 20), 1).values())

@@ -56,3 +56,56 @@ async def test_router_routing_gets_one_service_per_revision_and_a_network_policy
     kube.settle(NS, "chat-router")
     await run(kube)
     await assert_idle(kube)
+
+
+ROUTER_CANARY = {**SPEC, "router": {"enabled": True, "replicas": 1},
+                 "rollout": {"trafficRouting": "Router", "steps": [{"weight": 10, "pause": "1h"}]}}
+
+
+async def test_router_canary_holds_its_step_weight_once_its_pod_is_ready() -> None:
+    """What the router reads: status.canaryWeight is the step's weight (not a pod share) once the canary has a
+    Ready pod, {name}-canary selects the canary's pods, and the resource's Service stays on the router."""
+    kube = FakeKube()
+    make(kube, ROUTER_CANARY)
+    await run(kube)
+    [old] = [d for d in deployments(kube) if d != "chat-router"]
+    kube.settle(NS, old)
+    kube.settle(NS, "chat-router")
+    await run(kube)
+    edit(kube, lambda s: s["runtime"].update(maxBatchSize=6))
+    await run(kube)
+    [new] = [d for d in deployments(kube) if d not in (old, "chat-router")]
+    assert cr(kube)["status"]["canaryWeight"] == 0  # no Ready canary pod: the router keeps everyone on stable
+    kube.settle(NS, new)
+    await run(kube)
+    st = cr(kube)["status"]
+    assert (st["rolloutPhase"], st["currentStep"], st["canaryWeight"]) == ("Progressing", 0, 10), st
+    assert (st["stableRevision"], st["canaryRevision"]) == (old, new)
+    selects = {svc: kube.obj("Service", NS, svc)["spec"]["selector"]["autoglm.io/revision"]
+               for svc in ("chat-stable", "chat-canary")}
+    assert selects == {"chat-stable": old.removeprefix("chat-"), "chat-canary": new.removeprefix("chat-")}
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"] == {rb.LABEL_ROUTER: "chat"}
+    await assert_idle(kube)
+
+
+async def test_router_canary_started_before_the_stable_is_ready_skips_the_steps() -> None:
+    """The router pod is Ready seconds before a runtime has loaded its model. A spec change in that gap
+    finds a stable with no Ready pod (no traffic to protect): the new revision is promoted without its steps
+    (policy.py), so status.canaryWeight never shows the first step's weight. The e2e canary test waits for
+    the stable's pod, not only for status.router.serving (this gap made it time out at "canary Ready at 10 %")."""
+    kube = FakeKube()
+    make(kube, ROUTER_CANARY)
+    await run(kube)
+    [old] = [d for d in deployments(kube) if d != "chat-router"]
+    kube.settle(NS, "chat-router")  # the router Ready, the model pod still loading
+    await run(kube)
+    st = cr(kube)["status"]
+    assert st["router"]["serving"] and st["readyReplicas"] == 0, st
+    edit(kube, lambda s: s["runtime"].update(maxBatchSize=6))
+    await run(kube)
+    assert cr(kube)["status"]["rolloutPhase"] == "Promoting"
+    [new] = [d for d in deployments(kube) if d not in (old, "chat-router")]
+    kube.settle(NS, new)
+    await run(kube)
+    st = cr(kube)["status"]
+    assert st["stableRevision"] == new and "canaryRevision" not in st and st["canaryWeight"] == 0, st
