@@ -85,6 +85,8 @@ def _up(d: Path, names: list[str]) -> int:
     extra = [n for n in info["addons"] if n not in addons.DEFAULT]
     if extra:
         print(f"Add-ons: {', '.join(extra)}")
+    for line in addons.exports(info):
+        print(line)
     print(f"export KUBECONFIG={d / 'kubeconfig'}")
     return 0
 
@@ -120,12 +122,15 @@ def _status(d: Path) -> int:
     status = (d / "status").read_text() if (d / "status").exists() else "not started"
     running = status == "ready" and _alive(d / "supervisor.pid")
     print(f"Local cluster in {d}: {'running' if running else status if status != 'ready' else 'dead'}")
+    info: dict = {}
     if (d / "cluster.json").exists():
         info = json.loads((d / "cluster.json").read_text())
         print(f"Add-ons: {', '.join(info.get('addons') or []) or '-'}; Prometheus: {info.get('prometheus')}")
     for p in sorted((d / "pids").glob("*")) if (d / "pids").exists() else []:
         print(f"  {p.name:24} {'up' if _alive(p) else 'down'}")
     if running:
+        for line in addons.exports(info):
+            print(line)
         print(f"export KUBECONFIG={d / 'kubeconfig'}")
     return 0 if running else 1
 

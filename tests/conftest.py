@@ -78,3 +78,10 @@ def node_models(kube) -> Path:
 def keda(kube) -> float:
     """KEDA installed in the session's cluster (only for the tests that need it); its start seconds."""
     return kube.start_addon("keda")
+
+
+@pytest.fixture(scope="session")
+def gateway(kube) -> float:
+    """The ``gateway`` add-on (Traefik, Gateway ``gateway/traefik``) in the session's cluster, only for
+    the tests that need it; its start seconds."""
+    return kube.start_addon("gateway")

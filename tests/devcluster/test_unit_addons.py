@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 
 from devcluster import addons, cli
-from devcluster.addons import coredns, keda
+from devcluster.addons import coredns, gateway, keda, prometheus
 
 
 def test_defaults_always_start_and_named_ones_follow_once():
@@ -14,8 +17,8 @@ def test_defaults_always_start_and_named_ones_follow_once():
 
 
 def test_an_unknown_add_on_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown add-on\\(s\\) hydra; known: coredns, prometheus, keda"):
-        addons.resolve(["hydra"])
+    with pytest.raises(ValueError, match=f"unknown add-on\\(s\\) nosuch; known: {', '.join(addons.ADDONS)}$"):
+        addons.resolve(["nosuch"])
 
 
 def test_cli_rejects_an_unknown_add_on(capsys):
@@ -45,3 +48,53 @@ def test_keda_metrics_apiserver_is_registered_on_the_node_address():
     objs = {o["kind"]: o for o in keda.objects("10.101.255.2")}
     assert objs["Endpoints"]["subsets"][0]["addresses"] == [{"ip": "10.101.255.2"}]
     assert objs["APIService"]["metadata"]["name"] == "v1beta1.external.metrics.k8s.io"
+
+
+def test_gateway_listens_on_the_node_address_only_and_calls_nobody():
+    flags = gateway.args("10.101.255.2")
+    addresses = [f.split("=", 1)[1] for f in flags if f.startswith("--entryPoints.") and ".address=" in f]
+    assert addresses == ["10.101.255.2:80", "10.101.255.2:8082"]  # inside the cluster's network, not 0.0.0.0
+    assert "--global.checkNewVersion=false" in flags and "--global.sendAnonymousUsage=false" in flags
+
+
+def test_gateway_objects_accept_routes_from_every_namespace_on_traefiks_class():
+    objs = {o["kind"]: o for o in gateway.objects("10.101.255.2")}
+    assert objs["GatewayClass"]["spec"]["controllerName"] == "traefik.io/gateway-controller"
+    gw = objs["Gateway"]
+    assert (gw["metadata"]["namespace"], gw["metadata"]["name"]) == ("gateway", "traefik")
+    assert gw["spec"]["gatewayClassName"] == objs["GatewayClass"]["metadata"]["name"]
+    [listener] = gw["spec"]["listeners"]
+    assert (listener["port"], listener["protocol"]) == (80, "HTTP")
+    assert listener["allowedRoutes"] == {"namespaces": {"from": "All"}}
+    assert objs["EndpointSlice"]["endpoints"][0]["addresses"] == ["10.101.255.2"]
+
+
+def test_up_and_status_print_the_gateway_for_a_cluster_running_it():
+    assert addons.exports({"slot": 3, "addons": ["coredns", "prometheus", "gateway"]}) == [
+        "GATEWAY_ADDRESS=http://10.103.255.2:80",
+        "GATEWAY=gateway/traefik",
+    ]
+    assert addons.exports({"slot": 3, "addons": ["coredns", "prometheus", "keda"]}) == []
+
+
+def test_gateway_programmed_needs_accepted_and_programmed():
+    def g(**conds):
+        return {"status": {"conditions": [{"type": t, "status": s} for t, s in conds.items()]}}
+
+    assert gateway.programmed(g(Accepted="True", Programmed="True"))
+    assert not gateway.programmed(g(Accepted="True", Programmed="False"))
+    assert not gateway.programmed(g(Programmed="True"))
+    assert not gateway.programmed({})
+
+
+def test_add_on_scrape_targets_are_a_file_prometheus_discovers_with_their_own_job(tmp_path):
+    class C:
+        dir = tmp_path
+
+    prometheus.add_targets(C(), "traefik", ["10.101.255.2:8082"])  # type: ignore[arg-type]
+    files = list(prometheus.targets_dir(tmp_path).iterdir())
+    assert [f.name for f in files] == ["traefik.json"]
+    assert json.loads(files[0].read_text()) == [{"targets": ["10.101.255.2:8082"], "labels": {"job": "traefik"}}]
+    cfg = yaml.safe_load(prometheus.CONFIG.format(api="https://a", ca="c", cert="t", key="k", targets=tmp_path))
+    [addon_job] = [j for j in cfg["scrape_configs"] if j["job_name"] == "addons"]
+    assert addon_job["file_sd_configs"][0]["files"] == [f"{tmp_path}/*.json"]
