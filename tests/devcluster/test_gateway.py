@@ -81,19 +81,21 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode(errors="replace")
 
 
-def conditions(obj: dict) -> dict[str, str]:
-    return {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions") or []}
+def conditions(holder: dict | None) -> dict[str, str]:
+    """``{type: status}`` of the ``conditions`` in ``holder`` (an object's status, a listener's or a
+    route parent's status entry)."""
+    return {c["type"]: c["status"] for c in (holder or {}).get("conditions") or []}
 
 
 def test_gateway_is_programmed_and_routes_host_requests_to_pods(kube, gateway, namespace):
     report(f"\ngateway add-on start: {gateway:.1f}s (0 = already running)")
     node_ip = kube.network.ranges.node_ip
     gc = json.loads(kube.kubectl("get", "gatewayclass", gw.NAME, "-o", "json").stdout)
-    assert conditions(gc).get("Accepted") == "True", gc.get("status")
+    assert conditions(gc.get("status")).get("Accepted") == "True", gc.get("status")
     g = json.loads(kube.kubectl("get", "gateway", gw.NAME, "-n", gw.NAMESPACE, "-o", "json").stdout)
     assert gw.programmed(g), g.get("status")
     assert {a["value"] for a in g["status"].get("addresses") or []} == {node_ip}
-    listeners = {li["name"]: conditions({"status": li}) for li in g["status"]["listeners"]}
+    listeners = {li["name"]: conditions(li) for li in g["status"]["listeners"]}
     assert listeners[gw.LISTENER].get("Programmed") == "True", listeners
 
     for name in ("blue", "green"):
