@@ -127,6 +127,7 @@ def _status(d: Path) -> int:
     status = (d / "status").read_text() if (d / "status").exists() else "not started"
     running = status == "ready" and _alive(d / "supervisor.pid")
     print(f"Local cluster in {d}: {'running' if running else status if status != 'ready' else 'dead'}")
+    info: dict = {}
     if (d / "cluster.json").exists():
         info = json.loads((d / "cluster.json").read_text())
         print(f"Add-ons: {', '.join(info.get('addons') or []) or '-'}; Prometheus: {info.get('prometheus')}")

@@ -29,6 +29,8 @@ PLURALS = {
     "EndpointSlice": "endpointslices",
     "APIService": "apiservices",
     "ConfigMap": "configmaps",
+    "GatewayClass": "gatewayclasses",
+    "Gateway": "gateways",
 }
 
 

@@ -86,3 +86,10 @@ def hydra(kube) -> dict[str, str]:
     its ``HYDRA_ISSUER`` / ``HYDRA_ADMIN`` URLs."""
     kube.start_addon("hydra")
     return {"issuer": kube.exports["HYDRA_ISSUER"], "admin": kube.exports["HYDRA_ADMIN"]}
+
+
+@pytest.fixture(scope="session")
+def gateway(kube) -> float:
+    """The ``gateway`` add-on (Traefik, Gateway ``gateway/traefik``) in the session's cluster, only for
+    the tests that need it; its start seconds."""
+    return kube.start_addon("gateway")

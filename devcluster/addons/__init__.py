@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from devcluster.addons import coredns, hydra, keda, prometheus
+from devcluster.addons import coredns, gateway, hydra, keda, prometheus
 
-ADDONS: dict[str, ModuleType] = {"coredns": coredns, "prometheus": prometheus, "keda": keda, "hydra": hydra}
+ADDONS: dict[str, ModuleType] = {
+    "coredns": coredns,
+    "prometheus": prometheus,
+    "keda": keda,
+    "hydra": hydra,
+    "gateway": gateway,
+}
 DEFAULT = ("coredns", "prometheus")
 
 

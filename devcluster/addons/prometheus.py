@@ -1,12 +1,16 @@
 """Prometheus on 127.0.0.1, discovering pods through the apiserver and scraping those annotated
-``prometheus.io/scrape`` (1 s interval, 2 h retention). Pods reach it as in a user's cluster, at
+``prometheus.io/scrape`` (1 s interval, 2 h retention), and what add-ons running outside pods list with
+``add_targets`` (job ``addons``, each target group labelled with its own ``job``: Traefik's is
+``traefik``). Pods reach it as in a user's cluster, at
 ``http://prometheus.monitoring:9090``: the Service's endpoint is the node's address, where the node
 agent forwards to the loopback port."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,7 +44,25 @@ scrape_configs:
   - {{source_labels: [__meta_kubernetes_pod_name], target_label: pod}}
   - {{source_labels: [__meta_kubernetes_pod_node_name], target_label: node}}
   - {{action: labelmap, regex: __meta_kubernetes_pod_label_(app_kubernetes_io_.+|autoglm_io_.+)}}
+- job_name: addons
+  # add-ons outside pods (add_targets); each file's targets carry their own job label
+  file_sd_configs:
+  - {{files: ["{targets}/*.json"], refresh_interval: 5s}}
 """
+
+
+def targets_dir(cluster_dir: Path) -> Path:
+    return cluster_dir / "prometheus-targets"
+
+
+def add_targets(c: Cluster, job: str, targets: list[str]) -> None:
+    """Have Prometheus scrape ``targets`` (``host:port``, path /metrics) as job ``job`` (file-based
+    discovery: Prometheus picks the file up within seconds, no reload)."""
+    d = targets_dir(c.dir)
+    d.mkdir(exist_ok=True)
+    tmp = d / f".{job}.json.tmp"
+    tmp.write_text(json.dumps([{"targets": targets, "labels": {"job": job}}]))
+    tmp.rename(d / f"{job}.json")  # whole, never half-written
 
 
 def objects(node_ip: str) -> list[dict[str, Any]]:
@@ -80,7 +102,11 @@ def start(c: Cluster) -> None:
     cfg = c.dir / "prometheus.yml"
     cfg.write_text(
         CONFIG.format(
-            api=f"https://127.0.0.1:{c.api_port}", ca=pki / "ca.crt", cert=pki / "admin.crt", key=pki / "admin.key"
+            api=f"https://127.0.0.1:{c.api_port}",
+            ca=pki / "ca.crt",
+            cert=pki / "admin.crt",
+            key=pki / "admin.key",
+            targets=targets_dir(c.dir),
         )
     )
     port = c.prometheus_url.rsplit(":", 1)[1]

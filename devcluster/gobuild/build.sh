@@ -16,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${AUTOGLM_BIN_CACHE:-$repo/.cache/k8s-bin}
-all=(k8s etcd kwok helm prometheus keda gateway-api coredns hydra)
+all=(k8s etcd kwok helm prometheus keda gateway-api coredns hydra traefik)
 seed=""
 if [[ ${1:-} == --seed-from ]]; then seed=$(cd "$2" && pwd); shift 2; fi
 wanted=("$@")
@@ -83,7 +83,10 @@ if [[ ! -f $bin/.complete ]]; then
   done
   touch "$tmp/.complete"
   rm -rf "$bin"; mv "$tmp" "$bin"
-  find "$cache/bin" -mindepth 1 -maxdepth 1 ! -name "$setkey" -exec rm -rf {} +
   log "done: $bin"
 fi
+# Other sets may be another checkout's (worktrees share the cache, with other component lists) and in
+# use by its running cluster: remove only those nobody asked for in a day (each use touches its set).
+touch "$bin"
+find "$cache/bin" -mindepth 1 -maxdepth 1 ! -name "$setkey" -mmin +1440 -exec rm -rf {} +
 echo "$bin"

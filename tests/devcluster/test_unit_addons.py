@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from devcluster import addons, cli
-from devcluster.addons import coredns, hydra, keda
+from devcluster.addons import coredns, gateway, hydra, keda, prometheus
 
 
 def test_defaults_always_start_and_named_ones_follow_once():
@@ -16,8 +18,8 @@ def test_defaults_always_start_and_named_ones_follow_once():
 
 
 def test_an_unknown_add_on_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown add-on\\(s\\) gateway; known: coredns, prometheus, keda, hydra"):
-        addons.resolve(["gateway"])
+    with pytest.raises(ValueError, match=f"unknown add-on\\(s\\) nosuch; known: {', '.join(addons.ADDONS)}$"):
+        addons.resolve(["nosuch"])
 
 
 def test_cli_rejects_an_unknown_add_on(capsys):
@@ -68,3 +70,52 @@ def test_up_prints_the_add_ons_lines_before_the_kubeconfig_export(tmp_path):
     assert lines[-3:] == ["HYDRA_ISSUER=http://10.1.255.2:4444/", "HYDRA_ADMIN=http://10.1.255.2:4445",
                           f"export KUBECONFIG={tmp_path / 'kubeconfig'}"]
     assert "Add-ons: keda, hydra" in lines
+
+
+def test_gateway_listens_on_the_node_address_only_and_calls_nobody():
+    flags = gateway.args("10.101.255.2")
+    addresses = [f.split("=", 1)[1] for f in flags if f.startswith("--entryPoints.") and ".address=" in f]
+    assert addresses == ["10.101.255.2:80", "10.101.255.2:8082"]  # inside the cluster's network, not 0.0.0.0
+    assert "--global.checkNewVersion=false" in flags and "--global.sendAnonymousUsage=false" in flags
+
+
+def test_gateway_objects_accept_routes_from_every_namespace_on_traefiks_class():
+    objs = {o["kind"]: o for o in gateway.objects("10.101.255.2")}
+    assert objs["GatewayClass"]["spec"]["controllerName"] == "traefik.io/gateway-controller"
+    gw = objs["Gateway"]
+    assert (gw["metadata"]["namespace"], gw["metadata"]["name"]) == ("gateway", "traefik")
+    assert gw["spec"]["gatewayClassName"] == objs["GatewayClass"]["metadata"]["name"]
+    [listener] = gw["spec"]["listeners"]
+    assert (listener["port"], listener["protocol"]) == (80, "HTTP")
+    assert listener["allowedRoutes"] == {"namespaces": {"from": "All"}}
+    assert objs["EndpointSlice"]["endpoints"][0]["addresses"] == ["10.101.255.2"]
+
+
+def test_the_gateway_exports_its_address_and_name():
+    assert gateway.exports("10.103.255.2") == {
+        "GATEWAY_ADDRESS": "http://10.103.255.2:80",
+        "GATEWAY": "gateway/traefik",
+    }
+
+
+def test_gateway_programmed_needs_accepted_and_programmed():
+    def g(**conds):
+        return {"status": {"conditions": [{"type": t, "status": s} for t, s in conds.items()]}}
+
+    assert gateway.programmed(g(Accepted="True", Programmed="True"))
+    assert not gateway.programmed(g(Accepted="True", Programmed="False"))
+    assert not gateway.programmed(g(Programmed="True"))
+    assert not gateway.programmed({})
+
+
+def test_add_on_scrape_targets_are_a_file_prometheus_discovers_with_their_own_job(tmp_path):
+    class C:
+        dir = tmp_path
+
+    prometheus.add_targets(C(), "traefik", ["10.101.255.2:8082"])  # type: ignore[arg-type]
+    files = list(prometheus.targets_dir(tmp_path).iterdir())
+    assert [f.name for f in files] == ["traefik.json"]
+    assert json.loads(files[0].read_text()) == [{"targets": ["10.101.255.2:8082"], "labels": {"job": "traefik"}}]
+    cfg = yaml.safe_load(prometheus.CONFIG.format(api="https://a", ca="c", cert="t", key="k", targets=tmp_path))
+    [addon_job] = [j for j in cfg["scrape_configs"] if j["job_name"] == "addons"]
+    assert addon_job["file_sd_configs"][0]["files"] == [f"{tmp_path}/*.json"]

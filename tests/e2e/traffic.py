@@ -44,15 +44,18 @@ class Answer:
 
 class Traffic:
     """``streams`` streaming and ``calls`` non-streaming clients, each in its own thread, sending one request
-    after another (``pause`` seconds between two of one client: low traffic) until stopped.
+    after another (``pause`` seconds between two of one client: low traffic) until stopped; ``headers``
+    go with every request.
 
     ``prompt`` is what every client says (long prompts test a revision's ``maxModelLen``); every request
     generates exactly ``max_tokens`` tokens (``ignore_eos``), so every request does the same work.
     """
 
     def __init__(self, base_url: str, model: str, *, streams: int = 4, calls: int = 4, max_tokens: int = 8,
-                 pause: float = 0.0, prompt: str = "hello from client {i}", timeout: float = 60) -> None:
+                 pause: float = 0.0, prompt: str = "hello from client {i}", timeout: float = 60,
+                 headers: dict[str, str] | None = None) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.headers = headers or {}  # sent with every request (a canary header, say)
         self.model, self.max_tokens, self.pause, self.prompt, self.timeout = model, max_tokens, pause, prompt, timeout
         self.answers: list[Answer] = []
         self.waited = 0.0  # seconds until the Service accepted a connection (see wait_reachable)
@@ -66,7 +69,8 @@ class Traffic:
         body = {"model": self.model, "messages": [{"role": "user", "content": self.prompt.format(i=i)}],
                 "max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
         # No keep-alive: a new connection (and a new kube-proxy choice of pod) for every request.
-        with httpx.Client(timeout=self.timeout, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(timeout=self.timeout, limits=limits, headers=self.headers) as client:
             while not self.stop_event.is_set():
                 answer = self._one(client, body, stream)
                 with self.lock:
