@@ -154,12 +154,24 @@ def test_gateway_splits_at_the_steps_weights_honours_the_canary_header_and_promo
             wait_for(
                 lambda: sc.children()["deployments"] == [canary_rev], timeout=120, message="the aborted canary removed"
             )
-            t_after_abort = time.monotonic()
-            traffic.wait_answers(100, since=t_after_abort)
+            # The data plane follows: Traefik applies the route (and the canary's pods drain) a moment after
+            # the API says so. Wait until 100 answers in a row come from the stable only, and say how long.
+            t_aborted = time.monotonic()
+            windows: list[dict] = []
+
+            def only_stable() -> bool:
+                since = time.monotonic()
+                traffic.wait_answers(100, since=since)
+                windows.append(dict(traffic.by_revision(since)))
+                return set(windows[-1]) == {canary}
+
+            wait_for(only_stable, timeout=60, message="100 answers in a row from the stable after the abort")
+            abort_settle_s = time.monotonic() - t_aborted
     report(f"\nGatewayAPI timeline:\n{watch.timeline()}")
     report(
         f"GatewayAPI: promoted {promote_s:.1f}s after `rollout promote`; after it {dict(after_promotion)}; "
-        f"second canary {second} answered {traffic.by_revision()[second]} before the abort; "
+        f"second canary {second} answered {traffic.by_revision()[second]} before the abort; after the abort "
+        f"the stable alone answered within {abort_settle_s:.1f}s (windows of 100: {windows}); "
         f"whole run {time.monotonic() - t_start:.0f}s; traffic {traffic.summary()}"
     )
     assert abs(share10 - 0.10) <= TOLERANCE and n10 >= REQUESTS, (share10, n10)
@@ -169,7 +181,6 @@ def test_gateway_splits_at_the_steps_weights_honours_the_canary_header_and_promo
     assert promoted["stableRevision"] == canary_rev
     assert set(after_promotion) == {canary}, after_promotion
     assert traffic.by_revision()[second] > 0, "the second canary never answered through the Gateway"
-    assert set(traffic.by_revision(t_after_abort)) == {canary}, traffic.summary(t_after_abort)
     failed = [*pinned.failed, *traffic.failed]
     if failed:
         when = sorted(round(a.start - t_start, 1) for a in failed)
