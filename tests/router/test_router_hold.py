@@ -23,10 +23,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.runtime, pytest.mark.timeout(300)
 CONCURRENT = 8
 
 
-def _slice(port: int, ready: bool | None) -> dict:
-    """m-stable's EndpointSlice: no endpoint (None), or the runtime's loopback address."""
+def _slice(port: int, ready: bool | None, address: str = "") -> dict:
+    """m-stable's EndpointSlice: no endpoint (None), or the runtime's address (the API refuses loopback
+    ones: the runtime listens on this machine's end of the process node's link, which leaves nothing)."""
     endpoints = [] if ready is None else [
-        {"addresses": ["127.0.0.1"], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": "pod-0"}}
+        {"addresses": [address], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": "pod-0"}}
     ]
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
             "metadata": {"name": "m-stable-x", "labels": {"kubernetes.io/service-name": "m-stable"}},
@@ -45,6 +46,7 @@ def test_requests_held_at_zero_are_answered_when_a_pod_turns_ready(kube, crd, na
     def apply(*docs: dict) -> None:
         kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
 
+    host = kube.network.ranges.host_ip
     apply(agd, svc, _slice(8000, None))
     port = free_port()
     log = tmp_path / "router.log"
@@ -75,10 +77,10 @@ def test_requests_held_at_zero_are_answered_when_a_pod_turns_ready(kube, crd, na
             futures = [pool.submit(ask, i) for i in range(CONCURRENT)]
             wait_for(lambda: metric(router.metrics(), "autoglm_router_held_requests", deployment="m") == CONCURRENT,
                      timeout=30, message="every request held")
-            server = start_server(model, tmp_path, "--revision", "r1", name="pod-0")  # blocks until /ready
+            server = start_server(model, tmp_path, "--revision", "r1", name="pod-0", host=host)  # until /ready
             loaded = time.monotonic()
             assert not any(f.done() for f in futures)  # still held: the slice has no Ready endpoint yet
-            apply(_slice(server.port, True))
+            apply(_slice(server.port, True, host))
             results = [f.result(timeout=120) for f in futures]
         ttft = sorted(r[0] for r in results)
         print(f"\n[scale-to-zero] {CONCURRENT} requests held at zero; pod start + model load "
