@@ -32,7 +32,7 @@ CONCURRENT = 20
 
 
 class Replicas:
-    """The serving Deployment's spec.replicas and readyReplicas, sampled every half second in a thread."""
+    """The model Deployments' spec.replicas and readyReplicas, sampled every half second in a thread."""
 
     def __init__(self, kube, namespace: str, name: str) -> None:
         self.kube, self.ns, self.name = kube, namespace, name
@@ -42,7 +42,9 @@ class Replicas:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            deps = get(self.kube, self.ns, "deployments", "-l", f"autoglm.io/deployment={self.name}")["items"]
+            # The model revisions only (the router's Deployment carries autoglm.io/deployment too).
+            selector = f"autoglm.io/deployment={self.name},app.kubernetes.io/component=runtime"
+            deps = get(self.kube, self.ns, "deployments", "-l", selector)["items"]
             self.rows.append((time.monotonic(), sum(d["spec"].get("replicas", 0) for d in deps),
                               sum((d.get("status") or {}).get("readyReplicas", 0) for d in deps)))
             self.stop.wait(0.5)
@@ -124,6 +126,8 @@ def test_requests_at_zero_are_held_answered_and_it_sleeps_again(kube, namespace,
     url = f"http://{service_ip(kube, namespace, 'tiny')}:8000/v1"
 
     with Replicas(kube, namespace, "tiny") as reps:
+        wait_for(lambda: len(reps.rows) >= 2, timeout=30, message="replicas sampled")
+        assert reps.rows[-1][1] == 0, reps.rows  # really from zero
         # From zero: all held, all answered.
         sent = time.monotonic()
         ttft, failed = _ask_all(url, CONCURRENT)
