@@ -422,7 +422,9 @@ def keda_hpa_name(name: str) -> str:
 
 def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prometheus: str) -> dict[str, Any]:
     """KEDA ScaledObject on the serving revision's Deployment: Prometheus trigger on its queue depth
-    (and CPU when asked); KEDA creates and owns the HPA, the operator never touches spec.replicas."""
+    (and CPU when asked); KEDA creates and owns the HPA, the operator never touches spec.replicas. With
+    minReplicas 0, a second trigger on the router's held and in-flight requests wakes it from zero and
+    keeps it up while any is held or streaming; ``cooldownPeriod`` is scaleToZeroAfter."""
     a = r.spec.autoscaling
     lo, hi = a.bounds
     triggers: list[dict[str, Any]] = [
@@ -437,10 +439,29 @@ def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prom
             },
         }
     ]
+    if lo == 0:
+        # Scale to zero: the router's held and in-flight requests. Any at all (> activationThreshold 0)
+        # keeps the trigger active: the first held request wakes the revision from zero, and it never
+        # goes back to zero while a request is held or streaming. As a scaling metric it asks for a pod
+        # per batch of requests plus the target queue (the queue-depth trigger usually asks for more).
+        triggers.append(
+            {
+                "type": "prometheus",
+                "name": "router-requests",
+                "metricType": "AverageValue",
+                "metadata": {
+                    "serverAddress": prometheus,
+                    "query": queries.router_busy(r.namespace, r.name),
+                    "threshold": str(r.spec.runtime.max_batch_size + a.target_queue_depth),
+                    "activationThreshold": "0",
+                },
+            }
+        )
     if a.target_cpu_utilization > 0:
         triggers.append(
             {"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(a.target_cpu_utilization)}}
         )
+    scale_to_zero = {"cooldownPeriod": a.scale_to_zero_seconds} if lo == 0 else {}
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -450,6 +471,7 @@ def build_scaled_object(cr: dict[str, Any], r: ResolvedSpec, revision: str, prom
             "minReplicaCount": lo,
             "maxReplicaCount": hi,
             "pollingInterval": 5,
+            **scale_to_zero,
             "advanced": {
                 "horizontalPodAutoscalerConfig": {
                     "name": keda_hpa_name(r.name),

@@ -76,7 +76,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {
         "name": "Phase",
         "type": "string",
-        "description": "Pending, Progressing, Healthy or Degraded.",
+        "description": "Pending, Progressing, Healthy, ScaledToZero or Degraded.",
         "jsonPath": ".status.phase",
     },
     {

@@ -23,6 +23,17 @@ def queue_depth(namespace: str, model: str, revision: str) -> str:
     return f"sum(autoglm_requests_waiting{{{selector(namespace, model, revision)}}}) or vector(0)"
 
 
+def router_busy(namespace: str, deployment: str) -> str:
+    """Requests the deployment's routers hold (no Ready pod) or proxy (in flight, streams included), all
+    router pods together: above 0 the deployment must not be at zero (and a held one wakes it). The
+    router labels its own series with ``deployment``."""
+    sel = f'namespace="{namespace}",deployment="{deployment}"'
+    return (
+        f"(sum(autoglm_router_held_requests{{{sel}}}) or vector(0))"
+        f" + (sum(autoglm_router_requests_in_flight{{{sel}}}) or vector(0))"
+    )
+
+
 def request_rate(sel: str, window: str) -> str:
     return f"sum by (revision) (rate(autoglm_requests_total{{{sel}}}[{window}]))"
 

@@ -57,6 +57,7 @@ def _router_args(r: ResolvedSpec) -> list[str]:
         f"--session-key={rt.session_key}",
         f"--load-factor={rt.load_factor:g}",
         f"--canary-header={r.spec.rollout.canary_header}",
+        f"--hold-timeout={rt.hold_timeout_seconds:g}",
         f"--drain-delay={DRAIN_DELAY_SECONDS}",
         f"--drain-timeout={DRAIN_TIMEOUT_SECONDS}",
     ]
@@ -123,7 +124,18 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
             "replicas": r.spec.router.replicas,
             "selector": {"matchLabels": router_selector(name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+            "template": {
+                "metadata": {
+                    "labels": dict(labels),
+                    # Its held and in-flight requests are what KEDA reads to scale from and to zero.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(b.PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod,
+            },
         },
     }
 

@@ -43,6 +43,8 @@ def compute_status(
         ready = min(desired, ready + cand.ready)  # canary pods stand in for the stable pods they replaced
     ready_ok = stable is not None and ready >= desired
     problem = problems[0] if problems else None
+    # Scale to zero: no pod wanted now is a normal, Ready-to-wake state (the router holds requests).
+    at_zero = stable is not None and desired == 0 and stable.replicas == 0
 
     if problem:
         phase = "Degraded"
@@ -51,7 +53,7 @@ def compute_status(
     elif stable is None or (ready == 0 and desired > 0):
         phase = "Pending"
     elif ready_ok and stable.is_ready:
-        phase = "Healthy"
+        phase = "ScaledToZero" if at_zero else "Healthy"
     else:
         phase = "Progressing"
 
@@ -67,6 +69,9 @@ def compute_status(
             observed_generation=generation,
             now=now,
         )
+    elif ready_ok and at_zero:
+        msg = f"Revision {stable_name} is scaled to zero; the router holds requests and the first one wakes it"
+        conds = set_condition(conds, READY, True, "ScaledToZero", msg, observed_generation=generation, now=now)
     elif ready_ok:
         conds = set_condition(conds, READY, True, "ReplicasReady", ready_msg, observed_generation=generation, now=now)
     else:

@@ -44,6 +44,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--queue-scrape-interval", type=float, default=1.0, help="Seconds between queue-depth scrapes; 0: off."
     )
+    p.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=120.0,
+        help="Most seconds a request waits for a Ready pod while there is none (scaled to zero, starting); "
+        "then a 503 with Retry-After. 0: answer the 503 at once.",
+    )
+    p.add_argument(
+        "--hold-capacity", type=int, default=1024, help="Most requests held at once; more get the 503 at once."
+    )
     p.add_argument("--drain-delay", type=float, default=0.0, help="Seconds to keep listening after SIGTERM.")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="Most seconds in-flight streams get to finish.")
     src = p.add_argument_group("endpoints (static)")
@@ -104,6 +114,8 @@ def make_verifier(args: argparse.Namespace) -> BearerVerifier | None:
 async def serve(args: argparse.Namespace) -> None:
     if args.load_factor < 1:
         raise SystemExit("autoglm-router: --load-factor must be >= 1")
+    if args.hold_timeout < 0 or args.hold_capacity < 0:
+        raise SystemExit("autoglm-router: --hold-timeout and --hold-capacity must be >= 0")
     picker = Picker(args.policy, args.session_key, args.load_factor, args.canary_header)
     verifier = make_verifier(args)
     app = create_app(
@@ -112,6 +124,9 @@ async def serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         queue_scrape_interval=args.queue_scrape_interval,
         authenticate=bearer_hook(verifier) if verifier else allow_all,
+        deployment=args.deployment or "",
+        hold_timeout=args.hold_timeout,
+        hold_capacity=args.hold_capacity,
     )
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
     await runner.setup()

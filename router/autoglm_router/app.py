@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from autoglm_router.endpoints import EndpointSource
+from autoglm_router.hold import HoldQueue
 from autoglm_router.metrics import CONTENT_TYPE, RouterMetrics
 from autoglm_router.picker import Picker
 from autoglm_router.proxy import Authenticate, Proxy, allow_all
@@ -21,6 +22,7 @@ class RouterState:
     metrics: RouterMetrics
     proxy: Proxy
     scraper: QueueScraper | None
+    hold: HoldQueue
     draining: bool = False
 
 
@@ -34,15 +36,22 @@ def create_app(
     max_body_bytes: int = 64 * 1024 * 1024,
     queue_scrape_interval: float = 1.0,
     authenticate: Authenticate = allow_all,
+    deployment: str = "",
+    hold_timeout: float = 0.0,
+    hold_capacity: int = 1024,
 ) -> web.Application:
-    metrics = RouterMetrics()
-    proxy = Proxy(source, picker, metrics, max_body_bytes, authenticate)
+    """The app; ``hold_timeout`` 0 (the default here; the CLI's is 120 s) answers a request that finds no
+    Ready pod with a 503 at once instead of holding it."""
+    metrics = RouterMetrics(deployment)
+    hold = HoldQueue(hold_timeout, hold_capacity, lambda rev: metrics.held.labels(deployment, rev))
+    source.subscribe(hold.notify)
+    proxy = Proxy(source, picker, metrics, max_body_bytes, authenticate, hold=hold)
     scraper = (
         QueueScraper(lambda: source.topology().endpoints(), picker.queued, queue_scrape_interval)
         if queue_scrape_interval > 0 and picker.policy == "LeastLoad"
         else None
     )
-    state = RouterState(source, picker, metrics, proxy, scraper)
+    state = RouterState(source, picker, metrics, proxy, scraper, hold)
     # The body limit is the proxy's (a JSON 413); aiohttp's own must not answer first.
     app = web.Application(client_max_size=max_body_bytes + 1)
     app[STATE] = state

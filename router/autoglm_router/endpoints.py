@@ -7,7 +7,7 @@ the canary's weight), behind the ``EndpointSource`` interface.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +45,9 @@ class Topology:
 class EndpointSource(Protocol):
     def topology(self) -> Topology: ...
 
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called after every change of the topology (held requests wake on it)."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -55,12 +58,18 @@ class StaticSource:
     """A fixed topology (the ``--backend`` flags); ``set`` replaces it (tests change it while serving)."""
 
     current: Topology = field(default_factory=Topology)
+    listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def topology(self) -> Topology:
         return self.current
 
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self.listeners.append(callback)
+
     def set(self, topology: Topology) -> None:
         self.current = topology
+        for callback in self.listeners:
+            callback()
 
     async def start(self) -> None:
         return None

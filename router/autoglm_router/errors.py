@@ -36,6 +36,23 @@ def no_endpoints() -> web.Response:
     )
 
 
+def not_held(reason: str, retry_after: int) -> web.Response:
+    """No Ready pod, and the request could not wait for one (``full``: the hold queue is full; ``off``:
+    holding is off) or waited its whole hold timeout (``timeout``)."""
+    why = {
+        "full": "too many requests are already waiting for one",
+        "off": "requests are not held",
+        "timeout": "none turned Ready within the hold timeout",
+    }[reason]
+    return error_response(
+        503,
+        f"No Ready model pod is available ({why}); retry later.",
+        "service_unavailable_error",
+        "no_endpoints" if reason == "off" else f"hold_{reason}",
+        **{"Retry-After": str(retry_after)},
+    )
+
+
 def upstream_failed(detail: str) -> web.Response:
     return error_response(
         502, f"Every model pod tried failed: {detail}", "service_unavailable_error", "upstream_failed"

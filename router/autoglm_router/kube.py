@@ -174,6 +174,7 @@ class KubeSource:
         )
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[Callable[[], None]] = []
 
     @classmethod
     def in_cluster(cls, name: str, namespace: str | None = None) -> KubeSource:
@@ -185,6 +186,11 @@ class KubeSource:
         synced = self._slices.listed and self._cr.listed
         self._current = Topology(topo.stable, topo.canary, topo.canary_weight, synced)
         log.debug("Updated endpoints, topology=%s", self._current)
+        for callback in self._listeners:
+            callback()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
 
     def topology(self) -> Topology:
         return self._current

@@ -11,11 +11,15 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 ADDED_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+# A hold lasts as long as a pod takes to start: a second up to the longest hold timeout.
+HOLD_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
 RETRY_REASONS = ("connect", "reset", "unavailable")
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, deployment: str = "") -> None:
+        self.deployment = deployment  # the AutoGLMDeployment routed for ("" with --backend)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -45,7 +49,26 @@ class RouterMetrics:
             buckets=ADDED_BUCKETS,
             registry=r,
         )
-        self.inflight = Gauge("autoglm_router_requests_in_flight", "Requests being proxied now.", registry=r)
+        self.inflight_by_deployment = Gauge(
+            "autoglm_router_requests_in_flight",
+            "Requests being proxied now (sent to a pod, or streaming its answer), by AutoGLMDeployment.",
+            ["deployment"],
+            registry=r,
+        )
+        self.inflight = self.inflight_by_deployment.labels(deployment)
+        self.held = Gauge(
+            "autoglm_router_held_requests",
+            "Requests waiting for a Ready pod (none in any revision: scaled to zero or starting), by "
+            "AutoGLMDeployment and the revision they are meant for. KEDA wakes a deployment from zero on it.",
+            ["deployment", "revision"],
+            registry=r,
+        )
+        self.hold_seconds = Histogram(
+            "autoglm_router_hold_seconds",
+            "How long held requests waited for a Ready pod (released ones and timed-out ones).",
+            buckets=HOLD_BUCKETS,
+            registry=r,
+        )
         self.endpoints = Gauge(
             "autoglm_router_endpoints", "Ready pods the router sends to, by revision.", ["revision"], registry=r
         )
@@ -58,7 +81,9 @@ class RouterMetrics:
             self.picks,
             self.sessions_moved,
             self.added_latency,
-            self.inflight,
+            self.inflight_by_deployment,
+            self.held,
+            self.hold_seconds,
             self.endpoints,
         ]
 

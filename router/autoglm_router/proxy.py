@@ -1,12 +1,14 @@
 """The ``/v1/*`` reverse proxy: check the body, pick a pod, retry what is safe to retry, stream the answer.
 
 One request's path: ``authenticate`` (``auth.hook`` for OAuth2: its verified user replaces the body's
-``user`` for picking and is sent to the pod as ``x-autoglm-user``; the token itself is not) → read the body (over
-``max_body_bytes``: 413) → parse it when it is a POST (not JSON: the runtime's 400, without reaching a
-pod) → ``Picker.choose`` → send to the pod. A connect failure, a connection reset before the response
-headers, or a 503 (a draining pod, a dead engine) is retried on another pod, at most ``MAX_RETRIES``
-times and only before any byte went to the client; once the response started it is passed on chunk by
-chunk as it arrives (server-sent events are never buffered), and never retried.
+``user`` for picking and is sent to the pod as ``x-autoglm-user``; the token itself is not) → read the
+body (over ``max_body_bytes``: 413) → parse it when it is a POST (not JSON: the runtime's 400, without
+reaching a pod) → while no revision has a Ready pod, wait in the ``HoldQueue`` (scale to zero; full or
+timed out: a 503 with ``Retry-After``) → ``Picker.choose`` → send to the pod. A connect failure, a
+connection reset before the response headers, or a 503 (a draining pod, a dead engine) is retried on
+another pod, at most ``MAX_RETRIES`` times and only before any byte went to the client; once the
+response started it is passed on chunk by chunk as it arrives (server-sent events are never buffered),
+and never retried.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from yarl import URL
 
 from autoglm_router import errors
 from autoglm_router.endpoints import EndpointSource
+from autoglm_router.hold import HoldQueue, HoldRefused, HoldTimedOut
 from autoglm_router.metrics import RouterMetrics
 from autoglm_router.picker import Choice, NoEndpoints, Picker
 from autoglm_router.sessions import USER_HEADER
@@ -32,6 +35,7 @@ from autoglm_router.sessions import USER_HEADER
 log = logging.getLogger("autoglm_router.proxy")
 
 MAX_RETRIES = 2
+RETRY_AFTER_NOT_HELD = 5  # seconds a client that could not be held is told to wait
 POD_HEADER = "x-autoglm-pod"
 REQUEST_ID_HEADER = "x-request-id"
 HOP_BY_HOP = frozenset(
@@ -77,6 +81,7 @@ class Proxy:
         max_body_bytes: int,
         authenticate: Authenticate = allow_all,
         connect_timeout: float = 2.0,
+        hold: HoldQueue | None = None,
     ) -> None:
         self.source = source
         self.picker = picker
@@ -84,6 +89,7 @@ class Proxy:
         self.max_body_bytes = max_body_bytes
         self.authenticate = authenticate
         self.connect_timeout = connect_timeout
+        self.hold = hold or HoldQueue(timeout=0, capacity=0)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -129,9 +135,23 @@ class Proxy:
             parsed = {**parsed, "user": user}
             headers[USER_HEADER] = user
             headers.popall("authorization", None)
+        topo = self.source.topology()
+        meant_for = next((r.name for r in self.picker.revision_for(topo, request.headers, parsed)), "")
+        try:
+            held = await self.hold.wait(meant_for, lambda: bool(self.source.topology().endpoints()))
+        except HoldRefused as exc:
+            retry_after = 1 if exc.reason == "off" else RETRY_AFTER_NOT_HELD
+            return self._answer(errors.not_held(exc.reason, retry_after))
+        except HoldTimedOut:
+            self.metrics.hold_seconds.observe(self.hold.timeout)
+            log.warning("Timed out holding request, revision=%s timeout_s=%.0f", meant_for, self.hold.timeout)
+            return self._answer(errors.not_held("timeout", RETRY_AFTER_NOT_HELD))
+        if held:
+            self.metrics.hold_seconds.observe(held)
+            log.info("Released held request, revision=%s held_s=%.3f", meant_for, held)
         self.metrics.inflight.inc()
         try:
-            return await self._send(request, body, parsed, headers, started)
+            return await self._send(request, body, parsed, headers, started + held)
         finally:
             self.metrics.inflight.dec()
 

@@ -135,6 +135,14 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
      ("spec.autoscaling.minReplicas", "minReplicas (5)", "maxReplicas (2)")),
     ("autoscaling-no-max", spec(**enabled_autoscaling(maxReplicas=DELETE)), ("spec.autoscaling.maxReplicas", "Required")),
     ("queue-depth-0", spec(autoscaling={"targetQueueDepth": 0}), ("spec.autoscaling.targetQueueDepth",)),
+    ("min-0-with-hpa", spec(router={"enabled": True}, **enabled_autoscaling(minReplicas=0)),
+     ("spec.autoscaling.minReplicas", "needs autoscaling.provider KEDA and router.enabled true")),
+    ("min-0-without-router", spec(**enabled_autoscaling(provider="KEDA", minReplicas=0)),
+     ("spec.autoscaling.minReplicas", "needs autoscaling.provider KEDA and router.enabled true")),
+    ("min-negative", spec(autoscaling={"minReplicas": -1}), ("spec.autoscaling.minReplicas",)),
+    ("scale-to-zero-after-words", spec(autoscaling={"scaleToZeroAfter": "5 minutes"}),
+     ("spec.autoscaling.scaleToZeroAfter",)),
+    ("hold-timeout-words", spec(router={"holdTimeout": "2 min"}), ("spec.router.holdTimeout",)),
     ("tls-without-secret", spec(tls={}), ("spec.tls.secretRef", "Required value")),
     ("tls-secret-without-name", spec(tls={"secretRef": {}}), ("spec.tls.secretRef.name", "Required value")),
     ("autoscaling-provider-unknown", spec(autoscaling={"provider": "VPA"}),
@@ -227,6 +235,13 @@ def test_bad_resource_is_rejected(crd, namespace, case_id, obj, expected):
     assert names == []
 
 
+def test_scale_to_zero_with_keda_and_the_router_is_accepted(crd, namespace):
+    obj = spec(router={"enabled": True, "holdTimeout": "3m"},
+               **enabled_autoscaling(provider="KEDA", minReplicas=0, scaleToZeroAfter="90s"))
+    proc = apply(crd, obj, namespace, "--dry-run=server")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_defaults_are_filled_in(crd, namespace):
     minimal = {"apiVersion": "autoglm.io/v1alpha1", "kind": "AutoGLMDeployment", "metadata": {"name": "mini"},
                "spec": {"model": {"uri": "hf://THUDM/glm-4-9b-chat"}, "autoscaling": {"enabled": True, "maxReplicas": 3},
@@ -240,7 +255,7 @@ def test_defaults_are_filled_in(crd, namespace):
     assert got["resources"] == {"gpus": 1, "gpuResourceName": "nvidia.com/gpu"}
     assert got["autoscaling"] == {"enabled": True, "provider": "HPA", "minReplicas": 1, "maxReplicas": 3,
                                   "targetQueueDepth": 8, "targetCPUUtilization": 0,
-                                  "scaleDownStabilizationSeconds": 300}
+                                  "scaleDownStabilizationSeconds": 300, "scaleToZeroAfter": "5m"}
     assert got["rollout"] == {
         "steps": [{"weight": 10, "pause": "60s"}, {"weight": 50, "pause": "120s"}],
         "trafficRouting": "Replicas", "canaryHeader": "x-autoglm-canary", "progressDeadlineSeconds": 900,

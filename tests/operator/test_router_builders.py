@@ -25,6 +25,14 @@ SPECS = {
         "router": {"enabled": True, "replicas": 2, "policy": "SessionAffinity", "sessionKey": "header:x-session-id",
                    "loadFactor": 1.5},
     },
+    "router-keda-zero": {
+        "model": {"name": "tiny", "uri": "file:///models/tiny"},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        "router": {"enabled": True, "holdTimeout": "3m"},
+        "autoscaling": {"enabled": True, "provider": "KEDA", "minReplicas": 0, "maxReplicas": 2,
+                        "targetQueueDepth": 2, "scaleToZeroAfter": "90s",
+                        "prometheus": {"address": "http://prometheus.monitoring:9090"}},
+    },
     "router-canary": {
         "model": {"name": "tiny", "uri": "file:///models/tiny"},
         "resources": {"gpus": 1},
@@ -52,6 +60,8 @@ def children(name: str, spec: dict) -> list[dict]:
         docs.append(rb.build_revision_service(cr, r, "stable", [rev, CANARY]))
     if r.spec.network_policy.enabled:
         docs += [rb.build_model_network_policy(cr, r), rb.build_router_network_policy(cr, r)]
+    if r.spec.autoscaling.enabled:  # KEDA (scale to zero wakes on the router's held requests)
+        docs.append(b.build_scaled_object(cr, r, rev, r.spec.autoscaling.prometheus.address or ""))
     return docs
 
 
@@ -86,3 +96,34 @@ def test_router_args_follow_the_spec() -> None:
         "containers"][0]["args"]
     assert "--policy=SessionAffinity" in args and "--session-key=header:x-session-id" in args
     assert "--load-factor=1.5" in args and "--deployment=chat" in args and "--namespace=demo" in args
+
+
+def test_scale_to_zero_wakes_on_the_routers_requests() -> None:
+    """minReplicas 0: KEDA may go to zero (after scaleToZeroAfter), and a second trigger on the router's
+    held + in-flight requests (activationThreshold 0) wakes it and keeps it up while any is held or
+    streaming; the router is told its hold timeout and is scraped. minReplicas 1: no such trigger."""
+    spec = SPECS["router-keda-zero"]
+    cr, r = cr_for("chat", spec), resolved("chat", spec)
+    so = b.build_scaled_object(cr, r, "abc", "http://prom:9090")["spec"]
+    assert so["minReplicaCount"] == 0 and so["cooldownPeriod"] == 90
+    wake = next(t for t in so["triggers"] if t["name"] == "router-requests")["metadata"]
+    assert wake["activationThreshold"] == "0"
+    assert 'autoglm_router_held_requests{namespace="demo",deployment="chat"}' in wake["query"]
+    assert 'autoglm_router_requests_in_flight{namespace="demo",deployment="chat"}' in wake["query"]
+    router = rb.build_router_deployment(cr, r, IMAGE)["spec"]["template"]
+    assert "--hold-timeout=180" in router["spec"]["containers"][0]["args"]
+    assert router["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    one = {**spec, "autoscaling": {**spec["autoscaling"], "minReplicas": 1}}
+    so = b.build_scaled_object(cr_for("chat", one), resolved("chat", one), "abc", "http://prom:9090")["spec"]
+    assert [t["name"] for t in so["triggers"]] == ["queue-depth"] and "cooldownPeriod" not in so
+
+
+def test_scale_to_zero_needs_keda_and_the_router() -> None:
+    """The operator's own check agrees with the CRD's CEL rule (a stored object is never trusted)."""
+    from autoglm_operator.models import InvalidSpec
+
+    spec = SPECS["router-keda-zero"]
+    for bad in ({**spec, "router": {"enabled": False}},
+                {**spec, "autoscaling": {**spec["autoscaling"], "provider": "HPA"}}):
+        with pytest.raises(InvalidSpec, match="needs autoscaling.provider KEDA and router.enabled true"):
+            resolved("chat", bad)

@@ -162,3 +162,23 @@ def test_max_surge_counts_canary_pods_standing_in_for_stable_ones() -> None:
     plain = {**spec, "rollout": {}}
     st = status(revs, decided(revs, stable="old", spec=plain, stable_version="0.1.0"), spec=plain)
     assert st["ready"] == "3/4"  # without maxSurge canary pods are extra: the stable itself is short
+
+
+ZERO_SPEC = {"model": {"uri": "hf://a/b"}, "runtime": {"version": "0.1.0"}, "router": {"enabled": True},
+             "autoscaling": {"enabled": True, "provider": "KEDA", "minReplicas": 0, "maxReplicas": 2}}
+
+
+def test_scaled_to_zero_is_ready_to_wake_not_degraded() -> None:
+    """KEDA took the revision to 0 pods: a normal state (Ready, the router holds requests), not Pending or
+    Degraded; when KEDA wakes it (1 wanted, none Ready yet) it is Pending until the pod is Ready."""
+    zero = {"new": rev("new", desired=0, ready=0)}
+    st = status(zero, decided(zero, spec=ZERO_SPEC), spec=ZERO_SPEC)
+    assert st["phase"] == "ScaledToZero" and st["ready"] == "0/0"
+    assert cond(st, "Ready")["status"] == "True" and cond(st, "Ready")["reason"] == "ScaledToZero"
+    assert cond(st, "Degraded")["status"] == "False"
+    waking = {"new": rev("new", desired=1, ready=0)}
+    st = status(waking, decided(waking, spec=ZERO_SPEC), old=st, spec=ZERO_SPEC)
+    assert st["phase"] == "Pending" and cond(st, "Ready")["reason"] == "ReplicasNotReady"
+    up = {"new": rev("new", desired=1, ready=1)}
+    st = status(up, decided(up, spec=ZERO_SPEC), old=st, spec=ZERO_SPEC)
+    assert st["phase"] == "Healthy" and cond(st, "Ready")["reason"] == "ReplicasReady"

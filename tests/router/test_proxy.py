@@ -160,6 +160,46 @@ async def test_no_pods_is_a_json_503(make_router):
     router, _ = await make_router(Topology())
     async with aiohttp.ClientSession() as s, s.post(router.make_url(CHAT), json=_chat()) as r:
         assert r.status == 503 and (await r.json())["error"]["code"] == "no_endpoints"
+        assert r.headers["Retry-After"] == "1"  # holding is off by default in create_app (the CLI holds)
+
+
+async def test_held_while_no_pod_then_released_when_one_turns_ready(make_router):
+    """Scale to zero: requests that find no Ready pod wait (counted in the held gauge), and go to the pod
+    as soon as the source reports it; past the capacity or the timeout: a JSON 503 with Retry-After."""
+    router, source = await make_router(Topology(Revision("r1")), hold_timeout=30, hold_capacity=3, deployment="m")
+    async with aiohttp.ClientSession() as s:
+
+        async def call() -> tuple[int, bytes]:
+            async with s.post(router.make_url(CHAT), json=_chat()) as r:
+                return r.status, await r.read()
+
+        held = [asyncio.create_task(call()) for _ in range(3)]
+        state = router.app[STATE]
+        for _ in range(100):
+            if state.hold.held == 3:
+                break
+            await asyncio.sleep(0.02)
+        async with s.get(router.make_url("/metrics")) as r:
+            assert 'autoglm_router_held_requests{deployment="m",revision="r1"} 3.0' in await r.text()
+        async with s.post(router.make_url(CHAT), json=_chat()) as r:  # the fourth: the queue is full
+            assert r.status == 503 and r.headers["Retry-After"] == "5"
+            assert (await r.json())["error"]["code"] == "hold_full"
+        assert not any(t.done() for t in held)
+        pod = Pod("p0")
+        source.set(Topology(await _pods(pod)))
+        answers = await asyncio.wait_for(asyncio.gather(*held), 5)
+        assert [a[0] for a in answers] == [200] * 3 and pod.hits == 3
+        async with s.get(router.make_url("/metrics")) as r:
+            text = await r.text()
+        assert 'autoglm_router_held_requests{deployment="m",revision="r1"} 0.0' in text
+        assert "autoglm_router_hold_seconds_count 3.0" in text
+
+
+async def test_hold_timeout_is_a_json_503_with_retry_after(make_router):
+    router, _ = await make_router(Topology(Revision("r1")), hold_timeout=0.3)
+    async with aiohttp.ClientSession() as s, s.post(router.make_url(CHAT), json=_chat()) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "5"
+        assert (await r.json())["error"]["code"] == "hold_timeout"
 
 
 async def test_session_affinity_sticks_and_two_routers_agree(make_router):

@@ -36,10 +36,11 @@ class Server:
     log: Path
     api_key: str | None = None
     headers: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def get(self, path: str, **kw) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30, **kw)
@@ -71,9 +72,9 @@ class Server:
 
 
 def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None = None, name: str = "server",
-                 env: dict[str, str] | None = None) -> Server:
+                 env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Server:
     port = free_port()
-    argv = [str(CLI), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+    argv = [str(CLI), "serve", "--model", str(model_dir), "--host", host, "--port", str(port),
             "--dtype", "float32", "--device", "cpu", "--served-model-name", "tiny", *extra]
     if api_key:
         key_file = logdir / f"{name}.key"
@@ -82,7 +83,7 @@ def start_server(model_dir: Path, logdir: Path, *extra: str, api_key: str | None
     log = logdir / f"{name}.log"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTOGLM_RUNTIME_")}, **(env or {})}
     proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    srv = Server(proc, port, log, api_key, {"Authorization": f"Bearer {api_key}"} if api_key else {})
+    srv = Server(proc, port, log, api_key, {"Authorization": f"Bearer {api_key}"} if api_key else {}, host)
 
     def ready():
         if proc.poll() is not None:

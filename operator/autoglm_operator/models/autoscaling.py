@@ -7,7 +7,23 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ..crdrules import Cel, cel
-from .base import SpecModel
+from .base import DURATION, SpecModel
+from .rollout import parse_duration
+
+# Cross-field (needs spec.router): the rule sits on the spec; spec.py lists it with the others.
+SCALE_TO_ZERO_NEEDS_KEDA_AND_ROUTER = Cel(
+    rule=(
+        "!(has(self.autoscaling) && has(self.autoscaling.minReplicas) && self.autoscaling.minReplicas == 0) || "
+        "(has(self.autoscaling.provider) && self.autoscaling.provider == 'KEDA' && has(self.router) && "
+        "has(self.router.enabled) && self.router.enabled)"
+    ),
+    message=(
+        "autoscaling.minReplicas 0 (scale to zero) needs autoscaling.provider KEDA and router.enabled true: "
+        "the router holds requests while no pod is Ready and KEDA wakes the deployment on them"
+    ),
+    field_path=".autoscaling.minReplicas",
+    reason="FieldValueForbidden",
+)
 
 
 class PrometheusRef(SpecModel):
@@ -58,7 +74,14 @@ class AutoscalingSpec(SpecModel):
         description="Prometheus that KEDA queries (provider KEDA); default the operator's setting.",
     )
     min_replicas: int = Field(
-        default=1, ge=1, le=1000, description="Fewest pods the autoscaler keeps. At most maxReplicas."
+        default=1,
+        ge=0,
+        le=1000,
+        description=(
+            "Fewest pods the autoscaler keeps. At most maxReplicas. 0 = scale to zero (provider KEDA and "
+            "router.enabled only): after scaleToZeroAfter without requests the serving revision has no pod; the "
+            "router holds new requests (router.holdTimeout) and the first one wakes it."
+        ),
     )
     max_replicas: int | None = Field(
         default=None, ge=1, le=1000, description="Most pods the autoscaler may create. Required when enabled."
@@ -85,6 +108,21 @@ class AutoscalingSpec(SpecModel):
         le=3600,
         description="How long the autoscaler looks back before scaling down (0..3600).",
     )
+
+    scale_to_zero_after: str = Field(
+        default="5m",
+        max_length=32,
+        pattern=DURATION,
+        description=(
+            "With minReplicas 0: how long the deployment must be idle (no request held, in flight or "
+            "streaming at the router, none waiting at a pod) before it goes to zero, a duration such as 30s or "
+            "5m (KEDA's cooldownPeriod). Default 5m."
+        ),
+    )
+
+    @property
+    def scale_to_zero_seconds(self) -> int:
+        return max(1, round(parse_duration(self.scale_to_zero_after)))
 
     @property
     def bounds(self) -> tuple[int, int]:

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import SpecModel
+from .base import DURATION, SpecModel
+from .rollout import parse_duration
 
 # One source: the router's own grammar for --session-key (autoglm_router.sessions) is the same string.
 SESSION_KEY = r"^(prompt|user|header:[A-Za-z0-9][-A-Za-z0-9_]*)$"
@@ -56,3 +57,16 @@ class RouterSpec(SpecModel):
         description="SessionAffinity's bound: a pod takes a new request only while its load stays within "
         "ceil(loadFactor x mean load).",
     )
+    hold_timeout: str = Field(
+        default="120s",
+        max_length=32,
+        pattern=DURATION,
+        description=(
+            "How long the router holds a request while no model pod is Ready (scaled to zero, starting), a "
+            "duration such as 120s or 5m; then a 503 with Retry-After. 0s: answer the 503 at once. Default 120s."
+        ),
+    )
+
+    @property
+    def hold_timeout_seconds(self) -> float:
+        return parse_duration(self.hold_timeout)

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..crdrules import Cel, cel
 from .access import AuthSpec, NetworkPolicySpec, TLSSpec
-from .autoscaling import AutoscalingSpec
+from .autoscaling import SCALE_TO_ZERO_NEEDS_KEDA_AND_ROUTER, AutoscalingSpec
 from .base import LabelValue, SpecModel
 from .pod import ResourcesSpec, RuntimeSpec, Toleration
 from .rollout import RolloutSpec
@@ -73,7 +73,9 @@ ROUTER_RULES = (ROUTER_FOR_ROUTER_ROUTING, ROUTER_NOT_WITH_GATEWAY, ROUTER_NOT_W
 class AutoGLMDeploymentSpec(SpecModel):
     """Desired state: the model, how to run it, where, how many, and how to roll out changes."""
 
-    crd_extra: ClassVar[dict[str, Any]] = cel(REPLICAS_WITH_AUTOSCALING, SURGE_WITH_AUTOSCALING, *ROUTER_RULES)
+    crd_extra: ClassVar[dict[str, Any]] = cel(
+        REPLICAS_WITH_AUTOSCALING, SURGE_WITH_AUTOSCALING, *ROUTER_RULES, SCALE_TO_ZERO_NEEDS_KEDA_AND_ROUTER
+    )
     model: ModelSpec = Field(
         description=(
             "The model to serve. Changing anything here starts a new revision (new pods), which replaces the "
@@ -169,6 +171,8 @@ class AutoGLMDeploymentSpec(SpecModel):
             raise ValueError(ROUTER_NOT_WITH_GATEWAY.message)
         if router and self.tls is not None:
             raise ValueError(ROUTER_NOT_WITH_TLS.message)
+        if self.autoscaling.min_replicas == 0 and not (self.autoscaling.provider == "KEDA" and router):
+            raise ValueError(SCALE_TO_ZERO_NEEDS_KEDA_AND_ROUTER.message)
         return self
 
     @property

@@ -98,11 +98,12 @@ class Condition(_Status):
 class AutoGLMDeploymentStatus(_Status):
     """Observed state, written by the operator only."""
 
-    phase: Literal["Pending", "Progressing", "Healthy", "Degraded"] | None = Field(
+    phase: Literal["Pending", "Progressing", "Healthy", "ScaledToZero", "Degraded"] | None = Field(
         default=None,
         description=(
             "Summary: Pending (nothing Ready yet), Progressing (a new revision is rolling out), Healthy (all "
-            "desired replicas Ready), Degraded (see conditions)."
+            "desired replicas Ready), ScaledToZero (autoscaling.minReplicas 0 and no pod now: Ready, the "
+            "router holds requests and the first one wakes it), Degraded (see conditions)."
         ),
     )
     observed_generation: int | None = Field(
