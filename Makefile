@@ -63,8 +63,9 @@ bench-runtime-vl: venv  ## Phone-agent workload (screenshots) on small-vl: ours 
 bench-agent: venv  ## Phone-agent loop on small-vl: TTFT by step, prefix reuse; cache on/off vs transformers serve (CPU)
 	$(PY) bench/bench_agent.py $(BENCH_AGENT_ARGS)
 
-bench-router: venv  ## Router overhead: TTFT direct vs through autoglm-router at 50 and 200 streams, interleaved (CPU)
+bench-router: venv  ## Router: overhead at 50/200 streams, then the agent workload over 3 replicas by policy (CPU)
 	$(PY) bench/bench_router.py $(BENCH_ROUTER_ARGS)
+	$(PY) bench/bench_router_agent.py $(BENCH_ROUTER_AGENT_ARGS)
 
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py

@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import os
 import random
@@ -297,13 +298,22 @@ class Record:
     expected_prompt_tokens: int  # counted here
     shared_with_previous: int  # tokens this step's prompt shares with the previous step's (0 at step 1)
     error: str | None = None
+    pod: str | None = None  # who answered, when known (see drive)
 
 
-async def drive(base: str, model: str, system: str, agents: list[list[Step]], counter: PromptCounter,
-                extra_body, think: bool = True) -> tuple[float, list[Record]]:
+async def drive(base: str | list[str], model: str, system: str, agents: list[list[Step]], counter: PromptCounter,
+                extra_body, think: bool = True, answer_cap: int | None = None,
+                rng: random.Random | None = None) -> tuple[float, list[Record]]:
+    """Run the agents against ``base``: one server, or several, one per request, picked by ``rng`` (as
+    kube-proxy's iptables mode picks per connection) or, without it, in turn. Each record names the pod that
+    answered: the router's ``x-autoglm-pod`` header, else the base URL when there are several.
+    ``answer_cap``: generate at most that many tokens per step (the history still carries the whole answer,
+    as the agent re-adds its own text)."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=900)
+    bases = [base] if isinstance(base, str) else list(base)
+    clients = [openai.AsyncOpenAI(base_url=b + "/v1", api_key="none", max_retries=0, timeout=900) for b in bases]
+    turn = itertools.count()
     records: list[Record] = []
 
     async def agent(seq: list[Step]) -> None:
@@ -313,13 +323,17 @@ async def drive(base: str, model: str, system: str, agents: list[list[Step]], co
             ids = counter.ids(msgs)
             shared = _common_prefix(prev, ids) if prev else 0
             prev = ids
-            new_tokens = counter.answer_tokens(st.answer)
+            new_tokens = min(counter.answer_tokens(st.answer), answer_cap or sys.maxsize)
             t0 = time.perf_counter()
             ttft, usage, err, n = None, None, None, 0
+            i = rng.randrange(len(clients)) if rng else next(turn) % len(clients)
+            pod = bases[i] if len(bases) > 1 else None
             try:
-                stream = await client.chat.completions.create(
+                raw = await clients[i].chat.completions.with_raw_response.create(
                     model=model, messages=msgs, stream=True, max_tokens=new_tokens, temperature=0.0, top_p=0.85,
                     frequency_penalty=0.2, stream_options={"include_usage": True}, extra_body=extra_body(new_tokens))
+                pod = raw.headers.get("x-autoglm-pod") or pod
+                stream = raw.parse()
                 async for chunk in stream:
                     usage = chunk.usage or usage
                     for c in chunk.choices:
@@ -333,7 +347,7 @@ async def drive(base: str, model: str, system: str, agents: list[list[Step]], co
             cached = getattr(details, "cached_tokens", None) if details is not None else None
             records.append(Record(st.agent, k, ttft, time.perf_counter() - t0,
                                   usage.completion_tokens if usage else n, usage.prompt_tokens if usage else None,
-                                  cached, len(ids), shared, err))
+                                  cached, len(ids), shared, err, pod))
             if err:
                 return
             if think and k < len(seq):
@@ -343,7 +357,8 @@ async def drive(base: str, model: str, system: str, agents: list[list[Step]], co
     try:
         await asyncio.gather(*(agent(seq) for seq in agents))
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
     return time.perf_counter() - t0, records
 
 

@@ -51,6 +51,36 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Serving pods by revision", "short", [("{{revision}}", q.serving_pods(SEL))]),
 ]
 
+# The router's panels (spec.router), below the model pods': selected by namespace and router name.
+ROUTER_SEL = q.router_selector("$namespace", "$router", regex=True)
+ROUTER_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    (
+        "Router: requests per second by revision and code",
+        "reqps",
+        [("{{revision}} {{code}}", q.router_requests(ROUTER_SEL, WINDOW))],
+    ),
+    ("Router: retries per second by reason", "reqps", [("{{reason}}", q.router_retries(ROUTER_SEL, WINDOW))]),
+    (
+        "Router: time added before the response starts",
+        "s",
+        [(f"p{int(p * 100)}", q.router_added_latency(p, ROUTER_SEL, WINDOW)) for p in (0.5, 0.99)],
+    ),
+    (
+        "Router: picks by policy and sessions moved by load",
+        "ops",
+        [
+            ("{{policy}}", q.router_picks(ROUTER_SEL, WINDOW)),
+            ("sessions moved by load", q.router_sessions_moved(ROUTER_SEL, WINDOW)),
+        ],
+    ),
+    (
+        "Router: requests in flight per router pod",
+        "short",
+        [("{{pod}}", q.per_pod("autoglm_router_requests_in_flight", ROUTER_SEL))],
+    ),
+    ("Router: Ready model pods by revision", "short", [("{{revision}}", q.router_endpoints(ROUTER_SEL))]),
+]
+
 
 def _variable(name: str, label: str, query: str) -> dict[str, Any]:
     return {
@@ -70,7 +100,7 @@ def _variable(name: str, label: str, query: str) -> dict[str, Any]:
 
 def build() -> dict[str, Any]:
     panels = []
-    for i, (title, unit, targets) in enumerate(PANELS):
+    for i, (title, unit, targets) in enumerate(PANELS + ROUTER_PANELS):
         panels.append(
             {
                 "id": i + 1,
@@ -104,6 +134,11 @@ def build() -> dict[str, Any]:
                 },
                 _variable("namespace", "Namespace", "label_values(autoglm_requests_running, namespace)"),
                 _variable("model", "Model", 'label_values(autoglm_requests_running{namespace=~"$namespace"}, model)'),
+                _variable(
+                    "router",
+                    "Router",
+                    'label_values(autoglm_router_requests_in_flight{namespace=~"$namespace"}, autoglm_io_router)',
+                ),
             ]
         },
         "panels": panels,

@@ -80,6 +80,43 @@ def serving_pods(sel: str) -> str:
     return f"count by (revision) (autoglm_requests_running{{{sel}}})"
 
 
+# ---------------------------------------------------------------- the router (spec.router)
+# The router's series carry no ``model``: its pods are told apart by the ``autoglm_io_router`` label (the
+# resource's name; from the pod label ``autoglm.io/router``, which both scrape setups map) and ``namespace``.
+
+
+def router_selector(namespace: str, router: str, *, regex: bool = False) -> str:
+    op = "=~" if regex else "="
+    return f'namespace{op}"{namespace}",autoglm_io_router{op}"{router}"'
+
+
+def router_requests(sel: str, window: str) -> str:
+    return f"sum by (revision, code) (rate(autoglm_router_requests_total{{{sel}}}[{window}]))"
+
+
+def router_retries(sel: str, window: str) -> str:
+    return f"sum by (reason) (rate(autoglm_router_retries_total{{{sel}}}[{window}]))"
+
+
+def router_added_latency(q: float, sel: str, window: str) -> str:
+    return (
+        f"histogram_quantile({q}, sum by (le) (rate(autoglm_router_added_latency_seconds_bucket{{{sel}}}[{window}])))"
+    )
+
+
+def router_picks(sel: str, window: str) -> str:
+    return f"sum by (policy) (rate(autoglm_router_picks_total{{{sel}}}[{window}]))"
+
+
+def router_sessions_moved(sel: str, window: str) -> str:
+    return f"sum(rate(autoglm_router_sessions_moved_by_load_total{{{sel}}}[{window}]))"
+
+
+def router_endpoints(sel: str) -> str:
+    """Ready model pods each revision has, as the router pods see them (the most any router pod sees)."""
+    return f"max by (revision) (autoglm_router_endpoints{{{sel}}})"
+
+
 # ---------------------------------------------------------------- canary analysis (analysis.py)
 # Instant queries at the check's time over the last ``window`` (e.g. "30s"). analysis.py turns the
 # counts by status into the success rate (see ``analysis.success_figures``).

@@ -34,7 +34,6 @@ from .sync import (
     Outcome,
     clear_annotations,
     delete_revisions,
-    router_serves,
     sync_autoscaler,
     sync_deployments,
     sync_network_policy,
@@ -117,7 +116,7 @@ async def reconcile(
     autoscaler = autoscaler_status(r, obs)
     if autoscaler is not None:
         new_status["autoscaler"] = autoscaler
-    router = router_status(r, obs, router_serves(r, obs))
+    router = router_status(r, obs, decision)
     if router is not None:
         new_status["router"] = router
     out.requeue_after = decision.requeue_after  # the rollout's clock: pause end, next check, deadline

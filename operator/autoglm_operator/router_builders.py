@@ -25,6 +25,10 @@ def router_name(name: str) -> str:
     return f"{name}-router"
 
 
+# Prometheus's annotation-based discovery (the local cluster's, many clusters') scrapes the router's /metrics.
+SCRAPE = {"prometheus.io/scrape": "true", "prometheus.io/port": str(b.PORT), "prometheus.io/path": "/metrics"}
+
+
 def router_selector(name: str) -> dict[str, str]:
     return {LABEL_ROUTER: name}
 
@@ -124,18 +128,8 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
             "replicas": r.spec.router.replicas,
             "selector": {"matchLabels": router_selector(name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {
-                "metadata": {
-                    "labels": dict(labels),
-                    # Its held and in-flight requests are what KEDA reads to scale from and to zero.
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(b.PORT),
-                        "prometheus.io/path": "/metrics",
-                    },
-                },
-                "spec": pod,
-            },
+            # Scraped: its held and in-flight requests are what KEDA reads to scale from and to zero.
+            "template": {"metadata": {"labels": dict(labels), "annotations": dict(SCRAPE)}, "spec": pod},
         },
     }
 

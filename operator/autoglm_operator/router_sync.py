@@ -17,8 +17,9 @@ from . import router_builders as rb
 from .kube import KubeAPI
 from .models import ResolvedSpec
 from .observe import Observed
+from .policy import Decision
 from .settings import OperatorSettings
-from .sync import Outcome, _sync_optional_child
+from .sync import Outcome, _sync_optional_child, router_serves
 
 KINDS = ("ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget", "NetworkPolicy")
 
@@ -59,15 +60,29 @@ async def sync_router(
         await _sync_optional_child(kube, cr, kind, what, desired[kind], observed[kind], out, logger, name=name)
 
 
-def router_status(r: ResolvedSpec, obs: Observed, serving: bool) -> dict[str, Any] | None:
-    """``status.router`` (None while the router is off)."""
+def routed_revisions(r: ResolvedSpec, decision: Decision) -> tuple[str, ...]:
+    """The revisions behind the Services the router reads (sync_route): Replicas routing, every serving one
+    under ``{name}-stable``; Router routing, the stable and the canary each under its own."""
+    if r.spec.rollout.traffic_routing == "Router":
+        return tuple(h for h in (decision.stable, decision.canary) if h)
+    return tuple(decision.serving)
+
+
+def router_status(r: ResolvedSpec, obs: Observed, decision: Decision) -> dict[str, Any] | None:
+    """``status.router`` (None while the router is off). ``serving`` only when a request would be answered:
+    the Service on the router AND a Ready model pod behind it (a router pod is Ready seconds to minutes
+    before a runtime has loaded its model)."""
     if not r.spec.router.enabled:
         return None
     st = (obs.router_deployment or {}).get("status") or {}
+    on_router = router_serves(r, obs)
+    endpoints = sum(obs.revisions[h].ready for h in set(routed_revisions(r, decision)) if h in obs.revisions)
     return {
         "name": rb.router_name(r.name),
         "policy": r.spec.router.policy,
         "replicas": int(st.get("replicas") or 0),
         "readyReplicas": int(st.get("readyReplicas") or 0),
-        "serving": serving,
+        "serviceOnRouter": on_router,
+        "readyEndpoints": endpoints,
+        "serving": on_router and endpoints > 0,
     }

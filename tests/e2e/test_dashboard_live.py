@@ -1,5 +1,5 @@
-"""Every panel of the shipped Grafana dashboard returns data from the local cluster's Prometheus
-while real load runs through a model endpoint."""
+"""Every panel of the shipped Grafana dashboard (the router's included) returns data from the local
+cluster's Prometheus while real load runs through a model endpoint's router."""
 
 from __future__ import annotations
 
@@ -11,26 +11,31 @@ import pytest
 from autoglm_operator import dashboard
 from tests.e2e.test_runtime_pods import Load, service_ip, tiny
 from tests.helpers import wait_for
-from tests.operator.test_operator_cluster import apply, crd, op_env, operator, wait_phase  # noqa: F401 - fixtures
+from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
+    apply, crd, op_env, operator, status, wait_phase,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
 SHIPPED = Path(__file__).resolve().parents[2] / "charts" / "autoglm" / "dashboards" / "autoglm-endpoints.json"
 
 
-def concrete(expr: str, namespace: str, model: str) -> str:
-    """The panel's PromQL as Grafana would send it for one namespace and model."""
-    return (expr.replace("$namespace", namespace).replace("$model", model)
+def concrete(expr: str, namespace: str, model: str, router: str) -> str:
+    """The panel's PromQL as Grafana would send it for one namespace, model and router."""
+    return (expr.replace("$namespace", namespace).replace("$model", model).replace("$router", router)
             .replace("$__rate_interval", "30s"))
 
 
 def test_every_dashboard_panel_returns_live_data(kube, namespace, operator, node_models):
-    apply(kube, namespace, tiny())
+    """With the router on (its panels too): the load goes through the router pod to the model pod."""
+    apply(kube, namespace, tiny(router={"enabled": True, "replicas": 1}))
     wait_phase(kube, namespace, "tiny", "Healthy", timeout=180)
+    wait_for(lambda: (status(kube, namespace, "tiny").get("router") or {}).get("serving"),
+             timeout=120, message="the Service on the router, a model pod behind it")
     exprs = dashboard.expressions(json.loads(SHIPPED.read_text()))
     with Load(f"http://{service_ip(kube, namespace, 'tiny')}:8000/v1", "tiny", n=8, max_tokens=24) as load:
         wait_for(lambda: load.ok >= 16, timeout=60, message="load running")
         for title, expr in exprs:
-            promql = concrete(expr, namespace, "tiny")
+            promql = concrete(expr, namespace, "tiny", "tiny")
             wait_for(lambda: kube.prometheus_query(promql), timeout=30, interval=1.0,
                      message=f"data for panel {title!r}: {promql}")
     assert load.failed == []

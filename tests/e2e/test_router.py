@@ -2,7 +2,8 @@
 checkout's `autoglm-router`, watching EndpointSlices with their own service account) in front of three
 real runtime pods; requests through the resource's Service: sessions stick to one pod, and deleting a
 router pod under streaming load fails no request. trafficRouting Router: a canary at 10 % gets the users
-the router's hash puts there (each user on one revision), and its promotion under load fails no request."""
+the router's hash puts there (each user on one revision), and its promotion and a second canary's rollback
+under streaming load fail no request."""
 
 from __future__ import annotations
 
@@ -80,10 +81,11 @@ def test_router_sessions_stick_and_a_router_pod_leaves_without_failures(kube, na
     assert not load.failed, load.failed[:5]
 
 
-def test_router_canary_by_user_is_the_weight_and_moves_users_only_forward(kube, namespace, operator, node_models):
+def test_router_canary_by_user_then_promotion_and_rollback_under_load(kube, namespace, operator, node_models):
     """trafficRouting Router, 1 stable + 1 canary pod at 10 %: 1,000 requests from 200 users through the
-    Service; the canary's share is 10 % ± 3 % and every user saw one revision; a promotion under load
-    through the router fails no request. (Monotonicity as the weight grows: tests/router/.)"""
+    Service; the canary's share is 10 % ± 3 % and every user saw one revision; a promotion, then a second
+    canary's rollback (abort), each under streaming load through the router, fail no request.
+    (Monotonicity as the weight grows: tests/router/.)"""
     body = tiny(replicas=1, resources={"gpus": 0, "cpu": "100m", "memory": "1Gi"},
                 router={"enabled": True, "replicas": 1},
                 rollout={"trafficRouting": "Router",
@@ -154,3 +156,35 @@ def test_router_canary_by_user_is_the_weight_and_moves_users_only_forward(kube, 
     wait_for(lambda: {p["metadata"]["labels"]["autoglm.io/revision"] for p in pods(kube, namespace, "tiny")}
              == {canary_hash}, timeout=120, message="the old revision's pods gone")
     assert all(v == {canary_hash} for v in send(range(0, 20), 1).values())
+
+    # Rollback: another version as a canary at 10 %, aborted under streaming load; no request fails and every
+    # user is back on the (promoted) stable.
+    stable, stable_hash = canary, canary_hash
+    kube.kubectl("patch", "-n", namespace, "agd/tiny", "--type=merge", "-p",
+                 '{"spec": {"runtime": {"maxBatchSize": 7}}}')
+    wait_for(lambda: at(10), timeout=240, interval=1, message="second canary Ready at 10 %")
+    second = status(kube, namespace, "tiny")["canaryRevision"]
+    second_hash = second.rsplit("-", 1)[1]
+    wait_for(lambda: second_hash in {h for v in send(range(0, 60), 1).values() for h in v}, timeout=30,
+             message="router sends someone to the second canary")
+    base = url.removesuffix("/chat/completions")
+    # Streams on both revisions: plain clients (their users on the stable) and clients the canary header sends
+    # to the canary while it exists (then the stable serves them: the router's fallback).
+    with Load(base, "tiny", n=3, max_tokens=8) as plain, \
+            Load(base, "tiny", n=3, max_tokens=8, headers={"x-autoglm-canary": "always"}) as forced:
+        wait_for(lambda: plain.ok >= 6 and forced.revisions[second_hash] >= 6, timeout=120,
+                 message="load running on both revisions")
+        kube.kubectl("annotate", "-n", namespace, "agd/tiny", "autoglm.io/abort=true", "--overwrite")
+        wait_for(lambda: status(kube, namespace, "tiny").get("rolloutPhase") == "RolledBack"
+                 and not status(kube, namespace, "tiny").get("canaryRevision"), timeout=120, interval=1,
+                 message="canary rolled back")
+        wait_for(lambda: {p["metadata"]["labels"]["autoglm.io/revision"] for p in pods(kube, namespace, "tiny")}
+                 == {stable_hash}, timeout=120, message="the aborted canary's pods gone")
+        n = forced.revisions[stable_hash]
+        wait_for(lambda: forced.revisions[stable_hash] >= n + 8, timeout=120,
+                 message="the canary's clients answered by the stable after the rollback")
+    report(f"rollback under load through the router: plain {dict(plain.revisions)}, forced to the canary "
+           f"{dict(forced.revisions)}; failed {len(plain.failed)} + {len(forced.failed)}")
+    assert not plain.failed and not forced.failed, (plain.failed + forced.failed)[:5]
+    assert status(kube, namespace, "tiny")["stableRevision"] == stable
+    assert all(v == {stable_hash} for v in send(range(0, 60), 1).values())

@@ -4,6 +4,7 @@ the CR's status; a version change and a pod deletion under load lose no request.
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -58,12 +59,14 @@ def http_status(url: str) -> int:
 class Load:
     """``n`` clients streaming chat completions through the Service, counting what fails."""
 
-    def __init__(self, base_url: str, model: str, n: int = 16, max_tokens: int = 12) -> None:
+    def __init__(self, base_url: str, model: str, n: int = 16, max_tokens: int = 12,
+                 headers: dict[str, str] | None = None) -> None:
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=base_url, api_key="none", timeout=120)
+        self.client = OpenAI(base_url=base_url, api_key="none", timeout=120, default_headers=headers)
         self.model, self.n, self.max_tokens = model, n, max_tokens
         self.ok = 0
+        self.revisions: collections.Counter[str] = collections.Counter()  # x-autoglm-revision of each answer
         self.failed: list[str] = []
         self.ttft: list[tuple[float, float]] = []   # (monotonic start, seconds to the first token)
         self.stop = threading.Event()
@@ -75,10 +78,12 @@ class Load:
             try:
                 start = time.monotonic()
                 first = None
-                stream = self.client.chat.completions.create(
+                raw = self.client.chat.completions.with_raw_response.create(
                     model=self.model, messages=[{"role": "user", "content": f"client {i} says hello"}],
                     max_tokens=self.max_tokens, temperature=0, stream=True,
                     extra_body={"ignore_eos": True})  # every request does the same work
+                revision = raw.headers.get("x-autoglm-revision", "")
+                stream = raw.parse()
                 parts = []
                 for c in stream:
                     if c.choices and c.choices[0].delta.content:
@@ -87,6 +92,7 @@ class Load:
                 text = "".join(parts)
                 with self.lock:
                     self.ok += 1 if text else 0
+                    self.revisions[revision] += 1 if text else 0
                     if first is not None:
                         self.ttft.append((start, first - start))
                     if not text:

@@ -27,7 +27,8 @@ async def test_router_on_then_off() -> None:
     svc = kube.obj("Service", NS, "chat")
     assert svc["spec"]["selector"] == {rb.LABEL_ROUTER: "chat"} and svc["spec"]["ports"][0]["port"] == 8000
     assert cr(kube)["status"]["router"] == {"name": "chat-router", "policy": "SessionAffinity", "replicas": 2,
-                                            "readyReplicas": 2, "serving": True}
+                                            "readyReplicas": 2, "serviceOnRouter": True, "readyEndpoints": 1,
+                                            "serving": True}
     await assert_idle(kube)
 
     edit(kube, lambda s: s.update(router={"enabled": False}))
@@ -92,7 +93,8 @@ async def test_router_canary_started_before_the_stable_is_ready_skips_the_steps(
     """The router pod is Ready seconds before a runtime has loaded its model. A spec change in that gap
     finds a stable with no Ready pod (no traffic to protect): the new revision is promoted without its steps
     (policy.py), so status.canaryWeight never shows the first step's weight. The e2e canary test waits for
-    the stable's pod, not only for status.router.serving (this gap made it time out at "canary Ready at 10 %")."""
+    the stable's pod (status.router.serving once said true in this gap: it made that test time out at "canary
+    Ready at 10 %"; it now waits for a Ready model pod too, test_router_serving_needs_a_ready_model_pod)."""
     kube = FakeKube()
     make(kube, ROUTER_CANARY)
     await run(kube)
@@ -100,7 +102,7 @@ async def test_router_canary_started_before_the_stable_is_ready_skips_the_steps(
     kube.settle(NS, "chat-router")  # the router Ready, the model pod still loading
     await run(kube)
     st = cr(kube)["status"]
-    assert st["router"]["serving"] and st["readyReplicas"] == 0, st
+    assert st["router"]["serviceOnRouter"] and not st["router"]["serving"] and st["readyReplicas"] == 0, st
     edit(kube, lambda s: s["runtime"].update(maxBatchSize=6))
     await run(kube)
     assert cr(kube)["status"]["rolloutPhase"] == "Promoting"
@@ -109,3 +111,52 @@ async def test_router_canary_started_before_the_stable_is_ready_skips_the_steps(
     await run(kube)
     st = cr(kube)["status"]
     assert st["stableRevision"] == new and "canaryRevision" not in st and st["canaryWeight"] == 0, st
+
+
+async def test_router_serving_needs_a_ready_model_pod() -> None:
+    """status.router.serving is what a client gets: true only with the Service on a Ready router pod AND a
+    Ready model pod behind the router. A router pod turns Ready in seconds, a runtime after loading its model:
+    in between the Service already selects the router (which answers 503 no_endpoints), and serving says no."""
+    kube = FakeKube()
+    make(kube, {**SPEC, "replicas": 2, "router": {"enabled": True}})
+    await run(kube)
+    [model] = [d for d in deployments(kube) if d != "chat-router"]
+    assert cr(kube)["status"]["router"] == {"name": "chat-router", "policy": "LeastLoad", "replicas": 0,
+                                            "readyReplicas": 0, "serviceOnRouter": False, "readyEndpoints": 0,
+                                            "serving": False}
+    kube.settle(NS, "chat-router")  # router Ready, no model pod Ready
+    await run(kube)
+    router = cr(kube)["status"]["router"]
+    assert (router["serviceOnRouter"], router["readyEndpoints"], router["serving"]) == (True, 0, False), router
+    assert kube.obj("Service", NS, "chat")["spec"]["selector"] == {rb.LABEL_ROUTER: "chat"}
+    kube.settle(NS, model, ready=1)  # one of the two model pods Ready
+    await run(kube)
+    router = cr(kube)["status"]["router"]
+    assert (router["serviceOnRouter"], router["readyEndpoints"], router["serving"]) == (True, 1, True), router
+    kube.settle(NS, model)
+    await run(kube)
+    assert cr(kube)["status"]["router"]["readyEndpoints"] == 2
+    kube.settle(NS, "chat-router", ready=0)  # the router pods gone unready: the Service back on the model pods
+    await run(kube)
+    router = cr(kube)["status"]["router"]
+    assert (router["serviceOnRouter"], router["serving"]) == (False, False), router
+
+
+async def test_router_routing_counts_the_canary_pods_as_endpoints() -> None:
+    """trafficRouting Router: the router reads {name}-stable and {name}-canary, so both revisions' Ready pods
+    are its endpoints."""
+    kube = FakeKube()
+    make(kube, ROUTER_CANARY)
+    await run(kube)
+    [old] = [d for d in deployments(kube) if d != "chat-router"]
+    kube.settle(NS, old)
+    kube.settle(NS, "chat-router")
+    await run(kube)
+    assert cr(kube)["status"]["router"]["readyEndpoints"] == 1
+    edit(kube, lambda s: s["runtime"].update(maxBatchSize=6))
+    await run(kube)
+    [new] = [d for d in deployments(kube) if d not in (old, "chat-router")]
+    kube.settle(NS, new)
+    await run(kube)
+    router = cr(kube)["status"]["router"]
+    assert cr(kube)["status"]["canaryRevision"] == new and (router["readyEndpoints"], router["serving"]) == (2, True)

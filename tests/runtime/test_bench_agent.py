@@ -44,3 +44,28 @@ autoglm_preemptions_created{model="m",revision="r"} 1.7e9
     assert b.pick(m, "block", "total", exclude=("_created", "used")) == "autoglm_kv_cache_blocks_total"
     assert b.pick(m, "preempt", "_total") == "autoglm_preemptions_total"
     assert m["autoglm_prefix_cache_hits_total"] == 480.0
+
+
+def test_router_bench_ratios_compare_hits_with_one_replica_and_ttft_with_the_service():
+    """bench_router_agent.py's ratios: SessionAffinity's hit tokens over the single replica's, its TTFT p50
+    over the Service's, from the records and the replicas' summed /metrics deltas."""
+    import bench_router_agent as ra
+
+    def result(name: str, ttfts: list[float]) -> b.SystemResult:
+        records = [b.Record(agent=i, step=1 + i % 2, ttft=t, e2e=t, completion_tokens=4, prompt_tokens=10,
+                            cached_tokens=0, expected_prompt_tokens=10, shared_with_previous=0)
+                   for i, t in enumerate(ttfts)]
+        return b.SystemResult(name, True, wall_s=1.0, records=records)
+
+    def extra(hits: float) -> dict:
+        return {"replicas": 3, "prefix_hits": hits, "prefix_queries": 1000.0, "sessions_on_one_pod": 1,
+                "sessions": 2, "moved_by_load": None, "retries": None}
+
+    results = {"single": (result("single", [4.0, 4.0]), extra(800)),
+               "Service": (result("Service", [2.0, 2.0]), extra(500)),
+               "SessionAffinity": (result("SessionAffinity", [1.0, 1.0]), extra(720))}
+    rows = {what: measured for what, measured, _ in ra.ratios(results)}
+    assert rows["SessionAffinity: prefix-cache hit tokens / single replica's"].endswith("= 0.90x")
+    assert rows["SessionAffinity: TTFT p50 / the Service's (all steps)"].endswith("= 0.50x")
+    assert rows["Service: prefix-cache hit tokens / single replica's"].endswith("= 0.62x")
+    assert "72.0%" in ra.summary_table(results)

@@ -46,9 +46,19 @@ class RouterStatus(_Status):
     policy: str | None = Field(default=None, description="LeastLoad or SessionAffinity.")
     replicas: int | None = Field(default=None, description="Router pods.")
     ready_replicas: int | None = Field(default=None, description="Ready router pods.")
+    service_on_router: bool | None = Field(
+        default=None,
+        description="Whether the resource's Service selects the router's pods (once a router pod is Ready).",
+    )
+    ready_endpoints: int | None = Field(
+        default=None,
+        description="Ready model pods of the revisions the router sends to (its {name}-stable and {name}-canary "
+        "Services).",
+    )
     serving: bool | None = Field(
         default=None,
-        description="Whether the resource's Service points at the router (once a router pod is Ready).",
+        description="Whether requests to the resource's Service are answered through the router: the Service "
+        "selects the router's pods and the router has at least one Ready model pod to send to.",
     )
 
 
