@@ -79,6 +79,16 @@ ROUTER_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         [("{{pod}}", q.per_pod("autoglm_router_requests_in_flight", ROUTER_SEL))],
     ),
     ("Router: Ready model pods by revision", "short", [("{{revision}}", q.router_endpoints(ROUTER_SEL))]),
+    (
+        "Router: requests held for a Ready pod (scale to zero)",
+        "short",
+        [("held {{revision}}", q.router_held(ROUTER_SEL))],
+    ),
+    (
+        "Router: time held before a Ready pod took the request",
+        "s",
+        [(f"p{int(p * 100)}", q.router_hold_time(p, ROUTER_SEL, WINDOW)) for p in (0.5, 0.99)],
+    ),
 ]
 
 

@@ -112,6 +112,15 @@ def router_sessions_moved(sel: str, window: str) -> str:
     return f"sum(rate(autoglm_router_sessions_moved_by_load_total{{{sel}}}[{window}]))"
 
 
+def router_held(sel: str) -> str:
+    """Requests held for a Ready pod (scale to zero), by the revision they are meant for."""
+    return f"sum by (revision) (autoglm_router_held_requests{{{sel}}})"
+
+
+def router_hold_time(q: float, sel: str, window: str) -> str:
+    return f"histogram_quantile({q}, sum by (le) (rate(autoglm_router_hold_seconds_bucket{{{sel}}}[{window}])))"
+
+
 def router_endpoints(sel: str) -> str:
     """Ready model pods each revision has, as the router pods see them (the most any router pod sees)."""
     return f"max by (revision) (autoglm_router_endpoints{{{sel}}})"
