@@ -46,6 +46,19 @@ def router_object_labels(name: str) -> dict[str, str]:
     return {**router_labels(name), b.LABEL_DEPLOYMENT: name}
 
 
+def _oauth2_args(r: ResolvedSpec) -> list[str]:
+    """``spec.auth.oauth2`` as the router's flags (none when it is not set: no token checking)."""
+    o = r.spec.auth.oauth2
+    if o is None:
+        return []
+    return [
+        f"--oauth2-issuer={o.issuer_url}",
+        *(f"--oauth2-audience={a}" for a in o.audiences),
+        *(f"--oauth2-scope={s}" for s in o.required_scopes),
+        f"--oauth2-user-claim={o.user_claim}",
+    ]
+
+
 def _router_args(r: ResolvedSpec) -> list[str]:
     rt = r.spec.router
     return [
@@ -59,6 +72,7 @@ def _router_args(r: ResolvedSpec) -> list[str]:
         f"--canary-header={r.spec.rollout.canary_header}",
         f"--drain-delay={DRAIN_DELAY_SECONDS}",
         f"--drain-timeout={DRAIN_TIMEOUT_SECONDS}",
+        *_oauth2_args(r),
     ]
 
 
