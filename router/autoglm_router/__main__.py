@@ -18,10 +18,8 @@ from aiohttp import web
 
 from autoglm_router.app import STATE, create_app
 from autoglm_router.auth import BearerVerifier, OAuth2Config
-from autoglm_router.auth.hook import bearer_hook
 from autoglm_router.endpoints import EndpointSource, StaticSource, parse_backends
 from autoglm_router.picker import POLICIES, Picker
-from autoglm_router.proxy import allow_all
 from autoglm_router.sessions import validate_session_key
 
 log = logging.getLogger("autoglm_router")
@@ -111,7 +109,7 @@ async def serve(args: argparse.Namespace) -> None:
         picker,
         max_body_bytes=args.max_body_bytes,
         queue_scrape_interval=args.queue_scrape_interval,
-        authenticate=bearer_hook(verifier) if verifier else allow_all,
+        verifier=verifier,
     )
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
     await runner.setup()
@@ -127,8 +125,6 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("Received stop signal, draining, delay_s=%.1f timeout_s=%.1f", args.drain_delay, args.drain_timeout)
     await asyncio.sleep(args.drain_delay)
     await runner.cleanup()  # stops listening, waits for the handlers in flight (bounded), closes the rest
-    if verifier:
-        await verifier.close()
     log.info("Stopped router")
 
 
