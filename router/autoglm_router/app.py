@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from autoglm_router.auth.hook import bearer_hook
+from autoglm_router.auth.keys import IssuerKeys
 from autoglm_router.auth.verify import BearerVerifier
 from autoglm_router.endpoints import EndpointSource
 from autoglm_router.metrics import CONTENT_TYPE, RouterMetrics
@@ -39,11 +40,17 @@ def auth_status(verifier: BearerVerifier | None) -> dict[str, Any] | None:
     }
 
 
-async def keep_keys_fresh(verifier: BearerVerifier, period: float) -> None:
-    """Fetch the issuer's keys at start (the first token is not slowed by it) and every ``period``."""
+ReportKeys = Callable[[IssuerKeys], Awaitable[None]]
+
+
+async def keep_keys_fresh(verifier: BearerVerifier, period: float, report: ReportKeys | None) -> None:
+    """Fetch the issuer's keys at start (the first token is not slowed by it) and every ``period``; after
+    each try, ``report`` how they stand (``auth.report``: a condition on the router's pod)."""
     while True:
         if not await verifier.keys.refresh(force=True):
             log.warning("Failed to fetch the issuer's keys, status=%s", verifier.status)
+        if report is not None:
+            await report(verifier.keys)
         await asyncio.sleep(period)
 
 
@@ -69,8 +76,10 @@ def create_app(
     authenticate: Authenticate = allow_all,
     verifier: BearerVerifier | None = None,
     keys_refresh_s: float = KEYS_REFRESH_SECONDS,
+    report_keys: ReportKeys | None = None,
 ) -> web.Application:
-    """``verifier``: check bearer tokens with it (``authenticate`` is then its hook) and report its state."""
+    """``verifier``: check bearer tokens with it (``authenticate`` is then its hook), show its state on
+    ``/status`` and ``/metrics``, and pass it to ``report_keys`` after each refresh."""
     if verifier is not None:
         authenticate = bearer_hook(verifier)
     metrics = RouterMetrics(oauth2=verifier is not None)
@@ -90,7 +99,7 @@ def create_app(
         await proxy.start()
         if scraper is not None:
             await scraper.start()
-        keys = asyncio.create_task(keep_keys_fresh(verifier, keys_refresh_s)) if verifier else None
+        keys = asyncio.create_task(keep_keys_fresh(verifier, keys_refresh_s, report_keys)) if verifier else None
         yield
         if keys is not None:
             keys.cancel()

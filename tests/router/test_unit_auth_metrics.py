@@ -116,3 +116,46 @@ async def test_without_oauth2_status_says_so_and_no_auth_series(make_router):  #
         async with s.get(router.make_url("/metrics")) as r:
             text = await r.text()
     assert not samples(text, "autoglm_router_auth_total") and not samples(text, "autoglm_router_user_requests_total")
+
+
+async def test_the_pod_condition_is_written_on_change_only_and_says_why():
+    """``PodConditionReporter`` against a small fake API server: a strategic merge patch of the pod's
+    status with one condition; written again only when the keys' state changes."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from autoglm_router.auth.report import CONDITION, PodConditionReporter
+    from autoglm_router.kube import KubeConnection
+
+    patches: list[tuple[str, str, dict]] = []
+
+    async def patch(request: web.Request) -> web.Response:
+        patches.append((request.path, request.headers["Content-Type"], await request.json()))
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_patch("/api/v1/namespaces/{ns}/pods/{pod}/status", patch)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        issuer = Issuer()
+        v = BearerVerifier(OAuth2Config(issuer_url=ISSUER, audiences=("autoglm",)), fetch=issuer.fetch)
+        report = PodConditionReporter(KubeConnection(str(server.make_url("")), None, False), "ns1", "router-0").report
+        await report(v.keys)  # nothing fetched yet
+        await v.keys.refresh(force=True)
+        await report(v.keys)
+        await report(v.keys)  # same state: no write
+        issuer.down = True
+        await v.keys.refresh(force=True)
+        await report(v.keys)
+    finally:
+        await server.close()
+    assert [p[0] for p in patches] == ["/api/v1/namespaces/ns1/pods/router-0/status"] * 3
+    assert {p[1] for p in patches} == {"application/strategic-merge-patch+json"}
+    conds = [p[2]["status"]["conditions"][0] for p in patches]
+    assert [(c["type"], c["status"], c["reason"]) for c in conds] == [
+        (CONDITION, "False", "NoKeys"),
+        (CONDITION, "True", "KeysFetched"),
+        (CONDITION, "False", "IssuerUnreachable"),
+    ]
+    assert "Cannot connect" in conds[2]["message"] and "1 cached key(s) still verify" in conds[2]["message"]

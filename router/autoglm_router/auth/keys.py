@@ -172,6 +172,16 @@ class IssuerKeys:
         )
 
     @property
+    def error(self) -> str | None:
+        """Why the last fetch failed (None: it succeeded, or none was tried yet)."""
+        return self._error
+
+    @property
+    def fetched(self) -> bool:
+        """Whether keys were ever fetched (they are kept through later failures)."""
+        return self._fetched_at is not None
+
+    @property
     def reachable(self) -> bool:
         """False while the last fetch failed."""
         return self._error is None
