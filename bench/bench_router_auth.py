@@ -40,7 +40,8 @@ POD = r"""
 import json, sys
 from aiohttp import web
 port, jwks, issuer = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-CHUNKS = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n', b"data: [DONE]\n\n"]
+CHUNKS = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+          b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n', b"data: [DONE]\n\n"]
 async def chat(request):
     await request.read()
     resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
