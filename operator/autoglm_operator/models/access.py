@@ -37,13 +37,17 @@ class OAuth2Spec(SpecModel):
             "JWKS whose keys (RS256/ES256) sign them. Reached from the router's pods."
         ),
     )
-    audiences: tuple[Annotated[str, StringConstraints(min_length=1, max_length=256)], ...] = Field(
+    audiences: tuple[
+        Annotated[str, StringConstraints(min_length=1, max_length=256), Field(description="An accepted `aud`.")], ...
+    ] = Field(
         min_length=1,
         max_length=16,
         description="A token's `aud` must hold one of these.",
         json_schema_extra={"x-kubernetes-list-type": "atomic"},
     )
-    required_scopes: tuple[Annotated[str, StringConstraints(max_length=128, pattern=SCOPE)], ...] = Field(
+    required_scopes: tuple[
+        Annotated[str, StringConstraints(max_length=128, pattern=SCOPE), Field(description="A scope name.")], ...
+    ] = Field(
         default=(),
         max_length=16,
         description="Scopes every token must hold (`scp` list or `scope` string); a token without one gets 403.",
