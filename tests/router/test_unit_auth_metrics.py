@@ -10,7 +10,7 @@ import re
 import aiohttp
 import pytest
 
-from autoglm_router.auth import BearerVerifier, OAuth2Config
+from autoglm_router.auth import AuthError, BearerVerifier, OAuth2Config
 from autoglm_router.endpoints import Topology
 from autoglm_router.metrics import AUTH_RESULTS, USER_BUCKETS, user_bucket
 from tests.router.test_proxy import CHAT, Pod, _chat, _pods, make_router  # noqa: F401 - fixture
@@ -159,3 +159,21 @@ async def test_the_pod_condition_is_written_on_change_only_and_says_why():
         (CONDITION, "False", "IssuerUnreachable"),
     ]
     assert "Cannot connect" in conds[2]["message"] and "1 cached key(s) still verify" in conds[2]["message"]
+
+
+async def test_a_key_published_just_after_the_scheduled_fetch_is_still_fetched_for_its_first_token():
+    """Hydra makes its signing key on the first token it issues: the router's start-up fetch can find
+    none, and the first token's unknown kid must still trigger a refetch (the scheduled refresh does not
+    count toward the unknown-kid rate limit)."""
+    issuer = Issuer()
+    issuer.keys.clear()
+    v = BearerVerifier(OAuth2Config(issuer_url=ISSUER, audiences=("autoglm",)), fetch=issuer.fetch)
+    assert not await v.keys.refresh(force=True)  # start-up: no key yet
+    issuer.rsa = issuer.add_rsa("r1")
+    assert (await v.verify(issuer.token())).user == "alice"
+    fetches = len(issuer.fetches)
+    for i in range(5):  # made-up kids right after: still at most one refetch per interval
+        issuer.add_rsa(f"x{i}")
+        with pytest.raises(AuthError):
+            await v.verify(issuer.token(kid=f"x{i}"))
+    assert len(issuer.fetches) == fetches
