@@ -60,8 +60,8 @@ class PodWorker:
             "status": status,
             "lastTransitionTime": old["lastTransitionTime"] if old and old["status"] == status else now(),
         }
-        if reason and not ok:
-            cond["reason"] = reason
+        # null deletes a reason left from before (the status is a strategic merge patch: see flush)
+        cond["reason"] = reason if reason and not ok else None
         self.conditions[type_] = cond
         return cond
 
@@ -114,7 +114,9 @@ class PodWorker:
                 "PATCH",
                 f"/api/v1/namespaces/{self.ns}/pods/{self.name}/status",
                 {"metadata": {"uid": self.uid}, "status": st},
-                "application/merge-patch+json",
+                # Strategic merge, as the kubelet's: conditions merge by type, so those another component
+                # wrote (a readiness gate's; the router's autoglm.io/OAuth2Keys) stay.
+                "application/strategic-merge-patch+json",
             )
             self.last_patch = comparable
         except KubeError as exc:

@@ -214,10 +214,14 @@ def _type_schema(tp: Any, metadata: list[Any]) -> dict[str, Any]:
 
 
 def _item_schema(tp: Any) -> dict[str, Any]:
-    inner, _ = _unwrap(tp)
+    inner, metadata = _unwrap(tp)
     if isinstance(inner, type) and issubclass(inner, BaseModel):
         return model_schema(inner)  # list items keep their model's docstring as description
-    return _type_schema(tp, [])
+    node = _type_schema(tp, [])
+    said = [m.description for m in metadata if isinstance(m, FieldInfo) and m.description]
+    if said:  # a list of strings: its items' Annotated[..., Field(description=...)]
+        node["description"] = said[-1]
+    return node
 
 
 def _order(node: dict[str, Any]) -> dict[str, Any]:

@@ -89,6 +89,22 @@ ROUTER_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "s",
         [(f"p{int(p * 100)}", q.router_hold_time(p, ROUTER_SEL, WINDOW)) for p in (0.5, 0.99)],
     ),
+    (
+        "Router: OAuth2 token checks per second by result",
+        "reqps",
+        [
+            ("{{result}}", q.router_auth(ROUTER_SEL, WINDOW)),
+            ("verified users' requests", q.router_user_requests(ROUTER_SEL, WINDOW)),
+        ],
+    ),
+    (
+        "Router: OAuth2 issuer reachable and keys held (worst router pod)",
+        "short",
+        [
+            ("reachable", q.router_issuer("autoglm_router_oauth2_issuer_reachable", ROUTER_SEL)),
+            ("keys", q.router_issuer("autoglm_router_oauth2_keys", ROUTER_SEL)),
+        ],
+    ),
 ]
 
 

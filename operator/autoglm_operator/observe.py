@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import builders as b
+from . import router_builders as rb
 from .conditions import DEGRADED, get_condition
 from .kube import KubeAPI
 from .models import ResolvedSpec
@@ -117,6 +118,7 @@ class Observed:
     route: dict[str, Any] | None = None  # the HTTPRoute (GatewayAPI routing)
     route_services: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
     router_deployment: dict[str, Any] | None = None  # {name}-router (spec.router), ours
+    router_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # read only with spec.auth.oauth2
 
     @property
     def router_ready(self) -> int:
@@ -174,8 +176,12 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         # miss cannot prove it absent (labels excluded by annotation, an old KEDA): ask the API.
         keda_hpa = await kube.get("HorizontalPodAutoscaler", ns, b.keda_hpa_name(name), fresh=True)
     gateway = r.spec.rollout.traffic_routing == "GatewayAPI"
-    route, *route_services = await asyncio.gather(
+    # Router pods are not cached (they lack the children's label): one LIST, only when their
+    # autoglm.io/OAuth2Keys condition is wanted (status.router.auth).
+    oauth2 = r.spec.router.enabled and r.spec.auth.oauth2 is not None
+    route, router_pods, *route_services = await asyncio.gather(
         kube.get("HTTPRoute", ns, name) if gateway else none(),
+        kube.list("Pod", ns, rb.router_selector(name)) if oauth2 else none(),
         *(kube.get("Service", ns, n) for n in b.route_service_names(name)),
     )
     revisions: dict[str, Revision] = {}
@@ -238,6 +244,7 @@ async def observe(kube: KubeAPI, cr: dict[str, Any], r: ResolvedSpec) -> Observe
         route=route,
         route_services=dict(zip(b.route_service_names(name), route_services, strict=True)),
         router_deployment=router_deployment,
+        router_pods=router_pods or [],
     )
 
 

@@ -121,6 +121,20 @@ def router_hold_time(q: float, sel: str, window: str) -> str:
     return f"histogram_quantile({q}, sum by (le) (rate(autoglm_router_hold_seconds_bucket{{{sel}}}[{window}])))"
 
 
+def router_auth(sel: str, window: str) -> str:
+    return f"sum by (result) (rate(autoglm_router_auth_total{{{sel}}}[{window}]))"
+
+
+def router_user_requests(sel: str, window: str) -> str:
+    """Verified users' requests (the 64 hashed buckets summed: the panel shows the rate, not who)."""
+    return f"sum(rate(autoglm_router_user_requests_total{{{sel}}}[{window}]))"
+
+
+def router_issuer(metric: str, sel: str) -> str:
+    """The worst router pod's view of the OAuth2 issuer (reachable 0/1, keys held)."""
+    return f"min({metric}{{{sel}}})"
+
+
 def router_endpoints(sel: str) -> str:
     """Ready model pods each revision has, as the router pods see them (the most any router pod sees)."""
     return f"max by (revision) (autoglm_router_endpoints{{{sel}}})"

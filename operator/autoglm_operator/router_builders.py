@@ -50,6 +50,19 @@ def router_object_labels(name: str) -> dict[str, str]:
     return {**router_labels(name), b.LABEL_DEPLOYMENT: name}
 
 
+def _oauth2_args(r: ResolvedSpec) -> list[str]:
+    """``spec.auth.oauth2`` as the router's flags (none when it is not set: no token checking)."""
+    o = r.spec.auth.oauth2
+    if o is None:
+        return []
+    return [
+        f"--oauth2-issuer={o.issuer_url}",
+        *(f"--oauth2-audience={a}" for a in o.audiences),
+        *(f"--oauth2-scope={s}" for s in o.required_scopes),
+        f"--oauth2-user-claim={o.user_claim}",
+    ]
+
+
 def _router_args(r: ResolvedSpec) -> list[str]:
     rt = r.spec.router
     return [
@@ -64,6 +77,7 @@ def _router_args(r: ResolvedSpec) -> list[str]:
         f"--hold-timeout={rt.hold_timeout_seconds:g}",
         f"--drain-delay={DRAIN_DELAY_SECONDS}",
         f"--drain-timeout={DRAIN_TIMEOUT_SECONDS}",
+        *_oauth2_args(r),
     ]
 
 
@@ -94,6 +108,8 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
         "securityContext": b._container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if r.spec.auth.oauth2 is not None:  # it reports the issuer's keys as a condition on its own pod
+        container["env"] = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     pod = {
         "serviceAccountName": router_name(name),
         "automountServiceAccountToken": True,  # it watches EndpointSlices and the resource
@@ -161,16 +177,20 @@ def build_router_service_account(cr: dict[str, Any], r: ResolvedSpec) -> dict[st
 
 def build_router_role(cr: dict[str, Any], r: ResolvedSpec) -> dict[str, Any]:
     """Read-only, this namespace: EndpointSlices (the revision Services' pods) and AutoGLMDeployments
-    (the status's revisions and canary weight)."""
+    (the status's revisions and canary weight). With OAuth2, ``patch`` on ``pods/status``: the router
+    writes its ``autoglm.io/OAuth2Keys`` condition on its own pod (RBAC cannot name a pod not made yet)."""
     read = ("get", "list", "watch")
+    rules = [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": list(read)},
+        {"apiGroups": ["autoglm.io"], "resources": ["autoglmdeployments"], "verbs": list(read)},
+    ]
+    if r.spec.auth.oauth2 is not None:
+        rules.append({"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]})
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": b._metadata(cr, router_name(r.name), router_object_labels(r.name)),
-        "rules": [
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": list(read)},
-            {"apiGroups": ["autoglm.io"], "resources": ["autoglmdeployments"], "verbs": list(read)},
-        ],
+        "rules": rules,
     }
 
 

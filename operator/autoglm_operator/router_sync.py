@@ -14,6 +14,7 @@ import asyncio
 from typing import Any
 
 from . import router_builders as rb
+from .conditions import get_condition
 from .kube import KubeAPI
 from .models import ResolvedSpec
 from .observe import Observed
@@ -60,6 +61,33 @@ async def sync_router(
         await _sync_optional_child(kube, cr, kind, what, desired[kind], observed[kind], out, logger, name=name)
 
 
+KEYS_CONDITION = "autoglm.io/OAuth2Keys"  # written by each router pod (autoglm_router.auth.report)
+# Worst first: a pod without keys refuses every token; one that lost the issuer still verifies known keys.
+KEYS_REASONS = ("NoKeys", "IssuerUnreachable", "NotReported", "KeysFetched")
+
+
+def router_auth_status(r: ResolvedSpec, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``status.router.auth`` from the router pods' ``autoglm.io/OAuth2Keys`` conditions: how many hold
+    the issuer's keys with the issuer answering, and the worst pod's reason and words."""
+    if r.spec.auth.oauth2 is None:
+        return None
+    live = sorted((p for p in pods if not p["metadata"].get("deletionTimestamp")), key=lambda p: p["metadata"]["name"])
+    seen: list[tuple[str, str, str]] = []  # (reason, pod, message)
+    for p in live:
+        cond = get_condition((p.get("status") or {}).get("conditions"), KEYS_CONDITION)
+        if cond is None:
+            seen.append(("NotReported", p["metadata"]["name"], "has not reported the issuer's keys yet"))
+        else:
+            reason = str(cond.get("reason")) if cond.get("reason") in KEYS_REASONS else "NotReported"
+            seen.append((reason, p["metadata"]["name"], cond.get("message") or ""))
+    ok = sum(1 for reason, _, _ in seen if reason == "KeysFetched")
+    out = {"issuer": r.spec.auth.oauth2.issuer_url, "ready": f"{ok}/{len(live)}"}
+    if not seen:
+        return {**out, "reason": "NotReported", "message": "no router pod yet"}
+    reason, pod, message = min(seen, key=lambda s: KEYS_REASONS.index(s[0]))
+    return {**out, "reason": reason, "message": f"{pod}: {message}"[:500]}
+
+
 def routed_revisions(r: ResolvedSpec, decision: Decision) -> tuple[str, ...]:
     """The revisions behind the Services the router reads (sync_route): Replicas routing, every serving one
     under ``{name}-stable``; Router routing, the stable and the canary each under its own."""
@@ -77,7 +105,7 @@ def router_status(r: ResolvedSpec, obs: Observed, decision: Decision) -> dict[st
     st = (obs.router_deployment or {}).get("status") or {}
     on_router = router_serves(r, obs)
     endpoints = sum(obs.revisions[h].ready for h in set(routed_revisions(r, decision)) if h in obs.revisions)
-    return {
+    out = {
         "name": rb.router_name(r.name),
         "policy": r.spec.router.policy,
         "replicas": int(st.get("replicas") or 0),
@@ -86,3 +114,5 @@ def router_status(r: ResolvedSpec, obs: Observed, decision: Decision) -> dict[st
         "readyEndpoints": endpoints,
         "serving": on_router and endpoints > 0,
     }
+    auth = router_auth_status(r, obs.router_pods)
+    return {**out, "auth": auth} if auth is not None else out

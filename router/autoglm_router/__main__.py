@@ -10,19 +10,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from autoglm_router.app import STATE, create_app
+from autoglm_router.app import STATE, ReportKeys, create_app
 from autoglm_router.auth import BearerVerifier, OAuth2Config
-from autoglm_router.auth.hook import bearer_hook
 from autoglm_router.endpoints import EndpointSource, StaticSource, parse_backends
 from autoglm_router.picker import POLICIES, Picker
-from autoglm_router.proxy import allow_all
 from autoglm_router.sessions import validate_session_key
+
+if TYPE_CHECKING:
+    from autoglm_router.kube import KubeConnection
 
 log = logging.getLogger("autoglm_router")
 
@@ -81,19 +84,37 @@ def parser() -> argparse.ArgumentParser:
 
 def make_source(args: argparse.Namespace) -> EndpointSource:
     if args.deployment:
-        from autoglm_router.kube import KubeConnection, KubeSource
+        from autoglm_router.kube import KubeSource
 
-        if args.kubeconfig:
-            if not args.namespace:
-                raise SystemExit("autoglm-router: --kubeconfig needs --namespace")
-            return KubeSource(KubeConnection.from_kubeconfig(Path(args.kubeconfig)), args.deployment, args.namespace)
-        return KubeSource.in_cluster(args.deployment, args.namespace)
+        conn, namespace = kube_connection(args)
+        return KubeSource(conn, args.deployment, namespace)
     if not args.backend:
         raise SystemExit("autoglm-router: give --deployment, or at least one --backend")
     try:
         return StaticSource(parse_backends(args.backend, args.canary_revision, args.canary_weight))
     except ValueError as exc:
         raise SystemExit(f"autoglm-router: {exc}") from None
+
+
+def kube_connection(args: argparse.Namespace) -> tuple[KubeConnection, str]:
+    """The API server (``--kubeconfig`` or the pod's service account) and the namespace."""
+    from autoglm_router.kube import SA_DIR, KubeConnection
+
+    if args.kubeconfig:
+        if not args.namespace:
+            raise SystemExit("autoglm-router: --kubeconfig needs --namespace")
+        return KubeConnection.from_kubeconfig(Path(args.kubeconfig)), args.namespace
+    return KubeConnection.in_cluster(), args.namespace or (SA_DIR / "namespace").read_text().strip()
+
+
+def make_keys_reporter(args: argparse.Namespace) -> ReportKeys | None:
+    """With ``--deployment`` and the pod's name in ``POD_NAME`` (the downward API): a condition on the pod."""
+    pod = os.environ.get("POD_NAME")
+    if not (args.deployment and args.oauth2_issuer and pod):
+        return None
+    from autoglm_router.auth.report import PodConditionReporter
+
+    return PodConditionReporter(*kube_connection(args), pod).report
 
 
 def make_verifier(args: argparse.Namespace) -> BearerVerifier | None:
@@ -123,10 +144,11 @@ async def serve(args: argparse.Namespace) -> None:
         picker,
         max_body_bytes=args.max_body_bytes,
         queue_scrape_interval=args.queue_scrape_interval,
-        authenticate=bearer_hook(verifier) if verifier else allow_all,
         deployment=args.deployment or "",
         hold_timeout=args.hold_timeout,
         hold_capacity=args.hold_capacity,
+        verifier=verifier,
+        report_keys=make_keys_reporter(args),
     )
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
     await runner.setup()
@@ -142,8 +164,6 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("Received stop signal, draining, delay_s=%.1f timeout_s=%.1f", args.drain_delay, args.drain_timeout)
     await asyncio.sleep(args.drain_delay)
     await runner.cleanup()  # stops listening, waits for the handlers in flight (bounded), closes the rest
-    if verifier:
-        await verifier.close()
     log.info("Stopped router")
 
 

@@ -1,18 +1,58 @@
-"""The router's aiohttp application: ``/v1/*`` through the proxy, ``/healthz``, ``/ready``, ``/metrics``."""
+"""The router's aiohttp application: ``/v1/*`` through the proxy, ``/healthz``, ``/ready``, ``/metrics``,
+``/status`` (how token checking stands: the issuer's keys, or why they cannot be fetched)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
+from autoglm_router.auth.hook import bearer_hook
+from autoglm_router.auth.keys import IssuerKeys
+from autoglm_router.auth.verify import BearerVerifier
 from autoglm_router.endpoints import EndpointSource
 from autoglm_router.hold import HoldQueue
 from autoglm_router.metrics import CONTENT_TYPE, RouterMetrics
 from autoglm_router.picker import Picker
 from autoglm_router.proxy import Authenticate, Proxy, allow_all
 from autoglm_router.queues import QueueScraper
+
+log = logging.getLogger("autoglm_router.app")
+# The issuer's keys are refetched this often besides on an unknown kid: a rotation is seen before the first
+# token signed with the new key arrives, and an issuer gone away shows in /status and the metrics.
+KEYS_REFRESH_SECONDS = 60.0
+
+
+def auth_status(verifier: BearerVerifier | None) -> dict[str, Any] | None:
+    """``/status``'s ``auth``: None when tokens are not checked."""
+    if verifier is None:
+        return None
+    keys = verifier.keys
+    return {
+        "issuer": verifier.config.issuer_url,
+        "reachable": keys.reachable,
+        "keys": len(keys.key_ids),
+        "message": keys.status,
+    }
+
+
+ReportKeys = Callable[[IssuerKeys], Awaitable[None]]
+
+
+async def keep_keys_fresh(verifier: BearerVerifier, period: float, report: ReportKeys | None) -> None:
+    """Fetch the issuer's keys at start (the first token is not slowed by it) and every ``period``; after
+    each try, ``report`` how they stand (``auth.report``: a condition on the router's pod)."""
+    while True:
+        if not await verifier.keys.refresh(force=True):
+            log.warning("Failed to fetch the issuer's keys, status=%s", verifier.status)
+        if report is not None:
+            await report(verifier.keys)
+        await asyncio.sleep(period)
 
 
 @dataclass
@@ -39,10 +79,17 @@ def create_app(
     deployment: str = "",
     hold_timeout: float = 0.0,
     hold_capacity: int = 1024,
+    verifier: BearerVerifier | None = None,
+    keys_refresh_s: float = KEYS_REFRESH_SECONDS,
+    report_keys: ReportKeys | None = None,
 ) -> web.Application:
-    """The app; ``hold_timeout`` 0 (the default here; the CLI's is 120 s) answers a request that finds no
-    Ready pod with a 503 at once instead of holding it."""
-    metrics = RouterMetrics(deployment)
+    """The app. ``hold_timeout`` 0 (the default here; the CLI's is 120 s) answers a request that finds no
+    Ready pod with a 503 at once instead of holding it. ``verifier``: check bearer tokens with it
+    (``authenticate`` is then its hook), show its state on ``/status`` and ``/metrics``, and pass it to
+    ``report_keys`` after each refresh."""
+    if verifier is not None:
+        authenticate = bearer_hook(verifier)
+    metrics = RouterMetrics(deployment, oauth2=verifier is not None)
     hold = HoldQueue(hold_timeout, hold_capacity, lambda rev: metrics.held.labels(deployment, rev))
     source.subscribe(hold.notify)
     proxy = Proxy(source, picker, metrics, max_body_bytes, authenticate, hold=hold)
@@ -61,7 +108,13 @@ def create_app(
         await proxy.start()
         if scraper is not None:
             await scraper.start()
+        keys = asyncio.create_task(keep_keys_fresh(verifier, keys_refresh_s, report_keys)) if verifier else None
         yield
+        if keys is not None:
+            keys.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keys
+            await verifier.close()  # type: ignore[union-attr]
         if scraper is not None:
             await scraper.stop()
         await proxy.stop()
@@ -89,10 +142,19 @@ def create_app(
         metrics.endpoints.clear()
         for rev in source.topology().revisions():
             metrics.endpoints.labels(rev.name).set(len(rev.endpoints))
+        auth = auth_status(verifier)
+        if auth is not None:
+            metrics.issuer_reachable.set(1 if auth["reachable"] else 0)
+            metrics.issuer_keys.set(auth["keys"])
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ready", ready)
+
+    async def status_view(_: web.Request) -> web.Response:
+        return web.json_response({"auth": auth_status(verifier)})
+
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/status", status_view)
     app.router.add_route("*", "/v1/{tail:.*}", v1)
     return app

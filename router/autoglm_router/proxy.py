@@ -28,7 +28,7 @@ from yarl import URL
 from autoglm_router import errors
 from autoglm_router.endpoints import EndpointSource
 from autoglm_router.hold import HoldQueue, HoldRefused, HoldTimedOut
-from autoglm_router.metrics import RouterMetrics
+from autoglm_router.metrics import RouterMetrics, user_bucket
 from autoglm_router.picker import Choice, NoEndpoints, Picker
 from autoglm_router.sessions import USER_HEADER
 
@@ -57,7 +57,8 @@ RESPONSE_DROPPED = HOP_BY_HOP | {"date", "server"}
 
 # An error answer, or None to let the request through (``auth.hook.bearer_hook`` is the OAuth2 one); a
 # hook that verified who calls leaves the user under ``VERIFIED_USER`` on the request.
-VERIFIED_USER = "autoglm.verified_user"
+VERIFIED_USER = web.RequestKey("autoglm_verified_user", str)
+AUTH_RESULT = web.RequestKey("autoglm_auth_result", str)  # one of metrics.AUTH_RESULTS, set by a token check
 Authenticate = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
@@ -117,6 +118,9 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         denied = await self.authenticate(request)
+        result = request.get(AUTH_RESULT)
+        if result is not None:
+            self.metrics.auth.labels(result).inc()
         if denied is not None:
             return self._answer(denied)
         body = await self._read_body(request)
@@ -135,6 +139,7 @@ class Proxy:
             parsed = {**parsed, "user": user}
             headers[USER_HEADER] = user
             headers.popall("authorization", None)
+            self.metrics.user_requests.labels(user_bucket(user)).inc()
         topo = self.source.topology()
         meant_for = next((r.name for r in self.picker.revision_for(topo, request.headers, parsed)), "")
         try:

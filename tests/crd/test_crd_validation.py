@@ -81,6 +81,14 @@ def spec(**patch: Any) -> dict[str, Any]:
     return merged(BASE, {"spec": patch})
 
 
+OAUTH2 = {"issuerURL": "https://login.example.com/", "audiences": ["autoglm"]}
+
+
+def with_oauth2(**fields: Any) -> dict[str, Any]:
+    """BASE with the router on and spec.auth.oauth2 (``fields`` changed) in place of the API key."""
+    return spec(router={"enabled": True}, auth={"apiKeySecretRef": DELETE, "oauth2": merged(OAUTH2, fields)})
+
+
 def enabled_autoscaling(**extra: Any) -> dict[str, Any]:
     return {"replicas": DELETE, "autoscaling": {"enabled": True, **extra}}
 
@@ -187,6 +195,16 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("prometheus-no-scheme", spec(rollout={"analysis": {"prometheus": {"address": "prometheus:9090"}}}),
      ("spec.rollout.analysis.prometheus.address",)),
     ("progress-deadline-0", spec(rollout={"progressDeadlineSeconds": 0}), ("spec.rollout.progressDeadlineSeconds",)),
+    ("oauth2-without-router", spec(auth={"apiKeySecretRef": DELETE, "oauth2": OAUTH2}),
+     ("spec.auth.oauth2", "auth.oauth2 needs router.enabled true")),
+    ("oauth2-with-api-key", spec(router={"enabled": True}, auth={"oauth2": OAUTH2}),
+     ("spec.auth.apiKeySecretRef", "cannot both be set")),
+    ("oauth2-issuer-not-url", with_oauth2(issuerURL="login.example.com"), ("spec.auth.oauth2.issuerURL",)),
+    ("oauth2-issuer-query", with_oauth2(issuerURL="https://login.example.com/?tenant=a"), ("spec.auth.oauth2.issuerURL",)),
+    ("oauth2-no-audiences", with_oauth2(audiences=[]), ("spec.auth.oauth2.audiences",)),
+    ("oauth2-audiences-missing", with_oauth2(audiences=DELETE), ("spec.auth.oauth2.audiences", "Required value")),
+    ("oauth2-scope-space", with_oauth2(requiredScopes=["infer admin"]), ("spec.auth.oauth2.requiredScopes[0]",)),
+    ("oauth2-user-claim-space", with_oauth2(userClaim="user id"), ("spec.auth.oauth2.userClaim",)),
     ("secret-bad-name", spec(auth={"apiKeySecretRef": {"name": "Chat Key"}}), ("spec.auth.apiKeySecretRef.name",)),
     ("secret-no-name", spec(auth={"apiKeySecretRef": {"name": DELETE}}), ("spec.auth.apiKeySecretRef.name", "Required value")),
     ("name-too-long", merged(BASE, {"metadata": {"name": "c" * 53}}), ("metadata.name", "52")),
@@ -265,6 +283,13 @@ def test_defaults_are_filled_in(crd, namespace):
     assert got["auth"] == {"apiKeySecretRef": {"name": "key", "key": "token"}}
     assert got["networkPolicy"] == {"enabled": True, "monitoringNamespace": "monitoring"}
     assert "replicas" not in got
+
+
+def test_oauth2_with_the_router_applies_and_user_claim_defaults_to_sub(crd, namespace):
+    proc = apply(crd, merged(with_oauth2(requiredScopes=["infer"]), {"metadata": {"name": "oauth"}}), namespace)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(crd.kubectl("get", "agd", "oauth", "-n", namespace, "-o", "json").stdout)["spec"]["auth"]
+    assert got == {"oauth2": {**OAUTH2, "requiredScopes": ["infer"], "userClaim": "sub"}}
 
 
 @pytest.mark.parametrize("uri", URIS)

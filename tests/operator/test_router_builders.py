@@ -39,6 +39,8 @@ SPECS = {
         "replicas": 1,
         "router": {"enabled": True},
         "rollout": {"trafficRouting": "Router", "canaryHeader": "x-canary"},
+        "auth": {"oauth2": {"issuerURL": "https://login.example.com/", "audiences": ["autoglm", "agents"],
+                            "requiredScopes": ["infer"], "userClaim": "client_id"}},
     },
 }
 
@@ -127,3 +129,48 @@ def test_scale_to_zero_needs_keda_and_the_router() -> None:
                 {**spec, "autoscaling": {**spec["autoscaling"], "provider": "HPA"}}):
         with pytest.raises(InvalidSpec, match="needs autoscaling.provider KEDA and router.enabled true"):
             resolved("chat", bad)
+
+
+def test_oauth2_becomes_the_router_flags_and_only_when_set() -> None:
+    """The router gets every audience and scope as a repeated flag (its argparse appends them), and no
+    --oauth2-* flag at all without spec.auth.oauth2 (a stray one would turn token checking on)."""
+    spec = SPECS["router-canary"]
+    args = rb.build_router_deployment(cr_for("chat", spec), resolved("chat", spec), IMAGE)["spec"]["template"][
+        "spec"
+    ]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--oauth2-")] == [
+        "--oauth2-issuer=https://login.example.com/",
+        "--oauth2-audience=autoglm",
+        "--oauth2-audience=agents",
+        "--oauth2-scope=infer",
+        "--oauth2-user-claim=client_id",
+    ]
+    from autoglm_router.__main__ import make_verifier, parser
+
+    verifier = make_verifier(parser().parse_args(args))
+    assert verifier is not None
+    assert verifier.config.audiences == ("autoglm", "agents") and verifier.config.required_scopes == ("infer",)
+    assert verifier.config.user_claim == "client_id"
+    plain = SPECS["router-affinity-netpol"]
+    args = rb.build_router_deployment(cr_for("chat", plain), resolved("chat", plain), IMAGE)["spec"]["template"][
+        "spec"
+    ]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--oauth2-")]
+    assert make_verifier(parser().parse_args(args)) is None
+
+
+def test_oauth2_rules_hold_in_the_operator_too() -> None:
+    """The CEL rules' twins in the models (the operator's own parse, for an object written before the CRD
+    had them): the same messages, and the issuer/claim grammars."""
+    from autoglm_operator.models import InvalidSpec
+
+    base = {"model": {"uri": "hf://a/b"}, "router": {"enabled": True}}
+    oauth2 = {"issuerURL": "http://10.0.0.1:4444/", "audiences": ["autoglm"]}
+    assert resolved("x", {**base, "auth": {"oauth2": oauth2}}).spec.auth.oauth2.user_claim == "sub"
+    with pytest.raises(InvalidSpec, match="auth.oauth2 needs router.enabled true"):
+        resolved("x", {"model": {"uri": "hf://a/b"}, "auth": {"oauth2": oauth2}})
+    with pytest.raises(InvalidSpec, match="cannot both be set"):
+        resolved("x", {**base, "auth": {"oauth2": oauth2, "apiKeySecretRef": {"name": "k"}}})
+    for bad in ({"issuerURL": "ftp://x/"}, {"issuerURL": "https://x/#f"}, {"audiences": []}, {"userClaim": "a b"}):
+        with pytest.raises(InvalidSpec, match="spec.auth.oauth2"):
+            resolved("x", {**base, "auth": {"oauth2": {**oauth2, **bad}}})

@@ -160,3 +160,55 @@ async def test_router_routing_counts_the_canary_pods_as_endpoints() -> None:
     await run(kube)
     router = cr(kube)["status"]["router"]
     assert cr(kube)["status"]["canaryRevision"] == new and (router["readyEndpoints"], router["serving"]) == (2, True)
+
+
+def _router_pod(name: str, cond: dict | None = None, terminating: bool = False) -> dict:
+    meta = {"name": name, "namespace": NS, "labels": {rb.LABEL_ROUTER: "chat"}}
+    if terminating:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    conds = [{"type": "Ready", "status": "True"}] + ([{"type": "autoglm.io/OAuth2Keys", **cond}] if cond else [])
+    return {"metadata": meta, "status": {"conditions": conds}}
+
+
+async def test_oauth2_status_shows_the_router_pods_keys() -> None:
+    """status.router.auth follows the router pods' autoglm.io/OAuth2Keys conditions: the worst pod's reason
+    and words (NoKeys before IssuerUnreachable before NotReported), terminating pods left out."""
+    kube = FakeKube()
+    oauth2 = {"issuerURL": "http://issuer.test/", "audiences": ["autoglm"]}
+    make(kube, {**SPEC, "router": {"enabled": True}, "auth": {"oauth2": oauth2}})
+    await run(kube)
+    [model] = [d for d in deployments(kube) if d != "chat-router"]
+    kube.settle(NS, model)
+    kube.settle(NS, "chat-router")
+    role = kube.obj("Role", NS, "chat-router")
+    assert {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]} in role["rules"]
+    await run(kube)
+    assert cr(kube)["status"]["router"]["auth"] == {"issuer": "http://issuer.test/", "ready": "0/0",
+                                                    "reason": "NotReported", "message": "no router pod yet"}
+    ok = {"status": "True", "reason": "KeysFetched", "message": "1 key(s) from http://issuer.test/jwks"}
+    down = {"status": "False", "reason": "IssuerUnreachable", "message": "the issuer cannot be reached (x)"}
+    kube.put("Pod", _router_pod("chat-router-a", ok))
+    kube.put("Pod", _router_pod("chat-router-b", ok))
+    kube.put("Pod", _router_pod("chat-router-c", {"status": "False", "reason": "NoKeys", "message": "m"}, True))
+    await run(kube)
+    auth = cr(kube)["status"]["router"]["auth"]
+    assert auth == {"issuer": "http://issuer.test/", "ready": "2/2", "reason": "KeysFetched",
+                    "message": "chat-router-a: 1 key(s) from http://issuer.test/jwks"}
+    kube.put("Pod", _router_pod("chat-router-b", down))
+    await run(kube)
+    auth = cr(kube)["status"]["router"]["auth"]
+    assert (auth["ready"], auth["reason"]) == ("1/2", "IssuerUnreachable")
+    assert auth["message"] == "chat-router-b: the issuer cannot be reached (x)"
+    kube.put("Pod", _router_pod("chat-router-a"))  # a new pod that has not reported yet
+    await run(kube)
+    assert cr(kube)["status"]["router"]["auth"]["reason"] == "IssuerUnreachable"  # worse than not reported
+
+
+async def test_router_pods_are_listed_only_with_oauth2() -> None:
+    lists = []
+    for auth in ({}, {"oauth2": {"issuerURL": "http://issuer.test/", "audiences": ["autoglm"]}}):
+        kube = FakeKube()
+        make(kube, {**SPEC, "router": {"enabled": True}, "auth": auth})
+        await run(kube)
+        lists.append(kube.reads["LIST Pod"])
+    assert lists[1] == 2 * lists[0]  # each pass: the model pods, and with OAuth2 the router's too

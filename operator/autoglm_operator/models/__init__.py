@@ -10,7 +10,7 @@ One module per part of the spec (``source``, ``pod``, ``autoscaling``, ``access`
 spec in ``spec``, the status in ``status``; what the rest of the operator uses is re-exported here.
 """
 
-from .access import AuthSpec, NetworkPolicySpec, SecretKeyRef, SecretRef, TLSSpec
+from .access import AuthSpec, NetworkPolicySpec, OAuth2Spec, SecretKeyRef, SecretRef, TLSSpec
 from .autoscaling import AutoscalingSpec, PrometheusRef
 from .base import API_VERSION, DURATION, GROUP, KIND, MAX_NAME_LENGTH, MODEL_URI, PLURAL, VERSION, SpecModel
 from .pod import EnvVar, ResourcesSpec, RuntimeSpec, Toleration
@@ -41,6 +41,7 @@ __all__ = [
     "ModelSource",
     "ModelSpec",
     "NetworkPolicySpec",
+    "OAuth2Spec",
     "PrometheusRef",
     "ResolvedSpec",
     "ResourcesSpec",

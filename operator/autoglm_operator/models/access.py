@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
 
 from .base import DNS_SUBDOMAIN, LabelValue, SpecModel
 
@@ -16,6 +18,52 @@ class SecretKeyRef(SpecModel):
     )
 
 
+# The router's OAuth2Config checks the same at its start (an http(s) URL without query or fragment).
+ISSUER_URL = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
+SCOPE = r"^[!#-\[\]-~]+$"  # RFC 6749 scope-token: printable ASCII without space, '"' and '\\'
+CLAIM = r"^[A-Za-z0-9_][-A-Za-z0-9_.:/]*$"
+
+
+class OAuth2Spec(SpecModel):
+    """OAuth2 bearer tokens (JWT access tokens) checked by the router against the issuer's keys."""
+
+    issuer_url: str = Field(
+        alias="issuerURL",
+        min_length=1,
+        max_length=2048,
+        pattern=ISSUER_URL,
+        description=(
+            "The issuer: tokens' `iss` must equal it, and its `/.well-known/openid-configuration` names the "
+            "JWKS whose keys (RS256/ES256) sign them. Reached from the router's pods."
+        ),
+    )
+    audiences: tuple[
+        Annotated[str, StringConstraints(min_length=1, max_length=256), Field(description="An accepted `aud`.")], ...
+    ] = Field(
+        min_length=1,
+        max_length=16,
+        description="A token's `aud` must hold one of these.",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+    )
+    required_scopes: tuple[
+        Annotated[str, StringConstraints(max_length=128, pattern=SCOPE), Field(description="A scope name.")], ...
+    ] = Field(
+        default=(),
+        max_length=16,
+        description="Scopes every token must hold (`scp` list or `scope` string); a token without one gets 403.",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+    )
+    user_claim: str = Field(
+        default="sub",
+        max_length=128,
+        pattern=CLAIM,
+        description=(
+            "The claim naming the caller: it replaces the request's `user` for canary assignment and the "
+            "`user` session key, and reaches the model pod as `x-autoglm-user`. Default sub."
+        ),
+    )
+
+
 class AuthSpec(SpecModel):
     """Client authentication of the OpenAI-compatible API."""
 
@@ -24,6 +72,14 @@ class AuthSpec(SpecModel):
         description=(
             "Secret in this namespace holding the API key clients must send as `Authorization: Bearer KEY`. "
             "Omitted: no authentication."
+        ),
+    )
+    oauth2: OAuth2Spec | None = Field(
+        default=None,
+        description=(
+            "Check OAuth2 bearer tokens at the router (needs router.enabled; not with apiKeySecretRef): "
+            "a request without a valid token gets 401 (403 for a missing scope) with `WWW-Authenticate` and "
+            "never reaches a model pod. status.router.auth says whether the issuer's keys could be fetched."
         ),
     )
 

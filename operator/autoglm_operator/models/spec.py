@@ -67,7 +67,31 @@ ROUTER_NOT_WITH_TLS = Cel(
     field_path=".router.enabled",
     reason="FieldValueForbidden",
 )
-ROUTER_RULES = (ROUTER_FOR_ROUTER_ROUTING, ROUTER_NOT_WITH_GATEWAY, ROUTER_NOT_WITH_TLS)
+OAUTH2_NEEDS_ROUTER = Cel(
+    rule=(
+        "!(has(self.auth) && has(self.auth.oauth2)) || "
+        "(has(self.router) && has(self.router.enabled) && self.router.enabled)"
+    ),
+    message="auth.oauth2 needs router.enabled true (the router checks the tokens)",
+    field_path=".auth.oauth2",
+    reason="FieldValueRequired",
+)
+OAUTH2_NOT_WITH_API_KEY = Cel(
+    rule="!(has(self.auth) && has(self.auth.oauth2) && has(self.auth.apiKeySecretRef))",
+    message=(
+        "auth.oauth2 and auth.apiKeySecretRef cannot both be set (the router passes no token on, so a model "
+        "pod checking an API key would refuse every request); remove one"
+    ),
+    field_path=".auth.apiKeySecretRef",
+    reason="FieldValueForbidden",
+)
+ROUTER_RULES = (
+    ROUTER_FOR_ROUTER_ROUTING,
+    ROUTER_NOT_WITH_GATEWAY,
+    ROUTER_NOT_WITH_TLS,
+    OAUTH2_NEEDS_ROUTER,
+    OAUTH2_NOT_WITH_API_KEY,
+)
 
 
 class AutoGLMDeploymentSpec(SpecModel):
@@ -173,6 +197,10 @@ class AutoGLMDeploymentSpec(SpecModel):
             raise ValueError(ROUTER_NOT_WITH_TLS.message)
         if self.autoscaling.min_replicas == 0 and not (self.autoscaling.provider == "KEDA" and router):
             raise ValueError(SCALE_TO_ZERO_NEEDS_KEDA_AND_ROUTER.message)
+        if self.auth.oauth2 is not None and not router:
+            raise ValueError(OAUTH2_NEEDS_ROUTER.message)
+        if self.auth.oauth2 is not None and self.auth.api_key_secret_ref is not None:
+            raise ValueError(OAUTH2_NOT_WITH_API_KEY.message)
         return self
 
     @property

@@ -39,6 +39,23 @@ class AutoscalerStatus(_Status):
     )
 
 
+class RouterAuthStatus(_Status):
+    """How the router pods stand with the OAuth2 issuer (their ``autoglm.io/OAuth2Keys`` pod condition)."""
+
+    issuer: str | None = Field(default=None, description="spec.auth.oauth2.issuerURL.")
+    ready: str | None = Field(
+        default=None, description="Router pods holding the issuer's keys with the issuer answering / router pods."
+    )
+    reason: str | None = Field(
+        default=None,
+        description=(
+            "KeysFetched (all pods), IssuerUnreachable (a pod's last fetch failed: its cached keys still verify, "
+            "unknown keys are refused), NoKeys (a pod has no keys: it refuses every token) or NotReported."
+        ),
+    )
+    message: str | None = Field(default=None, description="The worst pod's own words, with its name.")
+
+
 class RouterStatus(_Status):
     """The router in front of the model pods (spec.router.enabled)."""
 
@@ -60,6 +77,7 @@ class RouterStatus(_Status):
         description="Whether requests to the resource's Service are answered through the router: the Service "
         "selects the router's pods and the router has at least one Ready model pod to send to.",
     )
+    auth: RouterAuthStatus | None = Field(default=None, description="With spec.auth.oauth2: the issuer's keys.")
 
 
 class AnalysisStatus(_Status):

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from autoglm_router.auth.errors import AuthError, challenge
 from autoglm_router.auth.verify import BearerVerifier
-from autoglm_router.proxy import VERIFIED_USER, Authenticate
+from autoglm_router.proxy import AUTH_RESULT, VERIFIED_USER, Authenticate
 
 
 def bearer_hook(verifier: BearerVerifier) -> Authenticate:
@@ -17,8 +17,10 @@ def bearer_hook(verifier: BearerVerifier) -> Authenticate:
             principal = await verifier.authenticate(request.headers.get("Authorization"))
         except AuthError as err:
             answer = challenge(err)
+            request[AUTH_RESULT] = err.error or "missing_token"
             return web.json_response(answer.body, status=answer.status, headers=answer.headers)
         request[VERIFIED_USER] = principal.user
+        request[AUTH_RESULT] = "authenticated"
         return None
 
     return authenticate

@@ -124,13 +124,16 @@ class IssuerKeys:
 
     async def refresh(self, force: bool = False) -> bool:
         """Refetch discovery document and JWKS unless the last try is under ``refresh_interval_s`` old
-        (``force`` skips that check). True when new keys were stored; a failure keeps the old keys."""
+        (``force``: the router's scheduled refresh, which skips that check and does not count toward it, so
+        a key the issuer publishes just after it is still fetched when the first token names it). True
+        when new keys were stored; a failure keeps the old keys."""
         async with self._lock:
             now = self.clock()
             last = self._attempted_at
             if not force and last is not None and now - last < self.config.refresh_interval_s:
                 return False
-            self._attempted_at = now
+            if not force:  # a scheduled refresh does not use up the unknown-kid refetch allowance
+                self._attempted_at = now
             try:
                 issuer, jwks_uri, keys = await self._fetch()
             except (*FETCH_ERRORS, IssuerError) as exc:
@@ -170,6 +173,16 @@ class IssuerKeys:
         return (
             f"issuer unreachable for {since:.0f}s ({self._error}); {have} still verify tokens, unknown keys are refused"
         )
+
+    @property
+    def error(self) -> str | None:
+        """Why the last fetch failed (None: it succeeded, or none was tried yet)."""
+        return self._error
+
+    @property
+    def fetched(self) -> bool:
+        """Whether keys were ever fetched (they are kept through later failures)."""
+        return self._fetched_at is not None
 
     @property
     def reachable(self) -> bool:
