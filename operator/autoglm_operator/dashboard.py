@@ -82,7 +82,7 @@ ROUTER_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     (
         "Router: requests held for a Ready pod (scale to zero)",
         "short",
-        [("held {{revision}}", q.router_held(ROUTER_SEL))],
+        [("held", q.router_held(ROUTER_SEL))],
     ),
     (
         "Router: time held before a Ready pod took the request",

@@ -113,8 +113,9 @@ def router_sessions_moved(sel: str, window: str) -> str:
 
 
 def router_held(sel: str) -> str:
-    """Requests held for a Ready pod (scale to zero), by the revision they are meant for."""
-    return f"sum by (revision) (autoglm_router_held_requests{{{sel}}})"
+    """Requests held for a Ready pod (scale to zero), all revisions: 0 while none is (the gauge's series
+    appear with the first held request)."""
+    return f"sum(autoglm_router_held_requests{{{sel}}}) or vector(0)"
 
 
 def router_hold_time(q: float, sel: str, window: str) -> str:
@@ -127,7 +128,7 @@ def router_auth(sel: str, window: str) -> str:
 
 def router_user_requests(sel: str, window: str) -> str:
     """Verified users' requests (the 64 hashed buckets summed: the panel shows the rate, not who)."""
-    return f"sum(rate(autoglm_router_user_requests_total{{{sel}}}[{window}]))"
+    return f"sum(rate(autoglm_router_user_requests_total{{{sel}}}[{window}])) or vector(0)"
 
 
 def router_issuer(metric: str, sel: str) -> str:

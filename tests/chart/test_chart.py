@@ -307,7 +307,7 @@ def test_install_prints_next_steps_and_upgrade_across_a_crd_change_keeps_everyth
 
         # A new chart version whose CRD changed (a printer column's description) and a changed value.
         crd_file = chart / "crds" / "autoglm.io_autoglmdeployments.yaml"
-        old = "description: Pending, Progressing, Healthy or Degraded."
+        old = "description: Pending, Progressing, Healthy, ScaledToZero or Degraded."
         assert old in crd_file.read_text()
         crd_file.write_text(crd_file.read_text().replace(old, old[:-1] + " (upgraded)."))
 

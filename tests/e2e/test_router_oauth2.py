@@ -18,6 +18,7 @@ import pytest
 
 from autoglm_router.policies import is_canary
 from devcluster.addons.hydra import admin_call
+from tests.e2e.test_dashboard_live import panels_return_data
 from tests.e2e.test_runtime_pods import pods, service_ip, tiny
 from tests.helpers import report, wait_for
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
@@ -99,6 +100,8 @@ def test_hydra_tokens_at_the_router_and_a_canary_by_client(kube, namespace, oper
     assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="autoglm"', r.text
     assert r.json()["error"]["code"] == "missing_token"
     assert pod_requests(kube, namespace) == seen, "a refused request reached a model pod"
+    # The dashboard's OAuth2 panels show these checks from Prometheus (test_dashboard_live: the others).
+    panels_return_data(kube, namespace, "tiny", oauth2=True)
 
     # A canary at 10 %: enough Hydra clients that some fall on it (the router's hash of their sub).
     stable = status(kube, namespace, "tiny")["stableRevision"]
