@@ -96,10 +96,16 @@ def routed_revisions(r: ResolvedSpec, decision: Decision) -> tuple[str, ...]:
     return tuple(decision.serving)
 
 
+def wakes_from_zero(r: ResolvedSpec) -> bool:
+    a = r.spec.autoscaling
+    return a.enabled and a.min_replicas == 0
+
+
 def router_status(r: ResolvedSpec, obs: Observed, decision: Decision) -> dict[str, Any] | None:
     """``status.router`` (None while the router is off). ``serving`` only when a request would be answered:
     the Service on the router AND a Ready model pod behind it (a router pod is Ready seconds to minutes
-    before a runtime has loaded its model)."""
+    before a runtime has loaded its model) — or, scaling to zero (minReplicas 0), none needed: the router
+    holds the request and KEDA wakes a pod for it."""
     if not r.spec.router.enabled:
         return None
     st = (obs.router_deployment or {}).get("status") or {}
@@ -112,7 +118,7 @@ def router_status(r: ResolvedSpec, obs: Observed, decision: Decision) -> dict[st
         "readyReplicas": int(st.get("readyReplicas") or 0),
         "serviceOnRouter": on_router,
         "readyEndpoints": endpoints,
-        "serving": on_router and endpoints > 0,
+        "serving": on_router and (endpoints > 0 or wakes_from_zero(r)),
     }
     auth = router_auth_status(r, obs.router_pods)
     return {**out, "auth": auth} if auth is not None else out

@@ -212,3 +212,17 @@ async def test_router_pods_are_listed_only_with_oauth2() -> None:
         await run(kube)
         lists.append(kube.reads["LIST Pod"])
     assert lists[1] == 2 * lists[0]  # each pass: the model pods, and with OAuth2 the router's too
+
+
+async def test_router_serving_at_zero_needs_no_model_pod() -> None:
+    """Scale to zero (minReplicas 0): no model pod is wanted, the router holds a request and KEDA wakes a pod
+    for it, so the router Ready is serving."""
+    kube = FakeKube()
+    autoscaling = {"enabled": True, "provider": "KEDA", "minReplicas": 0, "maxReplicas": 2}
+    make(kube, {**SPEC, "router": {"enabled": True}, "autoscaling": autoscaling})
+    await run(kube)
+    assert cr(kube)["status"]["router"]["serving"] is False  # no router pod Ready yet
+    kube.settle(NS, "chat-router")
+    await run(kube)
+    router = cr(kube)["status"]["router"]
+    assert (router["serviceOnRouter"], router["readyEndpoints"], router["serving"]) == (True, 0, True), router

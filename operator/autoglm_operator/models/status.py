@@ -75,7 +75,8 @@ class RouterStatus(_Status):
     serving: bool | None = Field(
         default=None,
         description="Whether requests to the resource's Service are answered through the router: the Service "
-        "selects the router's pods and the router has at least one Ready model pod to send to.",
+        "selects the router's pods and the router has at least one Ready model pod to send to (or, with "
+        "autoscaling.minReplicas 0, none is needed: the router holds requests while KEDA wakes a pod).",
     )
     auth: RouterAuthStatus | None = Field(default=None, description="With spec.auth.oauth2: the issuer's keys.")
 
