@@ -36,7 +36,7 @@ from tests.operator.test_operator_cluster import crd, op_env  # noqa: F401 - fix
 pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
 
 PERIOD = 1.0  # seconds between two writes of the churned route
-WINDOW = 60.0  # seconds of traffic in each window
+WINDOW = 30.0  # seconds of traffic in each window (the figures above: 60 s windows)
 CHURN = "churn"  # the second HTTPRoute's name
 
 
