@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from autoglm_router.auth import BearerVerifier, OAuth2Config
 from autoglm_router.endpoints import EndpointSource, StaticSource, parse_backends
 from autoglm_router.picker import POLICIES, Picker
 from autoglm_router.sessions import validate_session_key
-from autoglm_router.tls import PLAIN, Upstream, server_context
+from autoglm_router.tls import PLAIN, ServedCertificate, TLSFiles, Upstream
 
 if TYPE_CHECKING:
     from autoglm_router.kube import KubeConnection
@@ -151,7 +150,7 @@ def make_verifier(args: argparse.Namespace) -> BearerVerifier | None:
     return BearerVerifier(config)
 
 
-def make_tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, Upstream]:
+def make_tls(args: argparse.Namespace) -> tuple[ServedCertificate | None, Upstream]:
     """(the context to serve HTTPS with or None, how to call the pods); a bad combination or an unreadable
     file exits with the reason."""
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
@@ -163,7 +162,7 @@ def make_tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, Upstream]
         if path is not None and not path.is_file():
             raise SystemExit(f"autoglm-router: --{flag.replace('_', '-')} {path}: no such file")
     try:
-        served = server_context(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None
+        served = ServedCertificate(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None
         upstream = Upstream.https(args.backend_ca, args.backend_server_name) if args.backend_tls else PLAIN
     except (ValueError, OSError) as exc:  # ssl.SSLError is an OSError: a file that is not PEM
         raise SystemExit(f"autoglm-router: {exc}") from None
@@ -192,7 +191,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, ssl_context=served)
+    site = web.TCPSite(runner, args.host, args.port, ssl_context=served.context if served else None)
     await site.start()
     log.info(
         "Started router, address=%s:%d policy=%s scheme=%s backend_scheme=%s",
@@ -206,7 +205,13 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rotation = None
+    if served is not None or upstream.context is not None:  # a rotated Secret is picked up (docs/router.md#https)
+        files = TLSFiles(served, upstream, args.backend_ca)
+        rotation = asyncio.create_task(files.follow())
     await stop.wait()
+    if rotation is not None:
+        rotation.cancel()
     app[STATE].draining = True
     log.info("Received stop signal, draining, delay_s=%.1f timeout_s=%.1f", args.drain_delay, args.drain_timeout)
     await asyncio.sleep(args.drain_delay)

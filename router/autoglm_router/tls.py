@@ -15,16 +15,25 @@ use, rarely a pod IP, so the name cannot be checked against the address dialled.
   public CAs vouch for names, not for pods.
 
 There is no switch to turn verification off.
+
+Rotation (``TLSFiles``): the files are read again every few seconds; a changed certificate and key are
+served from the next handshake on, and certificates added to ``--backend-ca`` are trusted beside the old
+ones (pods started before the rotation still serve the old certificate) until the router restarts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autoglm_router.endpoints import Endpoint
+
+log = logging.getLogger("autoglm_router.tls")
+RELOAD_SECONDS = 10.0  # the kubelet refreshes a mounted Secret within about a minute; this adds little
 
 
 def server_context(certfile: Path, keyfile: Path) -> ssl.SSLContext:
@@ -75,3 +84,75 @@ class Upstream:
 
 
 PLAIN = Upstream()
+
+
+def _read(path: Path | None) -> bytes | None:
+    try:
+        return path.read_bytes() if path is not None else None
+    except OSError:
+        return None  # mid-swap or gone: try again next time
+
+
+class ServedCertificate:
+    """The certificate the router serves, replaceable while it listens: ``context`` is the listener's, and
+    its SNI callback (called at every handshake, with or without SNI) hands the handshake the latest
+    loaded context. A new pair is loaded into a fresh context, so one that does not load (a certificate
+    without its key yet) leaves the one in use untouched."""
+
+    def __init__(self, certfile: Path, keyfile: Path) -> None:
+        self.certfile, self.keyfile = certfile, keyfile
+        self.context = server_context(certfile, keyfile)
+        self.current = self.context
+        self.context.sni_callback = self._pick
+
+    def _pick(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        if self.current is not self.context:
+            conn.context = self.current
+
+    def reload(self) -> None:
+        self.current = server_context(self.certfile, self.keyfile)
+
+
+@dataclass
+class TLSFiles:
+    """Follows the certificate files as they change on disk (a Secret rotated by cert-manager or by hand)."""
+
+    served: ServedCertificate | None
+    upstream: Upstream
+    ca: Path | None
+    _seen: dict[str, bytes | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._seen = self._contents()
+
+    def _contents(self) -> dict[str, bytes | None]:
+        cert, key = (self.served.certfile, self.served.keyfile) if self.served is not None else (None, None)
+        return {"cert": _read(cert), "key": _read(key), "ca": _read(self.ca)}
+
+    def check(self) -> None:
+        """Load what changed since the last look; what does not load (a half-written pair) is tried again
+        at the next look, and what loaded before stays in use."""
+        now = self._contents()
+        if self.served is not None and (now["cert"], now["key"]) != (self._seen["cert"], self._seen["key"]):
+            try:
+                self.served.reload()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.warning("Failed to load the rotated certificate, certfile=%s error=%s", self.served.certfile, exc)
+                now["cert"], now["key"] = self._seen["cert"], self._seen["key"]
+            else:
+                log.info("Loaded rotated certificate, certfile=%s", self.served.certfile)
+        ctx = self.upstream.context
+        if ctx is not None and now["ca"] is not None and now["ca"] != self._seen["ca"]:
+            try:  # added to the store: the old certificates stay trusted
+                ctx.load_verify_locations(cadata=now["ca"].decode())
+            except (OSError, ValueError) as exc:
+                log.warning("Failed to load the rotated backend CA, file=%s error=%s", self.ca, exc)
+                now["ca"] = self._seen["ca"]
+            else:
+                log.info("Added rotated backend certificates beside the old, file=%s", self.ca)
+        self._seen = now
+
+    async def follow(self, period: float = RELOAD_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(period)
+            self.check()

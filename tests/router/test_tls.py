@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from autoglm_router.__main__ import make_tls, parser
 from autoglm_router.endpoints import Endpoint, Revision, Topology
 from autoglm_router.queues import QueueScraper
-from autoglm_router.tls import Upstream, server_context
+from autoglm_router.tls import ServedCertificate, TLSFiles, Upstream, server_context
 from tests.router.certs import CA, Issued
 from tests.router.test_proxy import CHAT, Pod, _chat, make_router  # noqa: F401 - fixture
 
@@ -135,6 +135,50 @@ async def test_queue_depth_is_scraped_over_https(secret):
     finally:
         await scraper.stop()
         await pod.close()
+
+
+async def test_a_rotated_secret_is_served_and_trusted_beside_the_old(make_router, tmp_path):
+    """The Secret's files change under the router (the kubelet updates a mounted Secret): the next handshake
+    presents the new certificate, the new one is trusted for pods beside the old (pods started before the
+    rotation serve the old one); a half-written pair (new certificate, old key) keeps the old in use."""
+    old = CA.make(tmp_path / "ca-old", "ca-old")
+    new = CA.make(tmp_path / "ca-new", "ca-new")
+    old_pair, new_pair = old.issue(tmp_path / "old", dns=(NAME,)), new.issue(tmp_path / "new", dns=(NAME,))
+    mounted = Issued(tmp_path / "mounted" / "tls.crt", tmp_path / "mounted" / "tls.key")
+    mounted.cert.parent.mkdir()
+    mounted.cert.write_bytes(old_pair.cert.read_bytes())
+    mounted.key.write_bytes(old_pair.key.read_bytes())
+    served, upstream = ServedCertificate(mounted.cert, mounted.key), Upstream.https(mounted.cert, None)
+    files = TLSFiles(served, upstream, mounted.cert)
+    pod_old, pod_new = Pod("old"), Pod("new")
+    ep_old = await pod_old.start(ssl=server_context(old_pair.cert, old_pair.key))
+    ep_new = await pod_new.start(ssl=server_context(new_pair.cert, new_pair.key))
+    router, source = await make_router(Topology(Revision("r1", (ep_new,))), ssl=served.context, upstream=upstream)
+
+    async def call(trusting: CA) -> int:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(router.make_url(CHAT), json=_chat(), ssl=client_ssl(trusting), server_hostname=NAME) as r,
+        ):
+            await r.read()
+            return r.status
+
+    assert await call(old) == 502  # the pod with the new certificate is not trusted yet
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await call(new)
+
+    mounted.cert.write_bytes(new_pair.cert.read_bytes())  # half-way: the new certificate, the old key
+    files.check()
+    assert await call(old) == 200 and pod_new.hits == 1  # the old pair still served; the new pod trusted
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await call(new)
+    mounted.key.write_bytes(new_pair.key.read_bytes())
+    files.check()
+    assert await call(new) == 200 and pod_new.hits == 2  # the new pair served from the next handshake
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await call(old)
+    source.set(Topology(Revision("r1", (ep_old,))))
+    assert await call(new) == 200 and pod_old.hits == 1  # the old pin stays beside the new
 
 
 @pytest.mark.parametrize(
