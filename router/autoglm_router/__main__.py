@@ -151,7 +151,7 @@ def make_verifier(args: argparse.Namespace) -> BearerVerifier | None:
 
 
 def make_tls(args: argparse.Namespace) -> tuple[ServedCertificate | None, Upstream]:
-    """(the context to serve HTTPS with or None, how to call the pods); a bad combination or an unreadable
+    """(the certificate to serve HTTPS with or None, how to call the pods); a bad combination or an unreadable
     file exits with the reason."""
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise SystemExit("autoglm-router: give both --ssl-certfile and --ssl-keyfile, or neither")
