@@ -77,15 +77,27 @@ def _router_args(r: ResolvedSpec) -> list[str]:
         f"--hold-timeout={rt.hold_timeout_seconds:g}",
         f"--drain-delay={DRAIN_DELAY_SECONDS}",
         f"--drain-timeout={DRAIN_TIMEOUT_SECONDS}",
+        *_tls_args(r),
         *_oauth2_args(r),
     ]
+
+
+def _tls_args(r: ResolvedSpec) -> list[str]:
+    """``spec.tls``: the router serves the Secret's certificate, as the model pods do, and calls them over
+    HTTPS pinned to that same certificate (they are dialled by IP, which it rarely names)."""
+    if r.spec.tls is None:
+        return []
+    crt, key = f"{b.TLS_DIR}/tls.crt", f"{b.TLS_DIR}/tls.key"
+    return [f"--ssl-certfile={crt}", f"--ssl-keyfile={key}", "--backend-tls", f"--backend-ca={crt}"]
 
 
 def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> dict[str, Any]:
     """The router's Deployment: ``spec.router.replicas`` pods spread over nodes, restricted Pod Security."""
     name = r.name
     labels = router_labels(name)
-    container = {
+    tls = r.spec.tls
+    scheme = {"scheme": "HTTPS"} if tls is not None else {}
+    container: dict[str, Any] = {
         "name": "router",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
@@ -94,13 +106,13 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
         "ports": [{"name": "http", "containerPort": b.PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": "http"},
+            "httpGet": {"path": "/ready", "port": "http", **scheme},
             "periodSeconds": 2,
             "timeoutSeconds": 2,
             "failureThreshold": 2,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
+            "httpGet": {"path": "/healthz", "port": "http", **scheme},
             "periodSeconds": 10,
             "timeoutSeconds": 5,
             "failureThreshold": 3,
@@ -110,7 +122,7 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
     }
     if r.spec.auth.oauth2 is not None:  # it reports the issuer's keys as a condition on its own pod
         container["env"] = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
-    pod = {
+    pod: dict[str, Any] = {
         "serviceAccountName": router_name(name),
         "automountServiceAccountToken": True,  # it watches EndpointSlices and the resource
         "enableServiceLinks": False,
@@ -136,6 +148,11 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
         },
         "containers": [container],
     }
+    annotations = dict(SCRAPE)
+    if tls is not None:  # the model pods' Secret, mounted as they mount it
+        container["volumeMounts"] = [{"name": "tls", "mountPath": b.TLS_DIR, "readOnly": True}]
+        pod["volumes"] = [{"name": "tls", "secret": {"secretName": tls.secret_ref.name}}]
+        annotations["prometheus.io/scheme"] = "https"
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -145,7 +162,7 @@ def build_router_deployment(cr: dict[str, Any], r: ResolvedSpec, image: str) -> 
             "selector": {"matchLabels": router_selector(name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             # Scraped: its held and in-flight requests are what KEDA reads to scale from and to zero.
-            "template": {"metadata": {"labels": dict(labels), "annotations": dict(SCRAPE)}, "spec": pod},
+            "template": {"metadata": {"labels": dict(labels), "annotations": annotations}, "spec": pod},
         },
     }
 

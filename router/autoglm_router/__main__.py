@@ -23,6 +23,7 @@ from autoglm_router.auth import BearerVerifier, OAuth2Config
 from autoglm_router.endpoints import EndpointSource, StaticSource, parse_backends
 from autoglm_router.picker import POLICIES, Picker
 from autoglm_router.sessions import validate_session_key
+from autoglm_router.tls import PLAIN, ServedCertificate, TLSFiles, Upstream
 
 if TYPE_CHECKING:
     from autoglm_router.kube import KubeConnection
@@ -59,6 +60,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--drain-delay", type=float, default=0.0, help="Seconds to keep listening after SIGTERM.")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="Most seconds in-flight streams get to finish.")
+    tls = p.add_argument_group("HTTPS (docs/router.md#https)")
+    tls.add_argument("--ssl-certfile", type=Path, help="Serve HTTPS with this PEM certificate (chain).")
+    tls.add_argument("--ssl-keyfile", type=Path, help="The certificate's PEM private key.")
+    tls.add_argument("--backend-tls", action="store_true", help="Call the model pods over HTTPS, verified.")
+    tls.add_argument(
+        "--backend-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM certificates the pods' certificates must chain to; each one is trusted as it is, so the pods' own "
+        "certificate pins it (the operator passes spec.tls's tls.crt). Default: the system's CAs.",
+    )
+    tls.add_argument(
+        "--backend-server-name",
+        metavar="NAME",
+        help="The name the pods' certificate must carry (sent as SNI). Needed without --backend-ca; "
+        "without it the name is not checked (pods are dialled by IP).",
+    )
     src = p.add_argument_group("endpoints (static)")
     src.add_argument("--backend", action="append", default=[], metavar="REVISION=[POD@]HOST:PORT")
     src.add_argument("--canary-revision", help="The --backend revision that is the canary.")
@@ -132,11 +150,31 @@ def make_verifier(args: argparse.Namespace) -> BearerVerifier | None:
     return BearerVerifier(config)
 
 
+def make_tls(args: argparse.Namespace) -> tuple[ServedCertificate | None, Upstream]:
+    """(the certificate to serve HTTPS with or None, how to call the pods); a bad combination or an unreadable
+    file exits with the reason."""
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise SystemExit("autoglm-router: give both --ssl-certfile and --ssl-keyfile, or neither")
+    if not args.backend_tls and (args.backend_ca or args.backend_server_name):
+        raise SystemExit("autoglm-router: --backend-ca and --backend-server-name need --backend-tls")
+    for flag in ("ssl_certfile", "ssl_keyfile", "backend_ca"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise SystemExit(f"autoglm-router: --{flag.replace('_', '-')} {path}: no such file")
+    try:
+        served = ServedCertificate(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None
+        upstream = Upstream.https(args.backend_ca, args.backend_server_name) if args.backend_tls else PLAIN
+    except (ValueError, OSError) as exc:  # ssl.SSLError is an OSError: a file that is not PEM
+        raise SystemExit(f"autoglm-router: {exc}") from None
+    return served, upstream
+
+
 async def serve(args: argparse.Namespace) -> None:
     if args.load_factor < 1:
         raise SystemExit("autoglm-router: --load-factor must be >= 1")
     if args.hold_timeout < 0 or args.hold_capacity < 0:
         raise SystemExit("autoglm-router: --hold-timeout and --hold-capacity must be >= 0")
+    served, upstream = make_tls(args)
     picker = Picker(args.policy, args.session_key, args.load_factor, args.canary_header)
     verifier = make_verifier(args)
     app = create_app(
@@ -149,17 +187,31 @@ async def serve(args: argparse.Namespace) -> None:
         hold_capacity=args.hold_capacity,
         verifier=verifier,
         report_keys=make_keys_reporter(args),
+        upstream=upstream,
     )
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    site = web.TCPSite(runner, args.host, args.port, ssl_context=served.context if served else None)
     await site.start()
-    log.info("Started router, address=%s:%d policy=%s", args.host, args.port, args.policy)
+    log.info(
+        "Started router, address=%s:%d policy=%s scheme=%s backend_scheme=%s",
+        args.host,
+        args.port,
+        args.policy,
+        "http" if served is None else "https",
+        upstream.scheme,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rotation = None
+    if served is not None or upstream.context is not None:  # a rotated Secret is picked up (docs/router.md#https)
+        files = TLSFiles(served, upstream, args.backend_ca)
+        rotation = asyncio.create_task(files.follow())
     await stop.wait()
+    if rotation is not None:
+        rotation.cancel()
     app[STATE].draining = True
     log.info("Received stop signal, draining, delay_s=%.1f timeout_s=%.1f", args.drain_delay, args.drain_timeout)
     await asyncio.sleep(args.drain_delay)

@@ -21,6 +21,7 @@ from autoglm_router.metrics import CONTENT_TYPE, RouterMetrics
 from autoglm_router.picker import Picker
 from autoglm_router.proxy import Authenticate, Proxy, allow_all
 from autoglm_router.queues import QueueScraper
+from autoglm_router.tls import PLAIN, Upstream
 
 log = logging.getLogger("autoglm_router.app")
 # The issuer's keys are refetched this often besides on an unknown kid: a rotation is seen before the first
@@ -82,19 +83,21 @@ def create_app(
     verifier: BearerVerifier | None = None,
     keys_refresh_s: float = KEYS_REFRESH_SECONDS,
     report_keys: ReportKeys | None = None,
+    upstream: Upstream = PLAIN,
 ) -> web.Application:
     """The app. ``hold_timeout`` 0 (the default here; the CLI's is 120 s) answers a request that finds no
     Ready pod with a 503 at once instead of holding it. ``verifier``: check bearer tokens with it
     (``authenticate`` is then its hook), show its state on ``/status`` and ``/metrics``, and pass it to
-    ``report_keys`` after each refresh."""
+    ``report_keys`` after each refresh. ``upstream``: how to call the pods (plain HTTP, or HTTPS verified
+    as ``tls`` says), for proxied requests and queue-depth scrapes alike."""
     if verifier is not None:
         authenticate = bearer_hook(verifier)
     metrics = RouterMetrics(deployment, oauth2=verifier is not None)
     hold = HoldQueue(hold_timeout, hold_capacity, lambda rev: metrics.held.labels(deployment, rev))
     source.subscribe(hold.notify)
-    proxy = Proxy(source, picker, metrics, max_body_bytes, authenticate, hold=hold)
+    proxy = Proxy(source, picker, metrics, max_body_bytes, authenticate, hold=hold, upstream=upstream)
     scraper = (
-        QueueScraper(lambda: source.topology().endpoints(), picker.queued, queue_scrape_interval)
+        QueueScraper(lambda: source.topology().endpoints(), picker.queued, queue_scrape_interval, upstream=upstream)
         if queue_scrape_interval > 0 and picker.policy == "LeastLoad"
         else None
     )

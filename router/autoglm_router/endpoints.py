@@ -17,10 +17,6 @@ class Endpoint:
     address: str  # host:port
     pod: str  # the pod's name (the address where none is known)
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
 
 @dataclass(frozen=True)
 class Revision:

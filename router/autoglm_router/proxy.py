@@ -31,6 +31,7 @@ from autoglm_router.hold import HoldQueue, HoldRefused, HoldTimedOut
 from autoglm_router.metrics import RouterMetrics, user_bucket
 from autoglm_router.picker import Choice, NoEndpoints, Picker
 from autoglm_router.sessions import USER_HEADER
+from autoglm_router.tls import PLAIN, Upstream
 
 log = logging.getLogger("autoglm_router.proxy")
 
@@ -83,6 +84,7 @@ class Proxy:
         authenticate: Authenticate = allow_all,
         connect_timeout: float = 2.0,
         hold: HoldQueue | None = None,
+        upstream: Upstream = PLAIN,
     ) -> None:
         self.source = source
         self.picker = picker
@@ -91,6 +93,8 @@ class Proxy:
         self.authenticate = authenticate
         self.connect_timeout = connect_timeout
         self.hold = hold or HoldQueue(timeout=0, capacity=0)
+        self.upstream = upstream
+        self._upstream_kwargs = upstream.request_kwargs()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -192,10 +196,11 @@ class Proxy:
             try:
                 upstream = await self._session.request(
                     request.method,
-                    URL(choice.endpoint.url + request.rel_url.raw_path_qs, encoded=True),
+                    URL(self.upstream.url(choice.endpoint) + request.rel_url.raw_path_qs, encoded=True),
                     headers=headers,
                     data=body if body else None,
                     allow_redirects=False,
+                    **self._upstream_kwargs,
                 )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 waited += time.perf_counter() - sent

@@ -14,6 +14,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm_router.endpoints import Endpoint
+from autoglm_router.tls import PLAIN, Upstream
 
 log = logging.getLogger("autoglm_router.queues")
 
@@ -31,9 +32,15 @@ def waiting_from_metrics(text: str) -> int:
 
 class QueueScraper:
     def __init__(
-        self, endpoints: Callable[[], list[Endpoint]], into: dict[str, int], interval: float = 1.0, timeout: float = 0.5
+        self,
+        endpoints: Callable[[], list[Endpoint]],
+        into: dict[str, int],
+        interval: float = 1.0,
+        timeout: float = 0.5,
+        upstream: Upstream = PLAIN,
     ) -> None:
         self.endpoints = endpoints
+        self.upstream = upstream
         self.into = into
         self.interval = interval
         self.timeout = timeout
@@ -41,7 +48,7 @@ class QueueScraper:
 
     async def _one(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
         try:
-            async with session.get(ep.url + "/metrics") as resp:
+            async with session.get(self.upstream.url(ep) + "/metrics", **self.upstream.request_kwargs()) as resp:
                 if resp.status == 200:
                     self.into[ep.address] = waiting_from_metrics(await resp.text())
                     return

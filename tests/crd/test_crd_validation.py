@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from autoglm_operator.models import parse_model_uri
+from autoglm_operator.models import parse_model_uri, resolve_spec
 from tests.crd.test_crd_generated import URIS
 from tests.helpers import wait_for
 
@@ -184,8 +184,6 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("router-with-gateway", spec(router={"enabled": True},
                                  rollout={"trafficRouting": "GatewayAPI", "gateway": {"name": "gw"}}),
      ("spec.rollout.trafficRouting", "route around the router")),
-    ("router-with-tls", spec(router={"enabled": True}, tls={"secretRef": {"name": "chat-tls"}}),
-     ("spec.router.enabled", "does not support tls yet")),
     ("router-session-key", spec(router={"enabled": True, "sessionKey": "cookie:x"}), ("spec.router.sessionKey",)),
     ("router-load-factor", spec(router={"enabled": True, "loadFactor": 0.5}), ("spec.router.loadFactor",)),
     ("router-policy", spec(router={"policy": "Random"}), ("spec.router.policy", "Unsupported value")),
@@ -258,6 +256,14 @@ def test_scale_to_zero_with_keda_and_the_router_is_accepted(crd, namespace):
                **enabled_autoscaling(provider="KEDA", minReplicas=0, scaleToZeroAfter="90s"))
     proc = apply(crd, obj, namespace, "--dry-run=server")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_router_with_tls_is_accepted(crd, namespace):
+    """The router serves and calls HTTPS with spec.tls's certificate (it was refused before it could)."""
+    obj = spec(router={"enabled": True}, tls={"secretRef": {"name": "chat-tls"}})
+    proc = apply(crd, obj, namespace, "--dry-run=server")
+    assert proc.returncode == 0, proc.stderr
+    resolve_spec("chat", namespace, obj["spec"], default_image="autoglm/runtime", default_version="0.1.0")
 
 
 def test_defaults_are_filled_in(crd, namespace):

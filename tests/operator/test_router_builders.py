@@ -33,6 +33,13 @@ SPECS = {
                         "targetQueueDepth": 2, "scaleToZeroAfter": "90s",
                         "prometheus": {"address": "http://prometheus.monitoring:9090"}},
     },
+    "router-tls": {
+        "model": {"name": "tiny", "uri": "file:///models/tiny"},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        "replicas": 2,
+        "tls": {"secretRef": {"name": "tiny-tls"}},
+        "router": {"enabled": True},
+    },
     "router-canary": {
         "model": {"name": "tiny", "uri": "file:///models/tiny"},
         "resources": {"gpus": 1},
@@ -174,3 +181,29 @@ def test_oauth2_rules_hold_in_the_operator_too() -> None:
     for bad in ({"issuerURL": "ftp://x/"}, {"issuerURL": "https://x/#f"}, {"audiences": []}, {"userClaim": "a b"}):
         with pytest.raises(InvalidSpec, match="spec.auth.oauth2"):
             resolved("x", {**base, "auth": {"oauth2": {**oauth2, **bad}}})
+
+
+def test_tls_the_router_serves_https_and_pins_the_pods_to_the_secrets_certificate() -> None:
+    """spec.tls with the router: the router mounts the model pods' Secret, serves its certificate, calls the
+    pods over HTTPS trusting that certificate alone, and its probes and Prometheus use HTTPS; the model
+    pods serve HTTPS as without the router. Without spec.tls: none of it."""
+    spec = SPECS["router-tls"]
+    cr, r = cr_for("chat", spec), resolved("chat", spec)
+    template = rb.build_router_deployment(cr, r, IMAGE)["spec"]["template"]
+    c = template["spec"]["containers"][0]
+    crt, key = f"{b.TLS_DIR}/tls.crt", f"{b.TLS_DIR}/tls.key"
+    for arg in (f"--ssl-certfile={crt}", f"--ssl-keyfile={key}", "--backend-tls", f"--backend-ca={crt}"):
+        assert arg in c["args"], arg
+    assert template["spec"]["volumes"] == [{"name": "tls", "secret": {"secretName": "tiny-tls"}}]
+    assert c["volumeMounts"] == [{"name": "tls", "mountPath": b.TLS_DIR, "readOnly": True}]
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS" and c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert template["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    model = b.build_pod_spec(r, b.revision_hash(r))["containers"][0]
+    assert model["args"][model["args"].index("--ssl-certfile") + 1] == crt  # the certificate the router pins
+
+    plain = {k: v for k, v in spec.items() if k != "tls"}
+    template = rb.build_router_deployment(cr_for("chat", plain), resolved("chat", plain), IMAGE)["spec"]["template"]
+    c = template["spec"]["containers"][0]
+    assert not [a for a in c["args"] if "ssl" in a or "backend" in a] and "volumes" not in template["spec"]
+    assert "scheme" not in c["readinessProbe"]["httpGet"] and "prometheus.io/scheme" not in template["metadata"][
+        "annotations"]

@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
+from ssl import SSLContext
 
 import aiohttp
 import pytest
@@ -56,11 +57,12 @@ class Pod:
         await resp.write_eof()
         return resp
 
-    async def start(self) -> Endpoint:
+    async def start(self, ssl: SSLContext | None = None) -> Endpoint:
+        """Serve (HTTPS with ``ssl``) on a free loopback port; the endpoint to reach it."""
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
+        await self.server.start_server(ssl=ssl)
         return Endpoint(f"127.0.0.1:{self.server.port}", self.name)
 
 
@@ -68,11 +70,13 @@ class Pod:
 async def make_router() -> AsyncIterator:
     servers: list[TestServer] = []
 
-    async def make(topo: Topology, picker: Picker | None = None, **kw) -> tuple[TestServer, StaticSource]:
+    async def make(
+        topo: Topology, picker: Picker | None = None, ssl: SSLContext | None = None, **kw
+    ) -> tuple[TestServer, StaticSource]:
         source = StaticSource(topo)
         app = create_app(source, picker or Picker(), queue_scrape_interval=0, **kw)
         server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
+        await server.start_server(ssl=ssl)
         servers.append(server)
         return server, source
 

@@ -61,12 +61,6 @@ ROUTER_NOT_WITH_GATEWAY = Cel(
     field_path=".rollout.trafficRouting",
     reason="FieldValueForbidden",
 )
-ROUTER_NOT_WITH_TLS = Cel(
-    rule="!(has(self.router) && has(self.router.enabled) && self.router.enabled && has(self.tls))",
-    message="router.enabled does not support tls yet (the router serves and calls plain HTTP); remove one",
-    field_path=".router.enabled",
-    reason="FieldValueForbidden",
-)
 OAUTH2_NEEDS_ROUTER = Cel(
     rule=(
         "!(has(self.auth) && has(self.auth.oauth2)) || "
@@ -88,7 +82,6 @@ OAUTH2_NOT_WITH_API_KEY = Cel(
 ROUTER_RULES = (
     ROUTER_FOR_ROUTER_ROUTING,
     ROUTER_NOT_WITH_GATEWAY,
-    ROUTER_NOT_WITH_TLS,
     OAUTH2_NEEDS_ROUTER,
     OAUTH2_NOT_WITH_API_KEY,
 )
@@ -159,8 +152,10 @@ class AutoGLMDeploymentSpec(SpecModel):
         default=None,
         description=(
             "Serve HTTPS: the runtime uses the certificate and key of a kubernetes.io/tls Secret (mounted "
-            "read-only), probes switch to HTTPS and status.endpoint says https://. A missing or malformed "
-            "Secret makes the resource Degraded; it never falls back to plaintext."
+            "read-only), probes switch to HTTPS and status.endpoint says https://. With router.enabled the "
+            "router serves the same certificate and calls the model pods over HTTPS, trusting only that "
+            "certificate. A missing or malformed Secret makes the resource Degraded; it never falls back to "
+            "plaintext."
         ),
     )
     rollout: RolloutSpec = Field(
@@ -193,8 +188,6 @@ class AutoGLMDeploymentSpec(SpecModel):
             raise ValueError(ROUTER_FOR_ROUTER_ROUTING.message)
         if router and routing == "GatewayAPI":
             raise ValueError(ROUTER_NOT_WITH_GATEWAY.message)
-        if router and self.tls is not None:
-            raise ValueError(ROUTER_NOT_WITH_TLS.message)
         if self.autoscaling.min_replicas == 0 and not (self.autoscaling.provider == "KEDA" and router):
             raise ValueError(SCALE_TO_ZERO_NEEDS_KEDA_AND_ROUTER.message)
         if self.auth.oauth2 is not None and not router:
