@@ -189,7 +189,11 @@ async def serve(args: argparse.Namespace) -> None:
         report_keys=make_keys_reporter(args),
         upstream=upstream,
     )
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None)
+    # handler_cancellation: a client that leaves cancels its request at once: a held one leaves the hold
+    # queue (it no longer keeps a deployment awake), one still waiting for the pod closes that connection.
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=args.drain_timeout, access_log=None, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, ssl_context=served.context if served else None)
     await site.start()

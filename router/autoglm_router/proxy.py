@@ -13,6 +13,7 @@ and never retried.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -218,14 +219,18 @@ class Proxy:
                 if attempt < MAX_RETRIES:
                     self.metrics.retries.labels(reason).inc()
                 continue
+            except asyncio.CancelledError:  # the client left before the pod answered (handler cancellation)
+                self.picker.finished(choice.endpoint)
+                raise
             waited += time.perf_counter() - sent
             if upstream.status == 503:
                 try:
                     unavailable = _Unavailable(upstream.status, CIMultiDict(upstream.headers), await upstream.read())
                 except aiohttp.ClientError:
                     unavailable = None
-                upstream.release()
-                self.picker.finished(choice.endpoint)
+                finally:
+                    upstream.release()
+                    self.picker.finished(choice.endpoint)
                 log.info("Pod answered 503, pod=%s attempt=%d", choice.endpoint.pod, attempt)
                 if attempt < MAX_RETRIES:
                     self.metrics.retries.labels("unavailable").inc()

@@ -24,7 +24,8 @@ CHAT = "/v1/chat/completions"
 
 class Pod:
     """A fake model pod: counts requests; behaviour ``ok`` (SSE stream), ``unavailable`` (503 draining),
-    ``reset`` (drops the connection before answering), ``cut`` (drops it after the first chunk)."""
+    ``reset`` (drops the connection before answering), ``cut`` (drops it after the first chunk),
+    ``prefill`` (answers nothing until ``release``; ``left`` says the caller went away meanwhile)."""
 
     def __init__(self, name: str, behaviour: str = "ok", revision: str = "r1") -> None:
         self.name, self.behaviour, self.revision = name, behaviour, revision
@@ -32,6 +33,7 @@ class Pod:
         self.release = asyncio.Event()
         self.release.set()
         self.server: TestServer | None = None
+        self.left = False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
@@ -41,6 +43,12 @@ class Pod:
                 "error": {"message": "draining", "type": "service_unavailable_error", "param": None, "code": "draining"}
             }
             return web.json_response(body, status=503)
+        if self.behaviour == "prefill":
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:  # the test server cancels a handler whose caller left
+                self.left = True
+                raise
         if self.behaviour == "reset":
             assert request.transport is not None
             request.transport.close()
@@ -197,6 +205,41 @@ async def test_held_while_no_pod_then_released_when_one_turns_ready(make_router)
             text = await r.text()
         assert 'autoglm_router_held_requests{deployment="m",revision="r1"} 0.0' in text
         assert "autoglm_router_hold_seconds_count 3.0" in text
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_client_that_leaves_is_let_go_while_held_and_while_the_pod_computes(make_router):
+    """A client that gives up while held leaves the hold queue at once (it no longer keeps the deployment
+    awake); one that gives up before the pod's first byte closes the pod's connection (the pod stops
+    computing for nobody) and no longer counts in that pod's load."""
+    router, source = await make_router(Topology(Revision("r1")), hold_timeout=30, hold_capacity=3)
+    state = router.app[STATE]
+    async with aiohttp.ClientSession() as s:
+        gone = asyncio.create_task(s.post(router.make_url(CHAT), json=_chat()))
+        await _until(lambda: state.hold.held == 1)
+        gone.cancel()
+        await _until(lambda: state.hold.held == 0)
+    pod = Pod("p0", "prefill")
+    pod.release.clear()
+    source.set(Topology(await _pods(pod)))
+    async with aiohttp.ClientSession() as s:
+        gone = asyncio.create_task(s.post(router.make_url(CHAT), json=_chat()))
+        await _until(lambda: pod.hits == 1)
+        assert sum(state.picker.inflight.values()) == 1
+        gone.cancel()
+        await _until(lambda: pod.left)
+        await _until(lambda: not state.picker.inflight)
+        pod.release.set()  # the next request is answered as usual
+        async with s.post(router.make_url(CHAT), json=_chat()) as r:
+            assert r.status == 200 and (await r.read()).endswith(b"data: [DONE]\n\n")
+    assert not state.picker.inflight
 
 
 async def test_hold_timeout_is_a_json_503_with_retry_after(make_router):

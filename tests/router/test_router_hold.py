@@ -77,6 +77,13 @@ def test_requests_held_at_zero_are_answered_when_a_pod_turns_ready(kube, crd, na
             futures = [pool.submit(ask, i) for i in range(CONCURRENT)]
             wait_for(lambda: metric(router.metrics(), "autoglm_router_held_requests", deployment="m") == CONCURRENT,
                      timeout=30, message="every request held")
+            # One more client gives up after 1 s: it leaves the hold queue (it must not keep the deployment
+            # awake nor take a place in the queue), the others stay held.
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(router.url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=1), json={
+                    "model": "tiny", "messages": [{"role": "user", "content": "gives up"}], "max_tokens": 1})
+            wait_for(lambda: metric(router.metrics(), "autoglm_router_held_requests", deployment="m") == CONCURRENT,
+                     timeout=10, message="the client that gave up no longer held")
             server = start_server(model, tmp_path, "--revision", "r1", name="pod-0", host=host)  # until /ready
             loaded = time.monotonic()
             assert not any(f.done() for f in futures)  # still held: the slice has no Ready endpoint yet
