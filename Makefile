@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv venv-operator bins sysdeps lint test test-fast cluster-up cluster-down cluster-status demo \
-        bench-runtime bench-runtime-vl bench-agent bench-router bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
+        bench-runtime bench-runtime-vl bench-agent bench-router bench-auth bench-runtime-gpu bench-operator bench-autoscale golden dashboard dashboard-png clean \
         crd docs docs-reference
 
 help:
@@ -66,6 +66,10 @@ bench-agent: venv  ## Phone-agent loop on small-vl: TTFT by step, prefix reuse; 
 bench-router: venv  ## Router: overhead at 50/200 streams, then the agent workload over 3 replicas by policy (CPU)
 	$(PY) bench/bench_router.py $(BENCH_ROUTER_ARGS)
 	$(PY) bench/bench_router_agent.py $(BENCH_ROUTER_AGENT_ARGS)
+
+bench-auth: venv bins  ## OAuth2 at the router: the token check's cost, then latency through the router with vs without it
+	$(PY) bench/bench_auth.py $(BENCH_AUTH_ARGS)
+	$(PY) bench/bench_router_auth.py $(BENCH_ROUTER_AUTH_ARGS)
 
 bench-runtime-gpu: venv  ## Runtime tokens/s at batch 1..128 on a GPU
 	$(PY) bench/bench_runtime_gpu.py
