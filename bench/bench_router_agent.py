@@ -1,7 +1,11 @@
 """The router on the phone agent's workload: 3 replicas behind a ClusterIP Service, the router's
 LeastLoad and its SessionAffinity, against one replica alone (the second half of `make bench-router`).
 
-    .venv/bin/python bench/bench_router_agent.py [--agents 6] [--steps 4] [--replicas 3] [--png FILE] [--json FILE]
+    .venv/bin/python bench/bench_router_agent.py [--agents 6] [--steps 4] [--replicas 3] [--kv-positions 32768]
+        [--single-kv-positions N] [--single-threads N] [--systems ...] [--png FILE] [--json FILE]
+
+Long tasks with KV pools below what all sessions hold (docs/router.md):
+``--agents 6 --steps 12 --max-model-len 8192 --kv-positions 16384 --systems Service,SessionAffinity``.
 
 Workload: `bench_agent.py`'s phone-agent loop, unchanged (seeded; the real system prompt's shape and token
 count, a fresh 1080x2400 PNG screenshot first in every step's user message, earlier steps as text with
@@ -176,7 +180,7 @@ def summary_table(results: dict[str, tuple[SystemResult, dict]]) -> str:
     return "\n".join(rows)
 
 
-def ratios(results: dict[str, tuple[SystemResult, dict]], steps: int) -> list[tuple[str, str, str]]:
+def ratios(results: dict[str, tuple[SystemResult, dict]], steps: int = 0) -> list[tuple[str, str, str]]:
     """(what, measured, goal): hit tokens against one replica's, TTFT p50 against the Service's (all steps, steps
     >= 2, and for tasks of 8 steps or more their second half)."""
     rows = []
