@@ -1,7 +1,11 @@
 """The router on the phone agent's workload: 3 replicas behind a ClusterIP Service, the router's
 LeastLoad and its SessionAffinity, against one replica alone (the second half of `make bench-router`).
 
-    .venv/bin/python bench/bench_router_agent.py [--agents 6] [--steps 4] [--replicas 3] [--png FILE] [--json FILE]
+    .venv/bin/python bench/bench_router_agent.py [--agents 6] [--steps 4] [--replicas 3] [--kv-positions 32768]
+        [--single-kv-positions N] [--single-threads N] [--systems ...] [--png FILE] [--json FILE]
+
+Long tasks with KV pools below what all sessions hold (docs/router.md):
+``--agents 6 --steps 12 --max-model-len 8192 --kv-positions 16384 --systems Service,SessionAffinity``.
 
 Workload: `bench_agent.py`'s phone-agent loop, unchanged (seeded; the real system prompt's shape and token
 count, a fresh 1080x2400 PNG screenshot first in every step's user message, earlier steps as text with
@@ -49,8 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_agent import (  # noqa: E402
-    PromptCounter, Sampler, SystemResult, _is_cjk, _pct, agent_model, drive, git_rev, ours_argv, parse_metrics,
-    plan, plot, step_table,
+    PromptCounter, Sampler, SystemResult, _common_prefix, _is_cjk, _pct, agent_model, drive, git_rev,
+    kv_bytes_per_token, messages_of, ours_argv, parse_metrics, plan, plot, step_table,
 )
 from bench_runtime import VENV_BIN, ServerProcess, free_port  # noqa: E402
 from bench_runtime_vl import ensure_model  # noqa: E402
@@ -59,12 +63,15 @@ SYSTEMS = ("single", "Service", "LeastLoad", "SessionAffinity", "SessionAffinity
 POLICIES = ("LeastLoad", "SessionAffinity")
 
 
-def start_replicas(n: int, args, model_dir: Path, label: str) -> list[ServerProcess]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+def start_replicas(n: int, args, model_dir: Path, label: str, threads: int, kv_positions: int) -> list[ServerProcess]:
+    """``n`` runtime processes, ``threads`` CPU threads and a KV pool of ``kv_positions`` token positions each."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    kv_bytes = kv_positions * kv_bytes_per_token(model_dir, 4)  # float32
     servers = []
     for i in range(n):
         port = free_port()
-        argv = [a.replace("{port}", str(port)) for a in ours_argv(args, model_dir, [])]
+        flags = ["--kv-cache-memory", str(kv_bytes)]
+        argv = [a.replace("{port}", str(port)) for a in ours_argv(args, model_dir, flags)]
         servers.append(ServerProcess(argv, port, args.logdir / f"{label}-pod-{i}.log", env))
     try:
         for s in servers:  # they load at once; wait for each
@@ -91,7 +98,10 @@ def start_router(system: str, servers: list[ServerProcess], args) -> ServerProce
 def run(system: str, args, model_dir: Path, counter: PromptCounter, workload, warm) -> tuple[SystemResult, dict]:
     """One system on fresh replicas: warm each replica's code paths (a short prompt), then the agents."""
     prompt, agents = workload
-    servers = start_replicas(1 if system == "single" else args.replicas, args, model_dir, system)
+    if system == "single":
+        servers = start_replicas(1, args, model_dir, system, args.single_threads, args.single_kv_positions)
+    else:
+        servers = start_replicas(args.replicas, args, model_dir, system, args.threads, args.kv_positions)
     router = None
     body = lambda n: {"ignore_eos": True}  # noqa: E731 - exactly the tokens asked for
     try:
@@ -127,6 +137,7 @@ def run(system: str, args, model_dir: Path, counter: PromptCounter, workload, wa
         for s in ([router] if router else []) + servers:
             s.stop()
     hits = sum(s.delta("autoglm_prefix_cache_hits_total") or 0 for s in samplers)
+    preemptions = sum(s.summary()["preemptions"] or 0 for s in samplers)
     queries = sum(s.delta("autoglm_prefix_cache_queries_total") or 0 for s in samplers)
     homes: dict[int, set[str | None]] = {}
     for r in records:
@@ -135,6 +146,7 @@ def run(system: str, args, model_dir: Path, counter: PromptCounter, workload, wa
         "replicas": len(servers),
         "prefix_hits": hits,
         "prefix_queries": queries,
+        "preemptions": preemptions,
         "sessions_on_one_pod": sum(len(h) == 1 for h in homes.values()),
         "sessions": len(homes),
         "moved_by_load": router_metrics.get("autoglm_router_sessions_moved_by_load_total"),
@@ -153,25 +165,29 @@ def ttft_p50(res: SystemResult, first_step: int = 1) -> float | None:
 
 def summary_table(results: dict[str, tuple[SystemResult, dict]]) -> str:
     rows = ["| system | replicas | wall s | tokens/s | failures | prefix-cache hits / queries (tokens) | hit rate | "
-            "sessions on one pod | moved by load | TTFT p50 / p99 s (all steps) | TTFT p50 s (steps >= 2) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "sessions on one pod | moved by load | preemptions | TTFT p50 / p99 s (all steps) | "
+            "TTFT p50 s (steps >= 2) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (res, x) in results.items():
         ttfts = [r.ttft for r in res.records if r.error is None and r.ttft is not None]
         rate = x["prefix_hits"] / x["prefix_queries"] if x["prefix_queries"] else float("nan")
         moved = "-" if x["moved_by_load"] is None else f"{x['moved_by_load']:.0f}"
         rows.append(f"| {name} | {x['replicas']} | {res.wall_s:.1f} | {res.tokens_per_s:.1f} | {res.failures} | "
                     f"{x['prefix_hits']:,.0f} / {x['prefix_queries']:,.0f} | {rate:.1%} | "
-                    f"{x['sessions_on_one_pod']} of {x['sessions']} | {moved} | "
+                    f"{x['sessions_on_one_pod']} of {x['sessions']} | {moved} | {x.get('preemptions', 0):.0f} | "
                     f"{_pct(ttfts, 0.5) or float('nan'):.3f} / {_pct(ttfts, 0.99) or float('nan'):.3f} | "
                     f"{ttft_p50(res, 2) or float('nan'):.3f} |")
     return "\n".join(rows)
 
 
-def ratios(results: dict[str, tuple[SystemResult, dict]]) -> list[tuple[str, str, str]]:
-    """(what, measured, goal): hit tokens against one replica's, TTFT p50 against the Service's."""
+def ratios(results: dict[str, tuple[SystemResult, dict]], steps: int = 0) -> list[tuple[str, str, str]]:
+    """(what, measured, goal): hit tokens against one replica's, TTFT p50 against the Service's (all steps, steps
+    >= 2, and for tasks of 8 steps or more their second half)."""
     rows = []
+    half = steps // 2 + 1
+    windows = [(1, "all steps"), (2, "steps >= 2")] + ([(half, f"steps >= {half}")] if steps >= 8 else [])
     single, rr = results.get("single"), results.get("Service")
-    for name in ("SessionAffinity", "SessionAffinity@2", "LeastLoad", "Service"):
+    for name in [n for n in results if n != "single"]:
         if name not in results:
             continue
         res, x = results[name]
@@ -181,7 +197,7 @@ def ratios(results: dict[str, tuple[SystemResult, dict]]) -> list[tuple[str, str
                          f"{x['prefix_hits']:,.0f} / {single[1]['prefix_hits']:,.0f} = "
                          f"{x['prefix_hits'] / single[1]['prefix_hits']:.2f}x", goal_hits))
         if rr and name != "Service":
-            for first, label in ((1, "all steps"), (2, "steps >= 2")):
+            for first, label in windows:
                 ours, theirs = ttft_p50(res, first), ttft_p50(rr[0], first)
                 if ours and theirs:
                     rows.append((f"{name}: TTFT p50 / the Service's ({label})",
@@ -208,8 +224,14 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=16384)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--ours-cmd", default=str(VENV_BIN / "autoglm-runtime") + " serve")
-    p.add_argument("--ours-flags", default="--kv-cache-memory 268435456",
-                   help="extra runtime flags (default: 256 MiB of KV each, 32,768 positions of small-vl)")
+    p.add_argument("--ours-flags", default="", help="extra runtime flags for every replica")
+    p.add_argument("--kv-positions", type=int, default=32768,
+                   help="each replica's KV pool in token positions (32,768: 256 MiB of small-vl in float32)")
+    p.add_argument("--single-kv-positions", type=int,
+                   help="the single replica's KV pool (default --kv-positions; more: the reference with room for "
+                        "every session)")
+    p.add_argument("--single-threads", type=int,
+                   help="OMP_NUM_THREADS of the single replica (default --threads; its timings are not compared)")
     p.add_argument("--model-dir", type=Path, default=REPO / ".cache" / "models" / "small-vl")
     p.add_argument("--png", type=Path, default=REPO / "docs" / "bench" / "router-agent-ttft.png")
     p.add_argument("--json", type=Path)
@@ -217,6 +239,8 @@ def main() -> int:
     systems = [s for s in args.systems.split(",") if s]
     if unknown := {s for s in systems if s not in SYSTEMS and not re.fullmatch(r"SessionAffinity@\d+(\.\d+)?", s)}:
         p.error(f"unknown systems: {', '.join(sorted(unknown))} (SessionAffinity@<loadFactor> for another bound)")
+    args.single_kv_positions = args.single_kv_positions or args.kv_positions
+    args.single_threads = args.single_threads or args.threads
     args.logdir = REPO / ".tmp" / "bench-router-agent"
     args.logdir.mkdir(parents=True, exist_ok=True)
     model_dir = agent_model(ensure_model(args.model_dir), args.image_tokens, args.max_model_len)
@@ -225,10 +249,18 @@ def main() -> int:
     workload = plan(args.agents, args.steps, args.seed, (think[0], think[-1]), args.system_chars)
     warm = plan(1, 1, args.seed + 7, (0.0, 0.0), 200)
     rev = git_rev()
+    # What the caches would have to hold: every task's last prompt (the system prompt once, shared by all).
+    last = [counter.ids(messages_of(workload[0], seq, len(seq))) for seq in workload[1]]
+    common = min(_common_prefix(last[0], ids) for ids in last)
+    distinct = common + sum(len(ids) - common for ids in last)
     print(f"workload: {args.agents} agents x {args.steps} steps, think {args.think_time}s, <= {args.answer_tokens} "
           f"tokens per answer; system prompt {len(workload[0])} chars ({sum(map(_is_cjk, workload[0]))} CJK) = "
           f"{len(counter.tok(workload[0])['input_ids'])} tokens; {counter.image_tokens} image tokens per screenshot; "
           f"{args.replicas} replicas, OMP_NUM_THREADS={args.threads}; commit {rev}", flush=True)
+    print(f"KV per replica: {args.kv_positions:,} positions; the tasks' last prompts hold {distinct:,} distinct tokens"
+          f" ({common:,} shared by all, {(distinct - common) / len(last):,.0f} per task beyond them): a replica holds "
+          f"{args.kv_positions / distinct:.2f}x of them; the single replica: {args.single_kv_positions:,} positions, "
+          f"OMP_NUM_THREADS={args.single_threads}", flush=True)
     results: dict[str, tuple[SystemResult, dict]] = {}
     for system in systems:
         print(f"running {system} ...", flush=True)
@@ -240,7 +272,7 @@ def main() -> int:
     print(step_table([res for res, _ in results.values()]))
     print()
     print("| ratio | measured | goal |\n|---|---|---|")
-    for row in ratios(results):
+    for row in ratios(results, args.steps):
         print("| " + " | ".join(row) + " |")
     title = (f"Phone-agent loop over {args.replicas} replicas: {args.agents} agents x {args.steps} steps, small-vl, "
              f"{counter.image_tokens} image tokens, {args.device}, commit {rev}")
@@ -250,7 +282,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "results": {k: {"result": asdict(r), **x} for k, (r, x) in results.items()},
-                                         "ratios": ratios(results)}, indent=2))
+                                         "ratios": ratios(results, args.steps)}, indent=2))
     return 0 if all(res.failures == 0 for res, _ in results.values()) else 1
 
 

@@ -69,3 +69,7 @@ def test_router_bench_ratios_compare_hits_with_one_replica_and_ttft_with_the_ser
     assert rows["SessionAffinity: TTFT p50 / the Service's (all steps)"].endswith("= 0.50x")
     assert rows["Service: prefix-cache hit tokens / single replica's"].endswith("= 0.62x")
     assert "72.0%" in ra.summary_table(results)
+    # Tasks of 8 steps or more: their second half too (here steps 1 and 2 only: step >= 2 is that half of 2).
+    halves = {what: measured for what, measured, _ in ra.ratios(results, steps=8)}
+    assert "SessionAffinity: TTFT p50 / the Service's (steps >= 5)" not in halves  # no record that late
+    assert halves["SessionAffinity: TTFT p50 / the Service's (steps >= 2)"].endswith("= 0.50x")
