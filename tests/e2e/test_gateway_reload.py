@@ -6,15 +6,12 @@ and non-streaming clients through the Gateway's listener, first with no route ch
 then while a second HTTPRoute on the same Gateway (another path, nobody sends to it) is rewritten every
 ``PERIOD`` seconds. Both windows must have no failed request. Figures are printed with ``-s``.
 
-Measured (issue 22): reloads are not what cuts streams. With one pod behind the route, 0 of 15,449
-(no writes) and 0 of 15,787 (59 writes, of which Traefik applied 6: that run alternated two paths)
-failed; with a stable and a canary pod split 90/10, 26 of
-13,743 failed in the window with NO route write, and Traefik's debug log had the same rate of
-``httputil: ReverseProxy read error during body copy: read tcp <node>-><pod>:8000: use of closed
-network connection`` in both windows (29 in the quiet minute, 26 in the minute with 30 reloads): Traefik
-closes, on its own side, the backend connection a request is still reading. Not connection reuse
-(``--serversTransport.maxIdleConnsPerHost=-1``: 16 and 15 cut) nor the clients closing at ``[DONE]``
-(reading each stream to its end: 29 and 22 cut).
+Measured (issue 22), with Traefik's default proxy: reloads are not what cut streams. With one pod behind
+the route, 0 of 15,449 (no writes) and 0 of 15,787 (59 writes) failed; split 90/10 over a stable and a
+canary pod, 26 of 13,743 failed in the window with NO route write, and Traefik's debug log had the same
+rate of ``ReverseProxy read error during body copy: ... use of closed network connection`` in both windows.
+That was a race in Go's net/http, not the reload (``bench/repro_proxy_body_race.py``: with one backend too,
+no cluster, no reload); the add-on now runs Traefik's fast proxy (``gateway.PROXY_ARGS``).
 """
 
 from __future__ import annotations
@@ -92,11 +89,12 @@ def window(url: str, seconds: float) -> Traffic:
     return traffic
 
 
-# A measurement for issue 22 rather than a gate: in one full run Traefik answered 503 "no available server"
-# for ~1,300 requests of the quiet window (an unexplained gap before both pods were served). Run it with
-# AUTOGLM_GATEWAY_RELOAD=1 until that and the cut streams are understood.
-@pytest.mark.skipif(not os.environ.get("AUTOGLM_GATEWAY_RELOAD"), reason="issue 22 measurement; AUTOGLM_GATEWAY_RELOAD=1")
-@pytest.mark.xfail(raises=StreamsCut, reason="Traefik cuts ~0.2 % of streams with two backends (issue 22, open)")
+# A measurement for issue 22 rather than a gate: in one full run (default proxy) Traefik answered 503 "no
+# available server" for ~1,300 requests of the quiet window (an unexplained gap before both pods were
+# served). Run it with AUTOGLM_GATEWAY_RELOAD=1 until that is understood.
+@pytest.mark.skipif(
+    not os.environ.get("AUTOGLM_GATEWAY_RELOAD"), reason="issue 22 measurement; AUTOGLM_GATEWAY_RELOAD=1"
+)
 def test_streams_through_the_gateway_survive_route_writes(kube, gateway, scenario, node_models):  # noqa: F811
     sc = scenario
     url = gw.address(kube.network.ranges.node_ip) + "/v1"
@@ -116,9 +114,5 @@ def test_streams_through_the_gateway_survive_route_writes(kube, gateway, scenari
         if failed:
             after = [round(min((a.start - w for w in writes if w <= a.start), default=-1), 2) for a in failed]
             report(f"failed at t={[round(a.start - t0, 2) for a in failed]} s; seconds after the last write: {after}")
-    failed = [*quiet.failed, *churned.failed]
-    summary = f"no writes: {quiet.summary()}; with writes: {churned.summary()}"
-    # Only the known defect is expected: a stream cut after its headers; any other failure fails the test.
-    assert all("incomplete chunked read" in a.error for a in failed), summary
-    if failed:
-        raise StreamsCut(summary)
+    if quiet.failed or churned.failed:
+        raise StreamsCut(f"no writes: {quiet.summary()}; with writes: {churned.summary()}")
