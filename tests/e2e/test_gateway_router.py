@@ -19,6 +19,7 @@ from devcluster.addons import gateway as gw
 from tests.e2e.test_gateway import StreamsCut, served_through_gateway
 from tests.e2e.test_runtime_pods import pods, tiny
 from tests.e2e.traffic import Traffic
+from tests.e2e.test_router import wait_router_serving
 from tests.helpers import report, wait_for
 from tests.operator.test_operator_cluster import apply, crd, get, op_env, operator, status  # noqa: F401 - fixtures
 
@@ -48,11 +49,7 @@ def test_gateway_in_front_of_the_router_streams_through_a_canary_and_its_promoti
                 rollout={"trafficRouting": "Router", "steps": [{"weight": 10, "pause": "1h"}]})
     apply(kube, namespace, body)
 
-    def serving():
-        st = status(kube, namespace, "tiny")
-        return st.get("phase") == "Healthy" and st.get("readyReplicas") == 1 and (st.get("router") or {}).get("serving")
-
-    wait_for(serving, timeout=240, interval=1, message="the stable pod and the router pod Ready, router serving")
+    wait_router_serving(kube, namespace, models=1, timeout=240)
     assert get(kube, namespace, "service/tiny")["spec"]["selector"] == {"autoglm.io/router": "tiny"}
     kube.kube.request("POST", f"{gw.GW}/namespaces/{namespace}/httproutes", route_to_service(namespace, "tiny"))
     url = gw.address(kube.network.ranges.node_ip) + "/v1"

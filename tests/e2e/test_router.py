@@ -27,6 +27,20 @@ def router_pods(kube, namespace: str, name: str) -> list[dict]:
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
 
+def wait_router_serving(kube, namespace: str, models: int, routers: int = 1, timeout: float = 300) -> None:
+    """Until ``tiny`` is Healthy with ``models`` model pods and ``routers`` router pods Ready and
+    ``status.router.serving`` (its Service on the router, a Ready model pod behind it)."""
+
+    def serving() -> bool:
+        st = status(kube, namespace, "tiny")
+        router = st.get("router") or {}
+        return (st.get("phase") == "Healthy" and st.get("readyReplicas") == models
+                and router.get("readyReplicas") == routers and bool(router.get("serving")))
+
+    wait_for(serving, timeout=timeout, interval=1,
+             message=f"{models} model pod(s) and {routers} router pod(s) Ready, the Service on the router")
+
+
 def _chat(task: int, step: int) -> list[dict]:
     messages = [{"role": "system", "content": "You are a phone agent."},
                 {"role": "user", "content": f"Task {task}: open the settings"}]
@@ -41,12 +55,7 @@ def test_router_sessions_stick_and_a_router_pod_leaves_without_failures(kube, na
                 router={"enabled": True, "replicas": 2, "policy": "SessionAffinity"})
     apply(kube, namespace, body)
 
-    def serving():
-        st = status(kube, namespace, "tiny")
-        router = st.get("router") or {}
-        return st.get("readyReplicas") == 3 and router.get("readyReplicas") == 2 and router.get("serving")
-
-    wait_for(serving, timeout=300, interval=1, message="3 model pods and 2 router pods Ready, Service on the router")
+    wait_router_serving(kube, namespace, models=3, routers=2)
     report(f"\napply → router serving in front of 3 pods {time.monotonic() - t0:.1f}s")
     svc = get(kube, namespace, "service/tiny")
     assert svc["spec"]["selector"] == {"autoglm.io/router": "tiny"} and svc["spec"]["ports"][0]["port"] == 8000
@@ -92,14 +101,10 @@ def test_router_canary_by_user_then_promotion_and_rollback_under_load(kube, name
                          "steps": [{"weight": 10, "pause": "1h"}, {"weight": 50, "pause": "1h"}]})
     apply(kube, namespace, body)
 
-    def serving():
-        st = status(kube, namespace, "tiny")
-        return st.get("phase") == "Healthy" and st.get("readyReplicas") == 1 and (st.get("router") or {}).get("serving")
-
     # The stable's pod Ready too, not just the router's: the router pod is Ready seconds before the runtime
     # has loaded its model, and a spec change while the stable has no Ready pod skips the steps by design
     # (no traffic to protect): the canary is promoted at once and never holds at 10 %.
-    wait_for(serving, timeout=240, interval=1, message="the stable pod and the router pod Ready, router serving")
+    wait_router_serving(kube, namespace, models=1, timeout=240)
     stable = status(kube, namespace, "tiny")["stableRevision"]
     kube.kubectl("patch", "-n", namespace, "agd/tiny", "--type=merge", "-p",
                  '{"spec": {"runtime": {"maxBatchSize": 6}}}')  # a new revision: the canary

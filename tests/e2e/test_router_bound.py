@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from autoglm_router.endpoints import ready_endpoints
 from autoglm_router.policies import HashRing, load_bound
 from autoglm_router.sessions import session_key
-from tests.e2e.test_router import _chat, router_pods
+from tests.e2e.test_router import _chat, router_pods, wait_router_serving
 from tests.e2e.test_runtime_pods import pods, service_ip, tiny
 from tests.helpers import report, wait_for
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
@@ -96,12 +96,7 @@ def test_router_sends_new_sessions_past_the_load_bound_elsewhere(kube, namespace
     body["spec"]["model"]["maxModelLen"] = 1024  # room for the holding stream's tokens
     apply(kube, namespace, body)
 
-    def serving():
-        st = status(kube, namespace, "tiny")
-        router = st.get("router") or {}
-        return st.get("readyReplicas") == 3 and router.get("readyReplicas") == 1 and router.get("serving")
-
-    wait_for(serving, timeout=300, interval=1, message="3 model pods and the router pod Ready, Service on the router")
+    wait_router_serving(kube, namespace, models=3)
     url = f"http://{service_ip(kube, namespace, 'tiny')}:8000/v1/chat/completions"
     router_url = f"http://{router_pods(kube, namespace, 'tiny')[0]['status']['podIP']}:8000"
     model_pods = {p["metadata"]["name"] for p in pods(kube, namespace, "tiny")}

@@ -20,6 +20,7 @@ from autoglm_router.policies import is_canary
 from devcluster.addons.hydra import admin_call
 from tests.e2e.test_dashboard_live import panels_return_data
 from tests.e2e.test_runtime_pods import pods, service_ip, tiny
+from tests.e2e.test_router import wait_router_serving
 from tests.helpers import report, wait_for
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
     apply, crd, get, op_env, operator, status,
@@ -63,11 +64,7 @@ def test_hydra_tokens_at_the_router_and_a_canary_by_client(kube, namespace, oper
                 auth={"oauth2": {"issuerURL": issuer, "audiences": ["autoglm"], "requiredScopes": ["infer"]}})
     apply(kube, namespace, body)
 
-    def serving():
-        st = status(kube, namespace, "tiny")
-        return st.get("phase") == "Healthy" and st.get("readyReplicas") == 1 and (st.get("router") or {}).get("serving")
-
-    wait_for(serving, timeout=300, interval=1, message="the stable pod and the router pod Ready, router serving")
+    wait_router_serving(kube, namespace, models=1)
     args = get(kube, namespace, "deployment/tiny-router")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--oauth2-issuer={issuer}" in args and "--oauth2-scope=infer" in args
     # The router pod fetched Hydra's keys (from its own network namespace) and says so on its pod, which

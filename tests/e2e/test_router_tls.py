@@ -13,6 +13,7 @@ import pytest
 
 from tests.e2e.test_runtime_pods import pods, service_ip, tiny
 from tests.e2e.test_tls import make_cert
+from tests.e2e.test_router import wait_router_serving
 from tests.helpers import report, wait_for
 from tests.operator.test_operator_cluster import (  # noqa: F401 - fixtures
     apply, condition, crd, get, op_env, operator, status, wait_phase,
@@ -33,11 +34,7 @@ def test_router_serves_https_and_calls_the_runtime_pod_over_https(kube, namespac
     kube.kubectl("create", "secret", "tls", "tiny-tls", "-n", namespace, f"--cert={tmp_path / 'tls.crt'}",
                  f"--key={tmp_path / 'tls.key'}")
 
-    def serving():
-        st = status(kube, namespace, "tiny")
-        return st.get("readyReplicas") == 1 and (st.get("router") or {}).get("serving")
-
-    wait_for(serving, timeout=300, interval=1, message="the model pod and the router pod Ready, Service on the router")
+    wait_router_serving(kube, namespace, models=1)
     report(f"\nsecret → HTTPS router serving in front of an HTTPS pod {time.monotonic() - t0:.1f}s")
     assert status(kube, namespace, "tiny")["endpoint"].startswith("https://")
     assert get(kube, namespace, "service/tiny")["spec"]["selector"] == {"autoglm.io/router": "tiny"}
